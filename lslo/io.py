@@ -1,0 +1,55 @@
+"""Atomic file output: every file a stage writes appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
+
+    The temporary lives in the same directory so the final `os.replace` is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    if is_dir:
+        target.mkdir()
+    try:
+        yield target
+        if is_dir and path.exists():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_tsv(df, path: str | os.PathLike, **kwargs) -> None:
+    """Write a pandas DataFrame as TSV atomically (no index)."""
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, **kwargs)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike):
+    from lslo.errors import LsloError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LsloError(f"{path}: not valid JSON ({err})") from None
