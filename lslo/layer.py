@@ -1,0 +1,276 @@
+"""The Language-Specific LoRA layer (paper §3.1 eq. 3, §4.1 eq. 5).
+
+    h = W x + s_l · B_l A_l x          l = source or target language of the sample (eq. 3)
+    h = W x + w_src·LSLo(x, l_src) + w_tgt·LSLo(x, l_tgt)   (weight-learning mode, eq. 5)
+
+Structure (other modules rely on these names):
+
+- ``LoRABank``: one LoRA per language for one frozen weight W (out × in).
+  ``A[lang]``: Parameter [r_l, in] (Kaiming-uniform, as PEFT), ``B[lang]``: Parameter [out, r_l] (zeros),
+  ``scaling[lang] = alpha / r_l`` (alpha defaults to r_l, i.e. scaling 1.0), pruning masks as buffers in
+  ``A_mask`` / ``B_mask`` (``BufferDict``; a language without a mask is unpruned). The forward always uses
+  ``effective_A`` / ``effective_B`` (weight * mask), so pruned entries stay zero whatever the optimizer does.
+- ``LSLoLinear``: wraps the frozen ``nn.Linear`` as ``self.base``; ``self.banks`` is an ``nn.ModuleDict`` keyed
+  "src" or "tgt" (normal mode, ``self.index`` = that key) or both (``self.index == "learn"``, eq. 5; the layer-shared
+  ``IndexWeights`` is registered once at the model level, only referenced here).
+- ``Routing``: the per-batch language routing shared by every layer. The grouping (single-language fast path, or
+  a stable sort permutation, its inverse and the (lang, start, end) segments) is computed once per batch and per
+  (index, batch size), with one host sync per batch, never per layer.
+
+State-dict keys of one site (relative to the wrapped module): ``base.weight``, ``base.bias``,
+``banks.{src|tgt}.A.{lang}``, ``banks.{src|tgt}.B.{lang}``, ``banks.{src|tgt}.A_mask.{lang}``,
+``banks.{src|tgt}.B_mask.{lang}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lslo.errors import LsloError
+
+INDEXES = ("src", "tgt")
+
+
+class BufferDict(nn.Module):
+    """Keyed buffers (the pruning masks of one matrix per language); saved in the state dict."""
+
+    def set(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._buffers:
+            self._buffers[key] = tensor
+        else:
+            self.register_buffer(key, tensor)
+
+    def pop(self, key: str) -> torch.Tensor:
+        return self._buffers.pop(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._buffers
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+    def items(self):
+        return self._buffers.items()
+
+
+class IndexWeights(nn.Module):
+    """Layer-shared (w_src, w_tgt) = softmax(logits) of eq. 5; logits start at 0 (equal weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(2))
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+
+class LoRABank(nn.Module):
+    """One LoRA (A_l, B_l, s_l) per language for one frozen weight W of shape [out, in] (eq. 3)."""
+
+    def __init__(self, languages, ranks: dict, in_features: int, out_features: int,
+                 alpha: float | None = None, dropout: float = 0.0, device=None, dtype=torch.float32):
+        super().__init__()
+        self.languages = list(languages)
+        self.ranks = {lang: int(ranks[lang]) for lang in self.languages}
+        self.in_features, self.out_features = in_features, out_features
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self.scaling = {}
+        for lang in self.languages:
+            r = self.ranks[lang]
+            self.A[lang] = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+            self.B[lang] = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+            self.scaling[lang] = (r if alpha is None else float(alpha)) / r
+        self.A_mask = BufferDict()
+        self.B_mask = BufferDict()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PEFT's init: A Kaiming-uniform, B zero, so the model is unchanged at step 0.
+        for lang in self.languages:
+            nn.init.kaiming_uniform_(self.A[lang], a=math.sqrt(5))
+            nn.init.zeros_(self.B[lang])
+
+    def set_mask(self, matrix: str, lang: str, mask: torch.Tensor) -> None:
+        """Install a 0/1 pruning mask (same shape as the matrix) for ``matrix`` in {"A", "B"} of ``lang``."""
+        weight = self._param(matrix, lang)
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise LsloError(f"mask for {matrix}[{lang}] has shape {tuple(mask.shape)}; expected {tuple(weight.shape)}")
+        getattr(self, f"{matrix}_mask").set(lang, mask.detach().to(device=weight.device, dtype=weight.dtype))
+
+    def _param(self, matrix: str, lang: str) -> nn.Parameter:
+        if matrix not in ("A", "B"):
+            raise LsloError(f"matrix must be 'A' or 'B', got {matrix!r}")
+        if lang not in self.ranks:
+            raise LsloError(f"unknown language {lang!r}; this bank has {self.languages}")
+        return getattr(self, matrix)[lang]
+
+    def effective_A(self, lang: str) -> torch.Tensor:
+        return self.A[lang] * self.A_mask[lang] if lang in self.A_mask else self.A[lang]
+
+    def effective_B(self, lang: str) -> torch.Tensor:
+        return self.B[lang] * self.B_mask[lang] if lang in self.B_mask else self.B[lang]
+
+    def delta_weight(self, lang: str) -> torch.Tensor:
+        """Dense s_l · B_l A_l (masks applied), shape [out, in]: used for merging only."""
+        return self.scaling[lang] * (self.effective_B(lang) @ self.effective_A(lang))
+
+    def lora(self, x: torch.Tensor, lang: str) -> torch.Tensor:
+        """s_l · B_l A_l x for inputs that all belong to ``lang`` (computed from activations)."""
+        h = F.linear(self.dropout(x), self.effective_A(lang))
+        return F.linear(h, self.effective_B(lang)) * self.scaling[lang]
+
+    def delta(self, x: torch.Tensor, routing_segments: "Grouping") -> torch.Tensor:
+        """B_l A_l x per segment of samples sharing a language (dim 0 of x is the batch)."""
+        if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.A[self.languages[0]].dtype)
+        g = routing_segments
+        if g.single is not None:
+            return self.lora(x, g.single)
+        x_sorted = x.index_select(0, g.perm)
+        parts = [self.lora(x_sorted[start:end], lang) for lang, start, end in g.segments]
+        return torch.cat(parts, dim=0).index_select(0, g.inv_perm)
+
+
+@dataclass
+class Grouping:
+    """Language grouping of one batch for one index: ``single`` language (fast path) or sorted segments."""
+
+    single: str | None
+    perm: torch.Tensor | None = None
+    inv_perm: torch.Tensor | None = None
+    segments: tuple = ()
+
+
+class Routing:
+    """Per-batch language routing shared by every LSLoLinear of a model.
+
+    ``set(src_lang, tgt_lang)`` stores LongTensors [B] of ids into ``languages``. Layers ask
+    ``grouping(index, batch_size)``; batch_size is B (encoder, training decoder) or B·k during beam search,
+    where HF repeats each sample k times consecutively (repeat_interleave). Groupings are cached per
+    (index, batch_size); the ids are copied to the host once per batch.
+    """
+
+    def __init__(self, languages):
+        self.languages = list(languages)
+        self.src_lang: torch.Tensor | None = None
+        self.tgt_lang: torch.Tensor | None = None
+        self._host_ids: dict | None = None
+        self._cache: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return self.src_lang is not None
+
+    def set(self, src_lang: torch.Tensor, tgt_lang: torch.Tensor) -> None:
+        src_lang, tgt_lang = torch.as_tensor(src_lang).long(), torch.as_tensor(tgt_lang).long()
+        if src_lang.dim() != 1 or src_lang.shape != tgt_lang.shape:
+            raise LsloError(f"src_lang and tgt_lang must be 1-D of the same length (one id per sample); "
+                            f"got shapes {tuple(src_lang.shape)} and {tuple(tgt_lang.shape)}")
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        self._host_ids, self._cache = None, {}
+
+    def clear(self) -> None:
+        self.src_lang = self.tgt_lang = None
+        self._host_ids, self._cache = None, {}
+
+    def _ids(self) -> dict:
+        if self._host_ids is None:  # the one host sync of the batch
+            both = torch.stack([self.src_lang, self.tgt_lang]).cpu()
+            if both.numel() and (both.min() < 0 or both.max() >= len(self.languages)):
+                raise LsloError(f"language ids must be in [0, {len(self.languages)}) for languages "
+                                f"{self.languages}; got {both.unique().tolist()}")
+            self._host_ids = {"src": both[0], "tgt": both[1]}
+        return self._host_ids
+
+    def grouping(self, index: str, batch_size: int, device: torch.device) -> Grouping:
+        key = (index, batch_size, device)
+        if key not in self._cache:
+            self._cache[key] = self._compute(index, batch_size, device)
+        return self._cache[key]
+
+    def _compute(self, index: str, batch_size: int, device) -> Grouping:
+        if not self.active:
+            raise LsloError("LSLo layers need the batch languages: call LSLoModel(..., src_lang=, tgt_lang=) "
+                            "or LSLoModel.generate(...), not the wrapped HF model directly")
+        ids = self._ids()[index]
+        n = ids.numel()
+        if n == 0 or batch_size % n:
+            raise LsloError(f"LSLo layer saw batch size {batch_size}, but the routing holds {n} samples; expected "
+                            f"a multiple of {n} (beam search repeats each sample num_beams times)")
+        if batch_size != n:
+            ids = ids.repeat_interleave(batch_size // n)
+        first = int(ids[0])
+        if bool((ids == first).all()):
+            return Grouping(single=self.languages[first])
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(batch_size)
+        values, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        segments = tuple((self.languages[v], s, e) for v, s, e in zip(values.tolist(), starts, ends))
+        return Grouping(None, perm.to(device, non_blocking=True), inv_perm.to(device, non_blocking=True), segments)
+
+
+class LSLoLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus language-routed LoRA banks (eq. 3; eq. 5 when ``index == "learn"``)."""
+
+    def __init__(self, base: nn.Linear, site: str, index: str, banks: dict, routing: Routing,
+                 index_weights: IndexWeights | None = None):
+        super().__init__()
+        if index not in (*INDEXES, "learn"):
+            raise LsloError(f"index of {site} must be 'src', 'tgt' or 'learn', got {index!r}")
+        self.base = base
+        self.site = site
+        self.index = index
+        self.banks = nn.ModuleDict(banks)
+        # Shared objects are referenced, not registered: the routing is not a module, and the index weights
+        # are registered once at the model level so the state dict holds them once.
+        object.__setattr__(self, "routing", routing)
+        object.__setattr__(self, "index_weights", index_weights)
+        if index == "learn" and (index_weights is None or set(banks) != set(INDEXES)):
+            raise LsloError(f"weight-learning site {site} needs both 'src' and 'tgt' banks and index weights")
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # HF code sometimes reads .weight (dtype/device checks)
+        return self.base.weight
+
+    def bank_weights(self) -> dict:
+        """Index -> mixing weight: 1.0 for the single bank, (w_src, w_tgt) in weight-learning mode (eq. 5)."""
+        if self.index != "learn":
+            return {self.index: 1.0}
+        w = self.index_weights.weights()
+        return {"src": w[0], "tgt": w[1]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        batch_size = x.shape[0]
+        for index, w in self.bank_weights().items():
+            grouping = self.routing.grouping(index, batch_size, x.device)
+            delta = self.banks[index].delta(x, grouping)
+            out = out + (delta * w).to(out.dtype) if self.index == "learn" else out + delta.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"site={self.site}, index={self.index}"
