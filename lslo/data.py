@@ -1,0 +1,295 @@
+"""FLORES readers, the multi-parallel split tables, and the many-to-many training data pipeline.
+
+Paper §5: the FLORES-101 dev split is the training set, devtest the test set; every ordered pair of the chosen
+languages is a training direction (n(n-1) directions), sampled with temperature T (p_d ∝ (n_d/Σn)^(1/T)).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lslo.errors import LsloError
+from lslo.io import write_tsv
+from lslo.languages import read_language_table, select
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILES = {"train": "dev", "test": "devtest"}  # paper §5: dev -> training, devtest -> evaluation
+LAYOUTS = {  # layout -> (language-table column with the file code, path of one split file under the root)
+    "flores101": ("flores101", "{split}/{code}.{split}"),
+    "flores200": ("flores200", "{split}/{code}.{split}"),
+    "floresplus": ("flores200", "{split}/{split}.{code}"),
+}
+_TSV = dict(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # docs/formats.md: results/data/{split}.tsv
+
+
+# ---------------------------------------------------------------- FLORES files -> multi-parallel tables
+
+def flores_path(root: str | os.PathLike, layout: str, code: str, flores_split: str) -> Path:
+    """Path of one language's file: flores_split is the FLORES split name ("dev" or "devtest")."""
+    return Path(root) / LAYOUTS[layout][1].format(split=flores_split, code=code)
+
+
+def detect_layout(root: str | os.PathLike, table: pd.DataFrame, language: str) -> str:
+    """The first layout whose dev file for `language` exists under `root`."""
+    tried = []
+    for layout, (column, _) in LAYOUTS.items():
+        path = flores_path(root, layout, table.loc[language, column], "dev")
+        if path.is_file():
+            return layout
+        tried.append(str(path))
+    raise LsloError(f"{root}: no FLORES layout found for language '{language}'; none of these exists: {tried}")
+
+
+def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFrame, split: str,
+                layout: str = "auto") -> pd.DataFrame:
+    """One split ("train" = FLORES dev, "test" = devtest) as a multi-parallel table: column id + one per language."""
+    if split not in SPLIT_FILES:
+        raise LsloError(f"unknown split '{split}'; expected one of {list(SPLIT_FILES)}")
+    languages = select(table, list(languages))
+    if layout == "auto":
+        layout = detect_layout(root, table, languages[0])
+    if layout not in LAYOUTS:
+        raise LsloError(f"unknown FLORES layout '{layout}'; expected 'auto' or one of {list(LAYOUTS)}")
+    columns, first = {}, None
+    for code in languages:
+        path = flores_path(root, layout, table.loc[code, LAYOUTS[layout][0]], SPLIT_FILES[split])
+        columns[code] = _read_lines(path, code)
+        if first is None:
+            first = (path, len(columns[code]))
+        elif len(columns[code]) != first[1]:
+            raise LsloError(f"unequal line counts: {first[0]} has {first[1]} lines, "
+                            f"{path} has {len(columns[code])} (language '{code}')")
+    return pd.DataFrame({"id": range(first[1]), **columns})
+
+
+def _read_lines(path: Path, language: str) -> list[str]:
+    if not path.is_file():
+        raise LsloError(f"{path}: FLORES file for language '{language}' not found")
+    # split on "\n" only: str.splitlines would also split on U+2028 and other separators inside sentences
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line.rstrip("\r") for line in lines]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise LsloError(f"{path}: line {number} is empty (language '{language}')")
+    return lines
+
+
+def write_parallel(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a multi-parallel table (column id + one column per language) atomically; format in docs/formats.md."""
+    if list(table.columns[:1]) != ["id"] or len(table.columns) < 2:
+        raise LsloError(f"{path}: a parallel table needs column 'id' first and at least one language column")
+    write_tsv(table, path, **{k: v for k, v in _TSV.items() if k != "sep"})
+
+
+def read_parallel(path: str | os.PathLike, languages: list[str] | None = None) -> pd.DataFrame:
+    """Read results/data/{split}.tsv; keep column id and `languages` (default: all) in that order."""
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: parallel table not found")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, **_TSV)
+    if "id" not in table.columns:
+        raise LsloError(f"{path}: no 'id' column; columns are {list(table.columns)}")
+    table["id"] = table["id"].astype(int)
+    languages = [c for c in table.columns if c != "id"] if languages is None else list(languages)
+    missing = [code for code in languages if code not in table.columns]
+    if missing:
+        raise LsloError(f"{path}: no column for language(s) {missing}; it has {list(table.columns[1:])}")
+    return table[["id", *languages]]
+
+
+def prepare_data(flores_root: str | os.PathLike, layout: str, language_table_path: str | os.PathLike,
+                 languages: str | list[str], out_train: str | os.PathLike, out_test: str | os.PathLike) -> None:
+    """The data stage: FLORES dev/devtest -> results/data/{train,test}.tsv. Both splits are read and checked
+    before anything is written, so bad input leaves no output."""
+    table = read_language_table(language_table_path)
+    codes = select(table, languages)
+    if layout == "auto":
+        layout = detect_layout(flores_root, table, codes[0])
+    train = read_flores(flores_root, codes, table, "train", layout)
+    test = read_flores(flores_root, codes, table, "test", layout)
+    write_parallel(train, out_train)
+    write_parallel(test, out_test)
+    log.info("wrote %d train and %d test sentences in %d languages (%s layout)", len(train), len(test),
+             len(codes), layout)
+
+
+# ---------------------------------------------------------------- directions and temperature sampling
+
+Direction = tuple[str, str]
+
+
+def directions(languages: list[str]) -> list[Direction]:
+    """All n(n-1) ordered pairs (src, tgt), src != tgt, in language-list order."""
+    return [(src, tgt) for src in languages for tgt in languages if src != tgt]
+
+
+def temperature_probs(sizes: dict[Direction, int], temperature: float = 5.0) -> dict[Direction, float]:
+    """p_d ∝ (n_d / Σn)^(1/T): T=1 is proportional sampling, T→∞ uniform."""
+    if temperature <= 0:
+        raise LsloError(f"sampling temperature must be > 0, got {temperature}")
+    bad = {d: n for d, n in sizes.items() if n <= 0}
+    if bad:
+        raise LsloError(f"every direction needs at least one sentence pair; empty: {bad}")
+    keys = list(sizes)
+    n = np.array([sizes[d] for d in keys], dtype=np.float64)
+    weights = (n / n.sum()) ** (1.0 / temperature)
+    return dict(zip(keys, weights / weights.sum()))
+
+
+class Example(NamedTuple):
+    index: int  # sentence id within the direction's data (the row id for a multi-parallel table)
+    src: str
+    tgt: str
+
+
+class TemperatureSampler:
+    """Draws one epoch of examples: direction d gets round(p_d * epoch_size) examples (largest remainder),
+    drawn from its data without replacement (whole passes first when it needs more than it has), as fairseq's
+    SampledMultiDataset does. The numpy RNG state is saved by state_dict() for resume."""
+
+    def __init__(self, sizes: dict[Direction, int], temperature: float = 5.0, seed: int = 0,
+                 epoch_size: int | None = None) -> None:
+        self.sizes = dict(sizes)
+        self.probs = temperature_probs(self.sizes, temperature)
+        self.epoch_size = sum(self.sizes.values()) if epoch_size is None else int(epoch_size)
+        self.rng = np.random.default_rng(seed)
+
+    def counts(self) -> dict[Direction, int]:
+        expected = np.array(list(self.probs.values())) * self.epoch_size
+        counts = np.floor(expected).astype(int)
+        remainder_order = np.argsort(-(expected - counts), kind="stable")
+        counts[remainder_order[: self.epoch_size - counts.sum()]] += 1
+        return dict(zip(self.probs, counts.tolist()))
+
+    def epoch(self) -> list[Example]:
+        examples = []
+        for (src, tgt), count in self.counts().items():
+            size = self.sizes[(src, tgt)]
+            passes, rest = divmod(count, size)
+            ids = [np.arange(size)] * passes + [self.rng.choice(size, rest, replace=False)]
+            examples += [Example(int(i), src, tgt) for i in np.concatenate(ids)]
+        order = self.rng.permutation(len(examples))
+        return [examples[i] for i in order]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+# ---------------------------------------------------------------- token ids, batches, collate
+
+class Corpus:
+    """Pre-tokenized training data: per direction, the SentencePiece ids (no special tokens) of sources and targets.
+
+    `Corpus.multiparallel` shares one token list per language among all directions (FLORES); `Corpus(pairs)`
+    takes explicit per-direction lists, whose sizes may differ (e.g. imbalanced pretraining bitext)."""
+
+    def __init__(self, pairs: dict[Direction, tuple[list[list[int]], list[list[int]]]]) -> None:
+        for (src, tgt), (src_ids, tgt_ids) in pairs.items():
+            if len(src_ids) != len(tgt_ids):
+                raise LsloError(f"direction {src}-{tgt}: {len(src_ids)} sources but {len(tgt_ids)} targets")
+        self.pairs = pairs
+
+    @classmethod
+    def multiparallel(cls, table: pd.DataFrame, languages: list[str], tokenizer) -> "Corpus":
+        tokens = {code: tokenize_column(table[code].tolist(), tokenizer) for code in languages}
+        return cls({(s, t): (tokens[s], tokens[t]) for s, t in directions(languages)})
+
+    def sizes(self) -> dict[Direction, int]:
+        return {d: len(src_ids) for d, (src_ids, _) in self.pairs.items()}
+
+    def lengths(self, example: Example) -> tuple[int, int]:
+        """Encoder and label lengths with the language token and </s> (M2M100: [lang] + ids + [eos])."""
+        src_ids, tgt_ids = self.pairs[(example.src, example.tgt)]
+        return len(src_ids[example.index]) + 2, len(tgt_ids[example.index]) + 2
+
+
+def tokenize_column(texts: list[str], tokenizer) -> list[list[int]]:
+    """SentencePiece ids of each text, without language token or </s> (added per batch by `collate`)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def make_batches(examples: list[Example], corpus: Corpus, max_tokens: int, mixed: bool = True,
+                 rng: np.random.Generator | None = None) -> list[list[Example]]:
+    """Token-budget batches: batch_size * max(longest source, longest target) <= max_tokens, padding included
+    (fairseq's --max-tokens). Examples are sorted by length so padding stays small; the batch order is shuffled.
+    mixed=False keeps one direction per batch (the LSLo fast path)."""
+    groups = [examples] if mixed else _by_direction(examples)
+    batches = []
+    for group in groups:
+        lengths = [max(corpus.lengths(e)) for e in group]
+        batch, longest = [], 0
+        for i in np.argsort(lengths, kind="stable"):
+            if lengths[i] > max_tokens:
+                e = group[i]
+                raise LsloError(f"sentence {e.index} of direction {e.src}-{e.tgt} has {lengths[i]} tokens, "
+                                f"more than max_tokens={max_tokens}")
+            if batch and (len(batch) + 1) * max(longest, lengths[i]) > max_tokens:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(group[i])
+            longest = max(longest, lengths[i])
+        if batch:
+            batches.append(batch)
+    order = (rng or np.random.default_rng(0)).permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def _by_direction(examples: list[Example]) -> list[list[Example]]:
+    groups: dict[Direction, list[Example]] = {}
+    for e in examples:
+        groups.setdefault((e.src, e.tgt), []).append(e)
+    return list(groups.values())
+
+
+def collate(batch: list[Example], corpus: Corpus, tokenizer, languages: list[str]) -> dict:
+    """Tensors for M2M100ForConditionalGeneration, identical to tokenizer(src, text_target=tgt) per sample:
+    input_ids = [src_lang_token] + ids + [</s>], labels = [tgt_lang_token] + ids + [</s>] (pad -> -100); the model
+    builds decoder_input_ids = [</s>] + labels[:-1] itself (shift_tokens_right, decoder_start_token_id = eos).
+    src_lang / tgt_lang are ids into `languages` (the model's ordered language list)."""
+    lang_index = {code: i for i, code in enumerate(languages)}
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sources, targets = [], []
+    for e in batch:
+        src_ids, tgt_ids = corpus.pairs[(e.src, e.tgt)]
+        sources.append([tokenizer.get_lang_id(e.src), *src_ids[e.index], eos])
+        targets.append([tokenizer.get_lang_id(e.tgt), *tgt_ids[e.index], eos])
+    input_ids = _pad(sources, pad)
+    labels = _pad(targets, -100)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": _pad([[1] * len(row) for row in sources], 0),
+        "labels": labels,
+        "src_lang": torch.tensor([lang_index[e.src] for e in batch], dtype=torch.long),
+        "tgt_lang": torch.tensor([lang_index[e.tgt] for e in batch], dtype=torch.long),
+        "n_tokens": int((labels != -100).sum()),
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def epoch_batches(corpus: Corpus, sampler: TemperatureSampler, tokenizer, languages: list[str], max_tokens: int,
+                  mixed: bool = True) -> Iterator[dict]:
+    """One training epoch: sample examples, cut token-budget batches, collate. Deterministic given the sampler's
+    RNG state, which this advances (save sampler.state_dict() at epoch boundaries to resume)."""
+    batches = make_batches(sampler.epoch(), corpus, max_tokens, mixed=mixed, rng=sampler.rng)
+    for batch in batches:
+        yield collate(batch, corpus, tokenizer, languages)

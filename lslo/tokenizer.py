@@ -1,0 +1,153 @@
+"""M2M100-style tokenizers for any language list (M2M100, M2M-124, the embedded demo).
+
+transformers' M2M100Tokenizer only knows two fixed language lists (FAIRSEQ_LANGUAGE_CODES: "m2m100", "wmt21").
+M2M-124 adds 24 codes and the demo has its own, so `LsloM2M100Tokenizer` is M2M100Tokenizer with the language
+list as data: `language_codes` may be a list, saved in tokenizer_config.json. Everything else (vocab.json in
+fairseq dictionary order, language tokens __xx__ right after the vocabulary, src_lang/tgt_lang, text_target)
+is M2M100Tokenizer's own code. Importing this module registers the class with AutoTokenizer, so
+`AutoTokenizer.from_pretrained(dir)` works once `lslo.tokenizer` is imported; `load_tokenizer(dir)` always works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+from transformers import AutoTokenizer, PretrainedConfig
+from transformers.models.m2m_100.tokenization_m2m_100 import (
+    FAIRSEQ_LANGUAGE_CODES,
+    M2M100Tokenizer,
+    load_json,
+    load_spm,
+)
+
+from lslo.errors import LsloError
+from lslo.io import atomic_write
+
+# fairseq Dictionary's fixed head (bos, pad, eos, unk); M2M100 keeps these ids (decoder_start = eos = 2).
+FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+
+# M2M-124 (FLORES-101 release) = M2M-100's 100 languages + these 24; fairseq orders them by sorted(code).
+M2M124_EXTRA_CODES = "as ay cjk dyu kac kam kea kg kmb kmr ku ky luo mi mt ny om qu shn sn te tg ti umb".split()
+M2M124_LANGUAGE_CODES = sorted(set(FAIRSEQ_LANGUAGE_CODES["m2m100"]) | set(M2M124_EXTRA_CODES))
+
+
+class LsloM2M100Tokenizer(M2M100Tokenizer):
+    """M2M100Tokenizer whose `language_codes` is either a built-in list name or an explicit list of codes.
+
+    Language token ids are len(vocab) + position in the list, as in M2M100Tokenizer and fairseq's multilingual
+    task (language tokens appended to the dictionary in list order).
+    """
+
+    def __init__(self, vocab_file, spm_file, src_lang=None, tgt_lang=None, bos_token="<s>", eos_token="</s>",
+                 sep_token="</s>", pad_token="<pad>", unk_token="<unk>", language_codes="m2m100",
+                 sp_model_kwargs=None, num_madeup_words=8, **kwargs) -> None:
+        # Same steps as M2M100Tokenizer.__init__, with the language list taken from `language_codes` itself.
+        codes = list(FAIRSEQ_LANGUAGE_CODES[language_codes]) if isinstance(language_codes, str) else list(language_codes)
+        if not codes or len(set(codes)) != len(codes):
+            raise LsloError(f"language_codes must be a non-empty list of distinct codes, got {codes}")
+        self.sp_model_kwargs = {} if sp_model_kwargs is None else sp_model_kwargs
+        self.language_codes = language_codes
+        self.lang_code_to_token = {code: f"__{code}__" for code in codes}
+        additional_special_tokens = list(kwargs.pop("additional_special_tokens", None) or [])
+        additional_special_tokens += [t for t in self.lang_code_to_token.values() if t not in additional_special_tokens]
+
+        self.vocab_file = vocab_file
+        self.encoder = load_json(vocab_file)
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        self.spm_file = spm_file
+        self.sp_model = load_spm(spm_file, self.sp_model_kwargs)
+        self.encoder_size = len(self.encoder)
+        self.lang_code_to_id = {code: self.encoder_size + i for i, code in enumerate(codes)}
+        self.lang_token_to_id = {self.lang_code_to_token[c]: i for c, i in self.lang_code_to_id.items()}
+        self.id_to_lang_token = {v: k for k, v in self.lang_token_to_id.items()}
+
+        self._src_lang = src_lang if src_lang is not None else ("en" if "en" in codes else codes[0])
+        self.tgt_lang = tgt_lang
+        self.cur_lang_id = self.get_lang_id(self._src_lang)
+        self.num_madeup_words = num_madeup_words
+
+        super(M2M100Tokenizer, self).__init__(
+            src_lang=src_lang, tgt_lang=tgt_lang, bos_token=bos_token, eos_token=eos_token, sep_token=sep_token,
+            unk_token=unk_token, pad_token=pad_token, language_codes=language_codes,
+            sp_model_kwargs=self.sp_model_kwargs, additional_special_tokens=additional_special_tokens,
+            num_madeup_words=num_madeup_words, **kwargs,
+        )
+        self.set_src_lang_special_tokens(self._src_lang)
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.lang_code_to_id)
+
+    def get_lang_token(self, lang: str) -> str:
+        if lang not in self.lang_code_to_token:
+            raise LsloError(f"language '{lang}' is not known to this tokenizer; it knows {self.languages}")
+        return self.lang_code_to_token[lang]
+
+
+class _LsloTokenizerConfig(PretrainedConfig):
+    """Registration key only: AutoTokenizer.register needs a config class; this one leaves M2M100's mapping alone."""
+
+    model_type = "lslo_m2m100_tokenizer"
+
+
+AutoTokenizer.register(_LsloTokenizerConfig, tokenizer_class=LsloM2M100Tokenizer, exist_ok=True)
+
+
+def spm_vocab(spm_model: str | os.PathLike) -> list[str]:
+    """Vocabulary in fairseq dictionary order: <s> <pad> </s> <unk>, then the SentencePiece pieces in model order.
+
+    This is the dict.txt fairseq builds from a SentencePiece model (control and unknown pieces left out).
+    """
+    processor = spm.SentencePieceProcessor()
+    processor.Load(str(spm_model))
+    pieces = [processor.IdToPiece(i) for i in range(processor.GetPieceSize())
+              if not (processor.IsControl(i) or processor.IsUnknown(i))]
+    return FAIRSEQ_SPECIALS + [p for p in pieces if p not in FAIRSEQ_SPECIALS]
+
+
+def build_tokenizer(spm_model: str | os.PathLike, languages: list[str], out_dir: str | os.PathLike,
+                    vocab: list[str] | None = None, num_madeup_words: int | None = None) -> LsloM2M100Tokenizer:
+    """Write an HF tokenizer directory (vocab.json, sentencepiece.bpe.model, tokenizer_config.json) and return it.
+
+    vocab: token list in id order (e.g. from a fairseq dict.txt, specials first); default: `spm_vocab(spm_model)`.
+    num_madeup_words: embedding rows after the language tokens (fairseq pads the dictionary to a multiple of 8);
+    default: the padding to a multiple of 8. The model's vocab_size is `model_vocab_size(tokenizer)`.
+    """
+    spm_model = Path(spm_model)
+    if not spm_model.is_file():
+        raise LsloError(f"{spm_model}: SentencePiece model not found")
+    tokens = spm_vocab(spm_model) if vocab is None else list(vocab)
+    if tokens[:4] != FAIRSEQ_SPECIALS:
+        raise LsloError(f"vocabulary must start with {FAIRSEQ_SPECIALS} (fairseq order), got {tokens[:4]}")
+    duplicated = sorted({t for t in tokens if tokens.count(t) > 1}) if len(set(tokens)) != len(tokens) else []
+    if duplicated:
+        raise LsloError(f"vocabulary has duplicated tokens {duplicated[:10]}")
+    languages = list(languages)
+    clashes = [code for code in languages if f"__{code}__" in set(tokens)]
+    if clashes:
+        raise LsloError(f"language token(s) {[f'__{c}__' for c in clashes]} already in the vocabulary")
+    if num_madeup_words is None:
+        num_madeup_words = -(len(tokens) + len(languages)) % 8
+    with atomic_write(out_dir, is_dir=True) as tmp:
+        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False,
+                                                   indent=0), encoding="utf-8")
+        tokenizer = LsloM2M100Tokenizer(vocab_file=str(tmp / "vocab.json"), spm_file=str(spm_model),
+                                        language_codes=languages, num_madeup_words=num_madeup_words)
+        tokenizer.save_pretrained(tmp)
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | os.PathLike) -> LsloM2M100Tokenizer:
+    """Load a tokenizer directory written by build_tokenizer / convert (or a stock M2M100 directory)."""
+    path = Path(path)
+    if not (path / "vocab.json").is_file():
+        raise LsloError(f"{path}: not a tokenizer directory (no vocab.json)")
+    return LsloM2M100Tokenizer.from_pretrained(str(path))
+
+
+def model_vocab_size(tokenizer: M2M100Tokenizer) -> int:
+    """Embedding rows the model needs: vocabulary + language tokens + madeup words (M2M100 layout)."""
+    return tokenizer.encoder_size + len(tokenizer.lang_code_to_id) + tokenizer.num_madeup_words
