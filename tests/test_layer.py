@@ -1,0 +1,143 @@
+"""LSLo layer (eq. 3, eq. 5): per-sample routing, masks, init, routing cache and beams."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lslo.errors import LsloError
+from lslo.layer import BufferDict, IndexWeights, LoRABank, LSLoLinear, Routing
+
+LANGS = ["en", "fr", "de", "oc"]
+RANKS = {"en": 1, "fr": 2, "de": 3, "oc": 4}
+
+
+def make_layer(index="src", seed=0, alpha=None):
+    torch.manual_seed(seed)
+    routing = Routing(LANGS)
+    linear = nn.Linear(8, 6)
+    indexes = ("src", "tgt") if index == "learn" else (index,)
+    banks = {ix: LoRABank(LANGS, RANKS, 8, 6, alpha=alpha) for ix in indexes}
+    for bank in banks.values():
+        for lang in LANGS:
+            nn.init.normal_(bank.B[lang])
+    weights = IndexWeights() if index == "learn" else None
+    return LSLoLinear(linear, "enc.0.q", index, banks, routing, weights), routing
+
+
+def by_hand(layer, x, langs, index):
+    """W x + s_l B_l A_l x computed sample by sample."""
+    bank = layer.banks[index]
+    rows = []
+    for b, lang in enumerate(langs):
+        a, bb = bank.effective_A(lang), bank.effective_B(lang)
+        rows.append(x[b] @ layer.base.weight.T + layer.base.bias + bank.scaling[lang] * (x[b] @ a.T @ bb.T))
+    return torch.stack(rows)
+
+
+def test_init_like_peft_and_shapes():
+    bank = LoRABank(LANGS, RANKS, 8, 6)
+    for lang in LANGS:
+        assert bank.A[lang].shape == (RANKS[lang], 8) and bank.B[lang].shape == (6, RANKS[lang])
+        assert torch.all(bank.B[lang] == 0) and bank.A[lang].abs().sum() > 0
+        # Kaiming-uniform with a=sqrt(5): bound = 1/sqrt(fan_in)
+        assert bank.A[lang].abs().max() <= 1 / math.sqrt(8) + 1e-6
+        assert bank.scaling[lang] == 1.0
+    assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
+
+
+@pytest.mark.parametrize("index", ["src", "tgt"])
+def test_mixed_batch_equals_per_sample_formula(index):
+    layer, routing = make_layer(index)
+    src, tgt = ["fr", "en", "fr", "oc", "de"], ["en", "oc", "oc", "en", "fr"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([LANGS.index(c) for c in tgt]))
+    x = torch.randn(5, 3, 8)
+    out = layer(x)
+    expected = by_hand(layer, x, src if index == "src" else tgt, index)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # adapters really change the output, differently per language
+    assert (out - layer.base(x)).abs().max() > 1e-2
+
+
+def test_single_language_fast_path_and_alpha():
+    layer, routing = make_layer("src", alpha=4)
+    routing.set(torch.tensor([2, 2, 2]), torch.tensor([0, 1, 3]))
+    x = torch.randn(3, 4, 8)
+    assert routing.grouping("src", 3, x.device).single == "de"
+    torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_zero_entries_and_block_their_gradient():
+    layer, routing = make_layer("src")
+    bank = layer.banks["src"]
+    mask_a = (torch.rand_like(bank.A["fr"]) > 0.5).float()
+    mask_b = (torch.rand_like(bank.B["fr"]) > 0.5).float()
+    bank.set_mask("A", "fr", mask_a)
+    bank.set_mask("B", "fr", mask_b)
+    assert "fr" in bank.A_mask and "en" not in bank.A_mask
+    assert torch.equal(bank.effective_A("fr"), bank.A["fr"] * mask_a)
+    routing.set(torch.tensor([1, 0]), torch.tensor([0, 0]))
+    x = torch.randn(2, 3, 8)
+    out = layer(x)
+    torch.testing.assert_close(out, by_hand(layer, x, ["fr", "en"], "src"), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.all(bank.A["fr"].grad[mask_a == 0] == 0)
+    assert torch.all(bank.B["fr"].grad[mask_b == 0] == 0)
+    assert bank.A["de"].grad is None and bank.B["oc"].grad is None
+    with pytest.raises(LsloError, match="shape"):
+        bank.set_mask("A", "fr", torch.ones(3, 3))
+    keys = set(layer.state_dict())
+    assert {"banks.src.A_mask.fr", "banks.src.B_mask.fr", "banks.src.A.fr", "base.weight"} <= keys
+
+
+def test_weight_learning_mixes_both_banks():
+    layer, routing = make_layer("learn")
+    with torch.no_grad():
+        layer.index_weights.logits.copy_(torch.tensor([0.3, -0.4]))
+    src, tgt = ["fr", "en", "oc"], ["de", "de", "fr"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([LANGS.index(c) for c in tgt]))
+    x = torch.randn(3, 2, 8)
+    out = layer(x)
+    w = torch.softmax(torch.tensor([0.3, -0.4]), 0)
+    base = layer.base(x)
+    expected = base + w[0] * (by_hand(layer, x, src, "src") - base) + w[1] * (by_hand(layer, x, tgt, "tgt") - base)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert layer.index_weights.logits.grad is not None and layer.index_weights.logits.grad.abs().sum() > 0
+    assert "index_weights.logits" not in layer.state_dict()  # registered once at model level
+
+
+def test_routing_beams_repeat_interleave_and_cache():
+    layer, routing = make_layer("tgt")
+    tgt = ["fr", "oc", "en"]
+    routing.set(torch.tensor([0, 0, 0]), torch.tensor([LANGS.index(c) for c in tgt]))
+    k = 4
+    x = torch.randn(3 * k, 2, 8)
+    out = layer(x)
+    expected = by_hand(layer, x, [lang for lang in tgt for _ in range(k)], "tgt")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    g = routing.grouping("tgt", 3 * k, x.device)
+    assert g is routing.grouping("tgt", 3 * k, x.device)  # computed once per batch and index
+    assert [s[0] for s in g.segments] == ["en", "fr", "oc"]
+    with pytest.raises(LsloError, match="batch size 7"):
+        layer(torch.randn(7, 2, 8))
+
+
+def test_routing_errors():
+    layer, routing = make_layer("src")
+    with pytest.raises(LsloError, match="src_lang="):
+        layer(torch.randn(2, 2, 8))
+    routing.set(torch.tensor([0, 9]), torch.tensor([0, 1]))
+    with pytest.raises(LsloError, match="language ids"):
+        layer(torch.randn(2, 2, 8))
+    with pytest.raises(LsloError, match="same length"):
+        routing.set(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+def test_buffer_dict():
+    d = BufferDict()
+    d.set("en", torch.ones(2))
+    d.set("en", torch.zeros(2))
+    assert "en" in d and len(d) == 1 and torch.equal(d["en"], torch.zeros(2))
+    assert dict(d.items()).keys() == {"en"} and list(d.state_dict()) == ["en"]
