@@ -1,0 +1,225 @@
+"""FLORES readers, parallel tables, temperature sampling, token-budget batches, collate."""
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right  # noqa: E402
+
+from lslo.data import (  # noqa: E402
+    Corpus, Example, TemperatureSampler, collate, directions, epoch_batches, make_batches, prepare_data,
+    read_flores, read_parallel, temperature_probs, write_parallel,
+)
+from lslo.errors import LsloError  # noqa: E402
+from lslo.languages import read_language_table  # noqa: E402
+from lslo.tokenizer import build_tokenizer  # noqa: E402
+
+TABLE_PATH = Path(__file__).resolve().parents[1] / "config" / "languages.tsv"
+LANGS = ["en", "fr", "oc"]
+SYLLABLES = {"en": ["the", "cat", "sat", "on", "mat"], "fr": ["le", "chat", "assis", "sur", "tapis"],
+             "oc": ["lo", "cat", "sus", "la", "estòra"]}
+
+
+def sentences(code, n, seed):
+    rng = random.Random(f"{code}-{seed}")
+    return [" ".join(rng.choice(SYLLABLES[code]) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def write_flores(root, layout, table, n_dev=20, n_devtest=15):
+    """FLORES files for LANGS: flores101 = <split>/<flores101>.<split>, floresplus = <split>/<split>.<flores200>."""
+    for split, n in (("dev", n_dev), ("devtest", n_devtest)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for code in LANGS:
+            lines = sentences(code, n, split)
+            lines[0] = f'tab\there "quoted" back\\slash {code}'  # TSV round-trip hazards
+            name = (f"{table.loc[code, 'flores101']}.{split}" if layout == "flores101"
+                    else f"{split}.{table.loc[code, 'flores200']}")
+            (root / split / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def table():
+    return read_language_table(TABLE_PATH)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(s for c in LANGS for s in sentences(c, 200, "spm")) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "sp"), vocab_size=40,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    return build_tokenizer(directory / "sp.model", LANGS, directory / "tokenizer")
+
+
+@pytest.mark.parametrize("layout", ["flores101", "floresplus"])
+def test_read_flores_both_layouts(tmp_path, table, layout):
+    root = write_flores(tmp_path / "flores", layout, table)
+    for given in (layout, "auto"):
+        train = read_flores(root, LANGS, table, "train", given)
+        test = read_flores(root, LANGS, table, "test", given)
+        assert list(train.columns) == ["id", *LANGS] and len(train) == 20 and len(test) == 15
+        assert train["fr"].tolist()[1:] == sentences("fr", 20, "dev")[1:]
+        assert test["oc"].tolist()[1:] == sentences("oc", 15, "devtest")[1:]
+
+
+def test_prepare_data_round_trips_special_characters(tmp_path, table):
+    root = write_flores(tmp_path / "flores", "flores101", table)
+    out = tmp_path / "results" / "data"
+    prepare_data(root, "auto", TABLE_PATH, LANGS, out / "train.tsv", out / "test.tsv")
+    train = read_parallel(out / "train.tsv")
+    assert train.equals(read_flores(root, LANGS, table, "train", "flores101"))
+    assert train.loc[0, "en"] == 'tab\there "quoted" back\\slash en'
+    assert read_parallel(out / "test.tsv", ["oc", "en"]).columns.tolist() == ["id", "oc", "en"]
+    with pytest.raises(LsloError, match=r"no column for language\(s\) \['wo'\]"):
+        read_parallel(out / "test.tsv", ["wo"])
+
+
+def _bad_input(root, case):
+    if case == "missing":
+        (root / "devtest" / "oci.devtest").unlink()
+        return [str(root / "devtest" / "oci.devtest"), "'oc'"]
+    if case == "unequal":
+        path = root / "devtest" / "fra.devtest"
+        path.write_text("\n".join(path.read_text(encoding="utf-8").splitlines()[:-2]) + "\n", encoding="utf-8")
+        return [str(root / "devtest" / "eng.devtest"), "15", str(path), "13"]
+    if case == "empty":
+        path = root / "dev" / "oci.dev"
+        lines = path.read_text(encoding="utf-8").splitlines()
+        lines[6] = " "
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return [str(path), "line 7"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "unequal", "empty"])
+def test_bad_flores_input_names_file_and_writes_nothing(tmp_path, table, case):
+    root = write_flores(tmp_path / "flores", "flores101", table)
+    expected = _bad_input(root, case)
+    out = tmp_path / "results" / "data"
+    with pytest.raises(LsloError) as err:
+        prepare_data(root, "flores101", TABLE_PATH, LANGS, out / "train.tsv", out / "test.tsv")
+    assert all(part in str(err.value) for part in expected), str(err.value)
+    assert not (out / "train.tsv").exists() and not (out / "test.tsv").exists()
+
+
+def test_unknown_language_and_layout(tmp_path, table):
+    root = write_flores(tmp_path / "flores", "flores101", table)
+    with pytest.raises(LsloError, match="'xx'"):
+        prepare_data(root, "auto", TABLE_PATH, ["en", "xx"], tmp_path / "a.tsv", tmp_path / "b.tsv")
+    with pytest.raises(LsloError, match="no FLORES layout found for language 'en'"):
+        read_flores(tmp_path, LANGS, table, "train")
+    with pytest.raises(LsloError, match="unknown FLORES layout 'flores99'"):
+        read_flores(root, LANGS, table, "train", "flores99")
+
+
+def test_directions():
+    pairs = directions(["a", "b", "c", "d"])
+    assert len(pairs) == 12 == len(set(pairs)) and all(s != t for s, t in pairs)
+
+
+def test_temperature_probs_by_hand():
+    sizes = {("en", "fr"): 1000, ("en", "oc"): 10, ("fr", "oc"): 90}
+    probs = temperature_probs(sizes, temperature=5)
+    total = 1100
+    raw = [(1000 / total) ** 0.2, (10 / total) ** 0.2, (90 / total) ** 0.2]
+    assert np.allclose(list(probs.values()), [r / sum(raw) for r in raw], atol=1e-12)
+    assert np.allclose(list(temperature_probs(sizes, 1).values()), [1000 / total, 10 / total, 90 / total])
+    with pytest.raises(LsloError):
+        temperature_probs(sizes, 0)
+
+
+def test_sampler_counts_follow_probs_and_resume():
+    sizes = {("en", "fr"): 1000, ("en", "oc"): 10, ("fr", "oc"): 90}
+    sampler = TemperatureSampler(sizes, temperature=5, seed=3)
+    epoch = sampler.epoch()
+    assert len(epoch) == 1100
+    for direction, p in sampler.probs.items():
+        count = sum((e.src, e.tgt) == direction for e in epoch)
+        assert abs(count - p * 1100) < 1
+        ids = [e.index for e in epoch if (e.src, e.tgt) == direction]
+        assert max(ids) < sizes[direction]
+        # an upsampled direction goes through all its data before repeating a sentence
+        assert np.bincount(ids, minlength=sizes[direction]).max() - np.bincount(ids).min() <= 1
+    state = sampler.state_dict()
+    following = sampler.epoch()
+    sampler.load_state_dict(state)
+    assert sampler.epoch() == following != epoch
+    assert TemperatureSampler(sizes, 5, seed=3).epoch() == epoch
+
+
+def test_equal_sizes_give_each_sentence_once_per_direction():
+    sampler = TemperatureSampler({d: 7 for d in directions(LANGS)}, seed=0)
+    epoch = sampler.epoch()
+    assert sorted(epoch) == sorted(Example(i, s, t) for s, t in directions(LANGS) for i in range(7))
+
+
+@pytest.fixture(scope="module")
+def train_table(tmp_path_factory, table):
+    root = write_flores(tmp_path_factory.mktemp("flores"), "flores101", table, n_dev=40)
+    return read_flores(root, LANGS, table, "train")
+
+
+@pytest.fixture(scope="module")
+def corpus(train_table, tokenizer):
+    return Corpus.multiparallel(train_table, LANGS, tokenizer)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_batches_respect_token_budget(corpus, tokenizer, mixed):
+    sampler = TemperatureSampler(corpus.sizes(), seed=1)
+    examples = sampler.epoch()
+    batches = make_batches(examples, corpus, max_tokens=64, mixed=mixed, rng=np.random.default_rng(0))
+    assert sorted(e for b in batches for e in b) == sorted(examples)
+    if not mixed:
+        assert all(len({(e.src, e.tgt) for e in b}) == 1 for b in batches)
+    else:
+        assert any(len({(e.src, e.tgt) for e in b}) > 1 for b in batches)
+    for batch in batches:
+        tensors = collate(batch, corpus, tokenizer, LANGS)
+        size = len(batch) * max(tensors["input_ids"].shape[1], tensors["labels"].shape[1])
+        assert size <= 64
+    with pytest.raises(LsloError, match="more than max_tokens=3"):
+        make_batches(examples, corpus, max_tokens=3)
+
+
+def test_collate_matches_tokenizer_and_model_shift(corpus, tokenizer, train_table):
+    batch = [Example(3, "en", "oc"), Example(5, "oc", "fr"), Example(0, "fr", "en")]
+    tensors = collate(batch, corpus, tokenizer, LANGS)
+    assert tensors["src_lang"].tolist() == [0, 2, 1] and tensors["tgt_lang"].tolist() == [2, 1, 0]
+    for row, e in enumerate(batch):
+        src_text, tgt_text = train_table.loc[e.index, e.src], train_table.loc[e.index, e.tgt]
+        tokenizer.src_lang, tokenizer.tgt_lang = e.src, e.tgt
+        reference = tokenizer(src_text, text_target=tgt_text)
+        n_src, n_tgt = len(reference["input_ids"]), len(reference["labels"])
+        assert tensors["input_ids"][row, :n_src].tolist() == reference["input_ids"]
+        assert tensors["attention_mask"][row].tolist() == [1] * n_src + [0] * (tensors["input_ids"].shape[1] - n_src)
+        assert tensors["labels"][row, :n_tgt].tolist() == reference["labels"]
+        assert (tensors["labels"][row, n_tgt:] == -100).all() and (tensors["input_ids"][row, n_src:] == 1).all()
+    decoder_inputs = shift_tokens_right(tensors["labels"], tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert decoder_inputs[:, 0].tolist() == [2, 2, 2]
+    assert decoder_inputs[:, 1].tolist() == [tokenizer.get_lang_id(e.tgt) for e in batch]
+    assert tensors["n_tokens"] == int((tensors["labels"] != -100).sum())
+
+
+def test_epoch_batches_deterministic(corpus, tokenizer):
+    def run(seed):
+        sampler = TemperatureSampler(corpus.sizes(), seed=seed)
+        return [b["input_ids"].tolist() for b in epoch_batches(corpus, sampler, tokenizer, LANGS, 80)]
+    assert run(7) == run(7) != run(8)
+
+
+def test_unequal_direction_sizes(tokenizer):
+    ids = tokenizer(["the cat", "le chat", "sat on"], add_special_tokens=False)["input_ids"]
+    corpus = Corpus({("en", "fr"): ([ids[0]] * 50, [ids[1]] * 50), ("fr", "en"): ([ids[1]] * 2, [ids[2]] * 2)})
+    sampler = TemperatureSampler(corpus.sizes(), temperature=1, seed=0)
+    assert sum(e.src == "fr" for e in sampler.epoch()) == 2
+    with pytest.raises(LsloError, match="2 sources but 1 targets"):
+        Corpus({("en", "fr"): ([ids[0]] * 2, [ids[1]])})
