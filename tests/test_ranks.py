@@ -40,7 +40,7 @@ def test_no_gps_prunes_nothing():
         ({"H": 0, "M": 2, "V": 8}, None, None, "ranks.H"),
         ({"H": 2, "M": 2, "X": 8}, None, None, "unknown resource group 'X'"),
         ({"H": 2, "M": 2}, None, None, "no rank for resource group(s) ['V']"),
-        ({"H": 2, "M": 2, "V": 8}, {**GPS, "ratio": 1.0}, 15, "ratio is 1.0"),
+        ({"H": 2, "M": 2, "V": 8}, {**GPS, "ratio": 1.0}, 15, "ratio P is 1.0"),
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "ratio": -0.1}, 15, "ratio"),
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "start": 8}, 15, "exceeds the 15 training epochs"),
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "groups": ["Q"]}, 15, "gps.groups"),
