@@ -1,0 +1,184 @@
+"""The ``lslo`` command line. Subcommands:
+
+  lslo params   exact trainable / effective parameter counts of an LSLo configuration from model shapes
+                (no weights needed), e.g.
+                lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lslo.errors import LsloError
+from lslo.params import INDEX_MODES, count_from_shape, load_config
+
+_M2M100 = {"d_model": 1024, "encoder_attention_heads": 16, "decoder_attention_heads": 16, "tie_word_embeddings": True}
+
+# Shape numbers of the public HF configs (config.json of each checkpoint).
+PRESETS = {
+    # M2M-124 615M = fairseq "flores101_mm100_615M" (paper §5). Its converted HF config
+    # (huggingface.co/VityaVitalich/flores101_mm100_615M, config.json) has vocab_size 256125: the FLORES-101
+    # models use a 256k SentencePiece dictionary, not M2M-100's 128k one. With it the model has 614,990,848
+    # parameters, the "615M" of the name and of the paper's Ft-all row.
+    "m2m124-615m": {**_M2M100, "vocab_size": 256125, "encoder_layers": 12, "decoder_layers": 12,
+                    "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
+    "m2m100-418m": {**_M2M100, "vocab_size": 128112, "encoder_layers": 12, "decoder_layers": 12,
+                    "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
+    "m2m100-1.2b": {**_M2M100, "vocab_size": 128112, "encoder_layers": 24, "decoder_layers": 24,
+                    "encoder_ffn_dim": 8192, "decoder_ffn_dim": 8192},
+    "nllb-600m": {**_M2M100, "vocab_size": 256206, "encoder_layers": 12, "decoder_layers": 12,
+                  "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
+}
+DEFAULT_LANGUAGE_TABLE = "config/languages.tsv"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LsloError as err:
+        print(f"lslo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lslo", description="Language-Specific LoRA for multilingual NMT")
+    commands = parser.add_subparsers(dest="command", required=True)
+    params = commands.add_parser("params", help="exact trainable/effective parameter counts from model shapes")
+    source = params.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="path to an HF config.json (M2M100 / NLLB)")
+    source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    params.add_argument("--languages", help="comma list of codes, or a subset of the language table (lang12, lang30)")
+    params.add_argument("--groups", help='explicit groups "H=en,fr,de,it;M=zh,nl,ja,ko;V=oc,or,sd,wo"')
+    params.add_argument("--language-table", default=DEFAULT_LANGUAGE_TABLE, help="language table TSV (groups)")
+    params.add_argument("--ranks", required=True, help='"H=2,M=2,V=8" (groups or languages) or one rank "8"')
+    params.add_argument("--modules", default="all", help="all | attn | fc | comma list of q,k,v,c-q,c-k,c-v,fc1,fc2")
+    params.add_argument("--prune", default="", help='pruning ratios "H=0.9,M=0.9" (groups or languages)')
+    params.add_argument("--index", default="single", choices=INDEX_MODES,
+                        help="single: one bank per site (learned/src/tgt plan); learn: src and tgt banks (eq. 5)")
+    params.add_argument("--json", action="store_true", help="print the counts as JSON")
+    params.set_defaults(func=run_params)
+    return parser
+
+
+def run_params(args) -> int:
+    model_config = _model_config(args)
+    languages, groups = _languages_and_groups(args)
+    ranks = {lang: int(r) for lang, r in _per_language(args.ranks, languages, groups, "--ranks", _rank).items()}
+    prune = _per_language(args.prune, languages, groups, "--prune", _ratio)
+    counts = count_from_shape(model_config, languages, ranks, modules=args.modules, index_mode=args.index,
+                              prune=prune, groups=groups or None)
+    print(json.dumps(counts, indent=2) if args.json else format_counts(counts))
+    return 0
+
+
+def _model_config(args) -> dict:
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise LsloError(f"unknown preset '{args.preset}'; expected one of {list(PRESETS)}")
+        return dict(PRESETS[args.preset])
+    return load_config(Path(args.config))
+
+
+def _languages_and_groups(args) -> tuple[list[str], dict[str, list[str]]]:
+    """Languages and resource groups from --groups, or from --languages through the language table."""
+    if args.groups:
+        groups = parse_groups(args.groups)
+        languages = [lang for langs in groups.values() for lang in langs]
+        if args.languages and set(_split(args.languages, ",")) != set(languages):
+            raise LsloError(f"--languages {args.languages} and --groups {args.groups} name different languages")
+        return languages, groups
+    if not args.languages:
+        raise LsloError("give --languages (codes or a subset such as lang12) or --groups")
+    table_path = Path(args.language_table)
+    if not table_path.is_file():
+        if "," not in args.languages and len(args.languages) > 3:
+            raise LsloError(f"subset '{args.languages}' needs the language table {table_path} (not found); "
+                            "give --language-table or explicit --groups")
+        return _split(args.languages, ","), {}
+    from lslo.languages import read_language_table, select
+
+    table = read_language_table(table_path)
+    codes = _split(args.languages, ",")
+    languages = select(table, codes[0] if len(codes) == 1 and codes[0] not in table.index else codes)
+    groups: dict[str, list[str]] = {}
+    for lang in languages:
+        groups.setdefault(table.loc[lang, "resource"], []).append(lang)
+    return languages, groups
+
+
+def parse_groups(text: str) -> dict[str, list[str]]:
+    """ "H=en,fr;M=zh,nl" -> {"H": ["en", "fr"], "M": ["zh", "nl"]}."""
+    groups: dict[str, list[str]] = {}
+    for part in _split(text, ";"):
+        name, sep, members = part.partition("=")
+        if not sep or not name.strip() or not _split(members, ","):
+            raise LsloError(f"--groups: '{part}' not understood; expected GROUP=lang,lang,... parts joined by ';'")
+        groups[name.strip()] = _split(members, ",")
+    return groups
+
+
+def _per_language(text: str, languages: list[str], groups: dict, option: str, convert) -> dict:
+    """ "H=2,M=2,V=8" (group or language keys) or one bare value for every language -> {lang: value}."""
+    text = text.strip()
+    if not text:
+        return {}
+    if "=" not in text:
+        return {lang: convert(text, option, "all languages") for lang in languages}
+    values = {}
+    for part in _split(text, ","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise LsloError(f"{option}: '{part}' not understood; expected KEY=VALUE with a group or language key")
+        if key in groups:
+            members = groups[key]
+        elif key in languages:
+            members = [key]
+        else:
+            raise LsloError(f"{option}: unknown group or language '{key}'; groups {list(groups)}, "
+                            f"languages {languages}")
+        for lang in members:
+            values[lang] = convert(value, option, key)
+    return values
+
+
+def _rank(value: str, option: str, key: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise LsloError(f"{option}: rank of '{key}' is '{value}', expected a whole number >= 1") from None
+
+
+def _ratio(value: str, option: str, key: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise LsloError(f"{option}: ratio of '{key}' is '{value}', expected a number in [0, 1)") from None
+
+
+def _split(text: str, sep: str) -> list[str]:
+    return [item.strip() for item in text.split(sep) if item.strip()]
+
+
+def format_counts(counts: dict) -> str:
+    """A readable table of the counts (exact integers, M = 1e6 for reading)."""
+    lines = [f"{'':<14}{'trainable':>14}{'effective':>14}",
+             f"{'total':<14}{counts['trainable']:>14,}{counts['effective']:>14,}"]
+    if counts["index_weights"]:
+        lines.append(f"{'index weights':<14}{counts['index_weights']:>14,}{counts['index_weights']:>14,}")
+    lines.append(f"base model {counts['base']:,} parameters; trainable = {counts['percent']:.3f}% of it "
+                 f"({counts['trainable'] / 1e6:.2f}M trainable, {counts['effective'] / 1e6:.2f}M effective)")
+    for title in ("by_group", "by_language", "by_module"):
+        if counts[title]:
+            lines.append(f"\n{title.replace('_', ' ')}:")
+            lines += [f"  {key:<12}{v['trainable']:>14,}{v['effective']:>14,}" for key, v in counts[title].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
