@@ -1,0 +1,356 @@
+"""Stage 6, evaluation (paper §5 "Evaluation", Tables 1-4/8): beam-5 decoding, spBLEU, chrF++, group pairs.
+
+Decoding (`decode_shard`) translates every sentence of a shard's directions with one model: pretrain (the base
+HF checkpoint), full (a fine-tuned HF directory) or lslo (base + language-specific adapters). Batches mix
+directions; each sample carries its own source/target language (encoder input "__src__ ... </s>", decoder
+prefix [decoder_start = </s>, __tgt__], the fairseq / HF M2M100 convention).
+
+Scoring (`score_variant`) computes per direction spBLEU (sacrebleu BLEU on SentencePiece pieces, Goyal et al.
+2021: with the FLORES-101/200 SentencePiece model it equals sacrebleu's tokenize="flores101"/"flores200") and
+chrF++ (CHRF word_order=2), then averages by resource-group pair (H2H ... V2V) and over all directions (AVG).
+
+Files (docs/formats.md):
+    hyps TSV        columns src, tgt, id, hyp       (one row per direction and test sentence)
+    directions TSV  columns src, tgt, src_group, tgt_group, pair, spbleu, chrf, n
+    groups TSV      columns pair, spbleu, chrf, n_directions (pairs in Table 1 order, then AVG)
+    signature JSON  <groups stem>.signature.json next to the groups TSV: sacrebleu signatures + spm model used
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import sacrebleu
+import sentencepiece
+from tqdm.auto import tqdm
+
+from lslo.errors import LsloError
+from lslo.io import atomic_write, read_json, write_json, write_tsv
+
+log = logging.getLogger(__name__)
+
+GROUP_ORDER = ("H", "M", "L", "V")  # FLORES-101 resource types, high to very low (paper §5)
+HYP_COLUMNS = ["src", "tgt", "id", "hyp"]
+DIRECTION_COLUMNS = ["src", "tgt", "src_group", "tgt_group", "pair", "spbleu", "chrf", "n"]
+GROUP_COLUMNS = ["pair", "spbleu", "chrf", "n_directions"]
+_TSV = dict(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # same dialect as results/data/*.tsv
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+@lru_cache(maxsize=4)
+def _load_spm(path: str) -> sentencepiece.SentencePieceProcessor:
+    processor = sentencepiece.SentencePieceProcessor()
+    processor.Load(path)
+    return processor
+
+
+def load_spm(spm_model: str | os.PathLike) -> sentencepiece.SentencePieceProcessor:
+    path = Path(spm_model)
+    if not path.is_file():
+        raise LsloError(f"{path}: spBLEU SentencePiece model not found (config: the FLORES-101/200 spm file)")
+    return _load_spm(str(path.resolve()))
+
+
+def spm_pieces(lines: list[str], spm_model: str | os.PathLike) -> list[str]:
+    """Lines as space-joined SentencePiece pieces, exactly as sacrebleu's TokenizerSPM (rstrip, then encode)."""
+    processor = load_spm(spm_model)
+    return [" ".join(processor.EncodeAsPieces(line.rstrip())) for line in lines]
+
+
+def spbleu(hyps: list[str], refs: list[str], spm_model: str | os.PathLike) -> sacrebleu.BLEUScore:
+    """Corpus spBLEU: sacrebleu BLEU (defaults: exp smoothing, mixed case) on SentencePiece-tokenized text."""
+    _check_lengths(hyps, refs)
+    bleu = sacrebleu.BLEU(tokenize="none")
+    return bleu.corpus_score(spm_pieces(hyps, spm_model), [spm_pieces(refs, spm_model)])
+
+
+def chrf(hyps: list[str], refs: list[str]) -> sacrebleu.CHRFScore:
+    """Corpus chrF++ (character 6-grams + word bigrams) on detokenized text."""
+    _check_lengths(hyps, refs)
+    return sacrebleu.CHRF(word_order=2).corpus_score(list(hyps), [list(refs)])
+
+
+def _check_lengths(hyps, refs) -> None:
+    if len(hyps) != len(refs):
+        raise LsloError(f"{len(hyps)} hypotheses but {len(refs)} references")
+
+
+def spm_label(spm_model: str | os.PathLike) -> str:
+    """Names the SentencePiece model by file name and content hash (a signature must identify the tokenizer)."""
+    path = Path(spm_model)
+    load_spm(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"spm[{path.name}@sha256:{digest}]"
+
+
+def signatures(spm_model: str | os.PathLike) -> dict:
+    """sacrebleu signatures; spBLEU's tok field names our spm file instead of sacrebleu's 'none'."""
+    label = spm_label(spm_model)
+    bleu, chrf_metric = sacrebleu.BLEU(tokenize="none"), sacrebleu.CHRF(word_order=2)
+    for metric in (bleu, chrf_metric):  # a signature knows the number of references only after one score
+        metric.corpus_score(["x"], [["x"]])
+    return {"spbleu": bleu.get_signature().format().replace("tok:none", f"tok:{label}"),
+            "chrf": chrf_metric.get_signature().format(), "spm_model": str(Path(spm_model).resolve()), "spm": label}
+
+
+# ---------------------------------------------------------------------------------------------- groups
+
+def pair_order(groups) -> list[str]:
+    """Group-pair columns in the paper's order (H2H H2M H2L H2V M2H ... V2V) for the groups present."""
+    present = [g for g in GROUP_ORDER if g in set(groups)]
+    return [f"{s}2{t}" for s in present for t in present]
+
+
+def aggregate(direction_df: pd.DataFrame) -> pd.DataFrame:
+    """Mean spBLEU/chrF++ per group pair, then AVG = mean over all directions (not over group cells, Table 1).
+
+    Pairs with no directions (e.g. H2L when no L language is evaluated) are omitted.
+    """
+    groups = set(direction_df["src_group"]) | set(direction_df["tgt_group"])
+    rows = []
+    for pair in pair_order(groups):
+        cell = direction_df[direction_df["pair"] == pair]
+        if len(cell):
+            rows.append({"pair": pair, "spbleu": cell["spbleu"].mean(), "chrf": cell["chrf"].mean(),
+                         "n_directions": len(cell)})
+    rows.append({"pair": "AVG", "spbleu": direction_df["spbleu"].mean(), "chrf": direction_df["chrf"].mean(),
+                 "n_directions": len(direction_df)})
+    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def read_hyps(paths) -> pd.DataFrame:
+    """Concatenate hyps TSVs (src, tgt, id, hyp); a (direction, id) found twice is an error."""
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise LsloError(f"{path}: hypotheses file not found")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, **_TSV)
+        if list(frame.columns) != HYP_COLUMNS:
+            raise LsloError(f"{path}: columns {list(frame.columns)}, expected {HYP_COLUMNS}")
+        frames.append(frame)
+    hyps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HYP_COLUMNS)
+    dup = hyps[hyps.duplicated(["src", "tgt", "id"])]
+    if len(dup):
+        first = dup.iloc[0]
+        raise LsloError(f"hypothesis for {first.src}-{first.tgt} sentence {first.id} appears twice in {list(paths)}")
+    return hyps
+
+
+def _read_test(test_tsv) -> pd.DataFrame:
+    from lslo.data import read_parallel
+
+    test = read_parallel(test_tsv)
+    test["id"] = test["id"].astype(str)
+    return test.set_index("id")
+
+
+def _language_table(language_table) -> pd.DataFrame:
+    if isinstance(language_table, pd.DataFrame):
+        return language_table
+    from lslo.languages import read_language_table
+
+    return read_language_table(language_table)
+
+
+def score_directions(hyps: pd.DataFrame, test: pd.DataFrame, table: pd.DataFrame, spm_model,
+                     directions=None) -> pd.DataFrame:
+    """Per-direction spBLEU and chrF++. `test` is indexed by sentence id, one column per language.
+
+    directions: the expected (src, tgt) list; default: every ordered pair of the languages in `hyps`.
+    """
+    languages = list(dict.fromkeys(list(hyps["src"]) + list(hyps["tgt"])))
+    expected = [tuple(d) for d in directions] if directions is not None else \
+        [(s, t) for s in languages for t in languages if s != t]
+    by_direction = dict(tuple(hyps.groupby(["src", "tgt"], sort=False)))
+    rows = []
+    for src, tgt in tqdm(expected, desc="scoring", disable=None):
+        for lang in (src, tgt):
+            if lang not in table.index:
+                raise LsloError(f"language '{lang}' of direction {src}-{tgt} is not in the language table")
+            if lang not in test.columns:
+                raise LsloError(f"language '{lang}' of direction {src}-{tgt} has no column in the test table")
+        if (src, tgt) not in by_direction:
+            raise LsloError(f"no hypotheses for direction {src}-{tgt} in the hyps files")
+        sub = by_direction[(src, tgt)]
+        if len(sub) != len(test) or not set(sub["id"]) == set(test.index):
+            raise LsloError(f"direction {src}-{tgt}: {len(sub)} hypotheses for {len(test)} test sentences "
+                            "(ids must match the test table one to one)")
+        refs = test.loc[sub["id"], tgt].tolist()
+        hyp_lines = sub["hyp"].tolist()
+        src_group, tgt_group = table.loc[src, "resource"], table.loc[tgt, "resource"]
+        rows.append({"src": src, "tgt": tgt, "src_group": src_group, "tgt_group": tgt_group,
+                     "pair": f"{src_group}2{tgt_group}", "spbleu": spbleu(hyp_lines, refs, spm_model).score,
+                     "chrf": chrf(hyp_lines, refs).score, "n": len(sub)})
+    return pd.DataFrame(rows, columns=DIRECTION_COLUMNS)
+
+
+def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions, out_groups, label=None,
+                  directions=None) -> pd.DataFrame:
+    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar."""
+    load_spm(spm_model)  # fail before any work when the spm file is missing
+    table = _language_table(language_table)
+    by_direction = score_directions(read_hyps(hyp_tsvs), _read_test(test_tsv), table, spm_model, directions)
+    groups = aggregate(by_direction)
+    write_tsv(by_direction, out_directions, float_format="%.4f")
+    write_tsv(groups, out_groups, float_format="%.4f")
+    write_json({"label": label, **signatures(spm_model)}, signature_path(out_groups))
+    avg = groups.iloc[-1]
+    log.info("%s: spBLEU AVG %.2f, chrF++ AVG %.2f over %d directions", label or out_groups, avg.spbleu,
+             avg.chrf, avg.n_directions)
+    return groups
+
+
+def signature_path(groups_tsv) -> Path:
+    """Sidecar holding the sacrebleu signatures of a groups TSV (groups.tsv -> groups.signature.json)."""
+    groups_tsv = Path(groups_tsv)
+    return groups_tsv.with_name(f"{groups_tsv.stem}.signature.json")
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def shard_directions(directions, n_shards: int) -> list[list[tuple[str, str]]]:
+    """Deterministic round-robin split of the directions (sorted) into n_shards non-empty-when-possible lists."""
+    if n_shards < 1:
+        raise LsloError(f"n_shards must be >= 1, got {n_shards}")
+    ordered = sorted(tuple(d) for d in directions)
+    return [ordered[i::n_shards] for i in range(n_shards)]
+
+
+@dataclass
+class Translator:
+    """One interface over a plain HF model (pretrain/full) and an LSLoModel (lslo): codes in, strings out."""
+
+    model: object
+    tokenizer: object
+    languages: list[str]  # the LSLo model's ordered language list (its language ids)
+    is_lslo: bool
+    device: str = "cpu"
+
+    def encode(self, text: str, src: str) -> list[int]:
+        self.tokenizer.src_lang = src  # M2M100: "__src__ tokens </s>"
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def translate(self, batch_ids: list[list[int]], srcs: list[str], tgts: list[str], beam: int,
+                  max_new_tokens: int) -> list[str]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch_ids], device=self.device)
+        attention_mask = (input_ids != pad).long()
+        start = self.model.config.decoder_start_token_id
+        prefix = torch.tensor([[start, self.tokenizer.get_lang_id(t)] for t in tgts], device=self.device)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=prefix,
+                      num_beams=beam, max_new_tokens=max_new_tokens)
+        if self.is_lslo:
+            kwargs["src_lang"] = self._lang_ids(srcs)
+            kwargs["tgt_lang"] = self._lang_ids(tgts)
+        with torch.inference_mode():
+            out = self.model.generate(**kwargs)
+        return self.tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
+
+    def _lang_ids(self, codes):
+        import torch
+
+        unknown = sorted(set(codes) - set(self.languages))
+        if unknown:
+            raise LsloError(f"language(s) {unknown} have no adapters; the model knows {self.languages}")
+        return torch.tensor([self.languages.index(c) for c in codes], device=self.device)
+
+
+def load_variant(variant_json, device: str | None = None) -> Translator:
+    """Model + tokenizer named by a finetune stage's variant.json (method pretrain | full | lslo)."""
+    import torch
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.tokenizer import load_tokenizer
+
+    variant = read_json(variant_json)
+    for key in ("method", "base_model"):
+        if not variant.get(key):
+            raise LsloError(f"{variant_json}: field '{key}' is missing")
+    method = variant["method"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if method == "pretrain":
+        model_dir = variant["base_model"]
+    elif method == "full":
+        model_dir = variant.get("model") or _missing(variant_json, "model", method)
+    elif method == "lslo":
+        model_dir = variant["base_model"]
+        variant.get("adapters") or _missing(variant_json, "adapters", method)
+    else:
+        raise LsloError(f"{variant_json}: method '{method}', expected pretrain, full or lslo")
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir)
+    languages = list(variant.get("languages") or [])
+    if method == "lslo":
+        from lslo.adapters import load_adapters
+
+        model = load_adapters(model, variant["adapters"])
+        languages = list(getattr(getattr(model, "spec", None), "languages", None) or languages)
+    tokenizer = load_tokenizer(variant["base_model"])
+    model.to(device).eval()
+    return Translator(model, tokenizer, languages, method == "lslo", device)
+
+
+def _missing(variant_json, key, method):
+    raise LsloError(f"{variant_json}: method '{method}' needs field '{key}'")
+
+
+def make_decoding_batches(lengths: list[int], max_tokens: int, max_sentences: int | None = None) -> list[list[int]]:
+    """Sample indices sorted by source length, cut into batches with n * longest <= max_tokens (fairseq)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        full = max_sentences is not None and len(current) >= max_sentences
+        if current and (new_longest * (len(current) + 1) > max_tokens or full):
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def decode_shard(variant_json, test_tsv, directions, out_hyps, beam: int = 5, max_tokens: int = 4000,
+                 max_sentences: int | None = None, max_len_a: float = 0.0, max_len_b: int = 200,
+                 device: str | None = None, translator: Translator | None = None) -> pd.DataFrame:
+    """Translate the test sentences of `directions` ([[src, tgt], ...]) and write the hyps TSV atomically.
+
+    Batches mix directions and are sorted by source length. Each batch generates at most
+    max_len_a * longest_source + max_len_b new tokens (fairseq's max_len_a/b); with max_len_a = 0 a sentence's
+    hypothesis does not depend on which batch it lands in.
+    """
+    translator = translator or load_variant(variant_json, device)
+    test = _read_test(test_tsv)
+    samples = []  # (src, tgt, id, source token ids)
+    for src, tgt in directions:
+        for lang in (src, tgt):
+            if lang not in test.columns:
+                raise LsloError(f"{test_tsv}: no column for language '{lang}' (direction {src}-{tgt})")
+        for sent_id, text in test[src].items():
+            samples.append((src, tgt, sent_id, translator.encode(text, src)))
+    hyps = [""] * len(samples)
+    batches = make_decoding_batches([len(s[3]) for s in samples], max_tokens, max_sentences)
+    for batch in tqdm(batches, desc=f"decoding {Path(out_hyps).stem}", disable=None):
+        longest = max(len(samples[i][3]) for i in batch)
+        outputs = translator.translate([samples[i][3] for i in batch], [samples[i][0] for i in batch],
+                                       [samples[i][1] for i in batch], beam,
+                                       int(max_len_a * longest + max_len_b))
+        for i, hyp in zip(batch, outputs):
+            hyps[i] = " ".join(hyp.split())  # one line, no tabs: the TSV stays one row per sentence
+    frame = pd.DataFrame([(s[0], s[1], s[2], h) for s, h in zip(samples, hyps)], columns=HYP_COLUMNS)
+    with atomic_write(out_hyps) as tmp:
+        frame.to_csv(tmp, index=False, **_TSV)
+    return frame
