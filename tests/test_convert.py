@@ -1,0 +1,210 @@
+"""fairseq M2M100-architecture checkpoint -> HF directory: logits equal an independent forward of the same weights."""
+
+import argparse
+import math
+import os
+import random
+
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoTokenizer, M2M100ForConditionalGeneration  # noqa: E402
+
+from lslo.convert import convert_fairseq_m2m  # noqa: E402
+from lslo.errors import LsloError  # noqa: E402
+from lslo.tokenizer import LsloM2M100Tokenizer, load_tokenizer, model_vocab_size, spm_vocab  # noqa: E402
+
+D, HEADS, FFN, LAYERS = 16, 2, 24, 2
+LANGS = ["de", "en", "kam"]
+PAD = 1
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    words = ["ka", "mo", "ti", "ru", "sel", "bon", "ve"]
+    (directory / "c.txt").write_text("\n".join(" ".join(rng.choice(words) + rng.choice(words) for _ in range(6))
+                                               for _ in range(300)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(directory / "c.txt"), model_prefix=str(directory / "sp"),
+                                   vocab_size=40, model_type="bpe", minloglevel=2)
+    return directory / "sp.model"
+
+
+def fairseq_state(rows, generator):
+    """Random weights under fairseq's names (layer norms random too, so a swapped name would show)."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.3
+
+    state = {"encoder.embed_tokens.weight": rand(rows, D), "encoder.version": torch.tensor([3.0]),
+             "decoder.version": torch.tensor([3.0]), "encoder.embed_positions._float_tensor": torch.zeros(1)}
+    state["decoder.embed_tokens.weight"] = state["encoder.embed_tokens.weight"]
+    state["decoder.output_projection.weight"] = state["encoder.embed_tokens.weight"]
+    for side in ("encoder", "decoder"):
+        attentions = ["self_attn", "encoder_attn"] if side == "decoder" else ["self_attn"]
+        for i in range(LAYERS):
+            prefix = f"{side}.layers.{i}"
+            for attn in attentions:
+                for proj in "qkv":
+                    state[f"{prefix}.{attn}.{proj}_proj.weight"], state[f"{prefix}.{attn}.{proj}_proj.bias"] = rand(D, D), rand(D)
+                state[f"{prefix}.{attn}.out_proj.weight"], state[f"{prefix}.{attn}.out_proj.bias"] = rand(D, D), rand(D)
+                state[f"{prefix}.{attn}_layer_norm.weight"], state[f"{prefix}.{attn}_layer_norm.bias"] = 1 + rand(D), rand(D)
+            state[f"{prefix}.fc1.weight"], state[f"{prefix}.fc1.bias"] = rand(FFN, D), rand(FFN)
+            state[f"{prefix}.fc2.weight"], state[f"{prefix}.fc2.bias"] = rand(D, FFN), rand(D)
+            state[f"{prefix}.final_layer_norm.weight"], state[f"{prefix}.final_layer_norm.bias"] = 1 + rand(D), rand(D)
+        state[f"{side}.layer_norm.weight"], state[f"{side}.layer_norm.bias"] = 1 + rand(D), rand(D)
+    return state
+
+
+def fairseq_args(**changes):
+    args = dict(encoder_embed_dim=D, decoder_embed_dim=D, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_embed_dim=FFN,
+                decoder_ffn_embed_dim=FFN, encoder_normalize_before=True, decoder_normalize_before=True,
+                activation_fn="relu", max_source_positions=64, max_target_positions=64, dropout=0.1,
+                share_all_embeddings=True)
+    args.update(changes)
+    return args
+
+
+@pytest.fixture()
+def fake(tmp_path, spm_model):
+    """A fairseq-style release: model.pt (args Namespace + state), dict.txt (pieces; no language tokens)."""
+    pieces = spm_vocab(spm_model)[4:]
+    (tmp_path / "dict.txt").write_text("".join(f"{p} {100 - i}\n" for i, p in enumerate(pieces)), encoding="utf-8")
+    rows = 4 + len(pieces) + len(LANGS) + 5  # + madeup words
+    state = fairseq_state(rows, torch.Generator().manual_seed(0))
+    checkpoint = {"args": argparse.Namespace(**fairseq_args(), lang_pairs="en-de,de-kam,kam-en"), "model": state}
+    torch.save(checkpoint, tmp_path / "model.pt")
+    return tmp_path, checkpoint
+
+
+# ---------------------------------------------------------------- independent forward (plain torch)
+
+def sinusoid_positions(tokens):
+    """fairseq SinusoidalPositionalEmbedding: positions padding_idx+1.. for real tokens, row padding_idx zero."""
+    positions = (torch.cumsum(tokens.ne(PAD).long(), dim=1) * tokens.ne(PAD)) + PAD
+    half = D // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
+    angles = positions.float().unsqueeze(-1) * freq
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return table * tokens.ne(PAD).unsqueeze(-1)
+
+
+def attention(state, prefix, x, memory, key_pad, causal):
+    b, t, _ = x.shape
+    def heads(y):
+        return y.view(b, -1, HEADS, D // HEADS).transpose(1, 2)
+    q = heads(F.linear(x, state[f"{prefix}.q_proj.weight"], state[f"{prefix}.q_proj.bias"]) * (D // HEADS) ** -0.5)
+    k = heads(F.linear(memory, state[f"{prefix}.k_proj.weight"], state[f"{prefix}.k_proj.bias"]))
+    v = heads(F.linear(memory, state[f"{prefix}.v_proj.weight"], state[f"{prefix}.v_proj.bias"]))
+    scores = q @ k.transpose(-1, -2)
+    scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
+    if causal:
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, D)
+    return F.linear(out, state[f"{prefix}.out_proj.weight"], state[f"{prefix}.out_proj.bias"])
+
+
+def layer_norm(state, name, x):
+    return F.layer_norm(x, (D,), state[f"{name}.weight"], state[f"{name}.bias"])
+
+
+def feed_forward(state, prefix, x):
+    hidden = F.relu(F.linear(layer_norm(state, f"{prefix}.final_layer_norm", x), state[f"{prefix}.fc1.weight"],
+                             state[f"{prefix}.fc1.bias"]))
+    return x + F.linear(hidden, state[f"{prefix}.fc2.weight"], state[f"{prefix}.fc2.bias"])
+
+
+def reference_logits(state, src, tgt):
+    """Pre-norm transformer as fairseq's M2M100 architecture computes it (embeddings scaled by sqrt(d))."""
+    embed = state["encoder.embed_tokens.weight"]
+    src_pad, tgt_pad = src.eq(PAD), tgt.eq(PAD)
+    x = embed[src] * math.sqrt(D) + sinusoid_positions(src)
+    for i in range(LAYERS):
+        p = f"encoder.layers.{i}"
+        h = layer_norm(state, f"{p}.self_attn_layer_norm", x)
+        x = feed_forward(state, p, x + attention(state, f"{p}.self_attn", h, h, src_pad, False))
+    memory = layer_norm(state, "encoder.layer_norm", x)
+    y = embed[tgt] * math.sqrt(D) + sinusoid_positions(tgt)
+    for i in range(LAYERS):
+        p = f"decoder.layers.{i}"
+        h = layer_norm(state, f"{p}.self_attn_layer_norm", y)
+        y = y + attention(state, f"{p}.self_attn", h, h, tgt_pad, True)
+        h = layer_norm(state, f"{p}.encoder_attn_layer_norm", y)
+        y = feed_forward(state, p, y + attention(state, f"{p}.encoder_attn", h, memory, src_pad, False))
+    return layer_norm(state, "decoder.layer_norm", y) @ state["decoder.output_projection.weight"].T
+
+
+# ---------------------------------------------------------------- tests
+
+def test_converted_logits_equal_independent_forward(fake, spm_model):
+    directory, checkpoint = fake
+    out = convert_fairseq_m2m(directory / "model.pt", directory / "dict.txt", spm_model, directory / "hf")
+    model = M2M100ForConditionalGeneration.from_pretrained(str(out)).eval()
+    tokenizer = load_tokenizer(out)
+    assert isinstance(AutoTokenizer.from_pretrained(str(out)), LsloM2M100Tokenizer)
+    # languages come from the checkpoint's lang_pairs, sorted as fairseq does; ids follow the dictionary
+    assert tokenizer.languages == LANGS
+    n_dict = 4 + len(spm_vocab(spm_model)) - 4
+    assert tokenizer.lang_code_to_id == {c: n_dict + i for i, c in enumerate(LANGS)}
+    assert model.config.vocab_size == model_vocab_size(tokenizer) == checkpoint["model"]["encoder.embed_tokens.weight"].shape[0]
+
+    tokenizer.src_lang, tokenizer.tgt_lang = "kam", "de"
+    batch = tokenizer(["kamo tiru selve", "bon"], text_target=["veka mobon", "ruti kasel"], padding=True,
+                      return_tensors="pt")
+    decoder_inputs = torch.cat([torch.full((2, 1), 2), batch["labels"][:, :-1]], dim=1)  # eos = decoder start
+    assert (batch["input_ids"][1] == PAD).any()  # the encoder batch really has padding
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_inputs).logits
+        expected = reference_logits(checkpoint["model"], batch["input_ids"], decoder_inputs)
+    real = decoder_inputs.ne(PAD)
+    assert torch.allclose(logits[real], expected[real], atol=1e-5), (logits[real] - expected[real]).abs().max()
+
+
+def test_explicit_languages_and_cfg_checkpoint(fake, spm_model, tmp_path):
+    directory, checkpoint = fake
+    state = dict(checkpoint["model"])
+    torch.save({"cfg": {"model": argparse.Namespace(**fairseq_args()), "task": {"langs": ["en", "kam", "de"]}},
+                "model": state}, tmp_path / "cfg.pt")
+    tokenizer = load_tokenizer(convert_fairseq_m2m(tmp_path / "cfg.pt", directory / "dict.txt", spm_model,
+                                                   tmp_path / "a"))
+    assert tokenizer.languages == ["en", "kam", "de"]
+    tokenizer = load_tokenizer(convert_fairseq_m2m(tmp_path / "cfg.pt", directory / "dict.txt", spm_model,
+                                                   tmp_path / "b", languages=["kam", "de", "en"]))
+    assert tokenizer.languages == ["kam", "de", "en"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ("extra", "unexpected ['encoder.layernorm_embedding.weight']"),
+    ("missing", "missing ['decoder.layers.1.fc2.bias']"),
+    ("shape", "encoder.layers.0.fc1.weight"),
+    ("unshared", "decoder.output_projection.weight differs"),
+    ("postnorm", "encoder_normalize_before is not set"),
+    ("small", "fewer than"),
+])
+def test_bad_checkpoints_name_the_problem_and_write_nothing(fake, spm_model, tmp_path, change, message):
+    directory, checkpoint = fake
+    state, args = dict(checkpoint["model"]), fairseq_args()
+    if change == "extra":
+        state["encoder.layernorm_embedding.weight"] = torch.ones(D)
+    elif change == "missing":
+        del state["decoder.layers.1.fc2.bias"]
+    elif change == "shape":
+        state["encoder.layers.0.fc1.weight"] = torch.zeros(FFN + 1, D)
+    elif change == "unshared":
+        state["decoder.output_projection.weight"] = state["encoder.embed_tokens.weight"] + 1
+    elif change == "postnorm":
+        args["encoder_normalize_before"] = False
+    elif change == "small":
+        for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+            state[name] = state[name][:10]
+    torch.save({"args": argparse.Namespace(**args), "model": state}, tmp_path / "bad.pt")
+    with pytest.raises(LsloError) as err:
+        convert_fairseq_m2m(tmp_path / "bad.pt", directory / "dict.txt", spm_model, tmp_path / "out", LANGS)
+    assert message in str(err.value) and "bad.pt" in str(err.value)
+    assert not (tmp_path / "out").exists()
