@@ -16,13 +16,8 @@ from pathlib import Path
 from lslo.errors import LsloError
 from lslo.pruning import check_ratio, lora_matrices, n_pruned
 
-ENCODER_MODULES = ["q", "k", "v", "fc1", "fc2"]
-DECODER_MODULES = ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]
-MODULE_SETS = {
-    "all": DECODER_MODULES,
-    "attn": ["q", "k", "v", "c-q", "c-k", "c-v"],
-    "fc": ["fc1", "fc2"],
-}
+from lslo.model import MODULE_NAMES, MODULE_PATHS, MODULE_SETS
+
 INDEX_MODES = ("single", "learn")
 
 
@@ -54,10 +49,10 @@ def resolve_modules(modules) -> list[str]:
             return list(MODULE_SETS[modules])
         modules = [m.strip() for m in modules.split(",") if m.strip()]
     modules = list(modules)
-    unknown = [m for m in modules if m not in DECODER_MODULES]
+    unknown = [m for m in modules if m not in MODULE_NAMES]
     if unknown or not modules:
         raise LsloError(
-            f"unknown module(s) {unknown or modules}; expected 'all', 'attn', 'fc' or names from {DECODER_MODULES}"
+            f"unknown module(s) {unknown or modules}; expected 'all', 'attn', 'fc' or names from {list(MODULE_NAMES)}"
         )
     return modules
 
@@ -68,7 +63,7 @@ def site_shapes(model_config, modules="all", layers: dict | None = None) -> dict
     d = shape["d_model"]
     modules = resolve_modules(modules)
     sites = {}
-    for side, names in (("enc", ENCODER_MODULES), ("dec", DECODER_MODULES)):
+    for side, names in MODULE_PATHS.items():
         ffn = shape[f"{'encoder' if side == 'enc' else 'decoder'}_ffn_dim"]
         n_layers = shape[f"{'encoder' if side == 'enc' else 'decoder'}_layers"]
         chosen = range(n_layers) if layers is None else layers.get(side, [])
