@@ -1,0 +1,43 @@
+# lslo: Language-Specific LoRA for multilingual NMT (arXiv 2409.05224), data to figures.
+#   snakemake --profile profiles/local                                   the embedded demo (config/config.yaml)
+#   snakemake --profile profiles/slurm --configfile config/lang12.yaml   the paper's lang12 setup on SLURM
+# Stages: data -> weight_learning -> subspace -> ranks -> finetune -> evaluate -> figures (DESIGN.md).
+
+import re
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    variant="|".join(re.escape(v) for v in VARIANTS),
+    mode="|".join(ISE_MODES),
+    shard=r"\d+",
+
+
+include: "rules/data.smk"
+include: "rules/weight_learning.smk"
+include: "rules/subspace.smk"
+include: "rules/ranks.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+include: "rules/figures.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,51 @@
+# Stage 6, evaluate (§5): beam decoding of every direction, split round-robin into `eval.shards` jobs per
+# variant (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG).
+
+
+rule decode:
+    input:
+        variant="results/finetune/{variant}/variant.json",
+        test="results/data/test.tsv",
+        table=get_language_table(),
+    output:
+        hyps="results/evaluate/{variant}/hyps/{shard}.tsv",
+    params:
+        languages=config["data"]["languages"],
+        shard=lambda wildcards: int(wildcards.shard),
+        n_shards=config["eval"]["shards"],
+        beam=config["eval"]["beam"],
+        max_tokens=config["eval"]["max_tokens"],
+        max_len_a=config["eval"]["max_len_a"],
+        max_len_b=config["eval"]["max_len_b"],
+        lslo_version=LSLO_VERSION,
+    log:
+        "logs/decode/{variant}/{shard}.log",
+    benchmark:
+        "benchmarks/decode/{variant}/{shard}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        runtime=240,
+        mem_mb=16000,
+    script:
+        "../workflow/scripts/decode.py"
+
+
+rule score:
+    input:
+        hyps=get_hyps,
+        test="results/data/test.tsv",
+        table=get_language_table(),
+        spm=get_spm(),
+    output:
+        directions="results/evaluate/{variant}/directions.tsv",
+        groups="results/evaluate/{variant}/groups.tsv",
+        signature="results/evaluate/{variant}/groups.signature.json",
+    params:
+        label=lambda wildcards: VARIANTS[wildcards.variant]["label"],
+        lslo_version=LSLO_VERSION,
+    log:
+        "logs/score/{variant}.log",
+    localrule: True
+    script:
+        "../workflow/scripts/score.py"

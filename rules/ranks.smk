@@ -1,0 +1,23 @@
+# Stage 4, ranks: per-language rank and GPS target of one LSLo variant (lslo.ranks: policy resource = the
+# paper's {H;M;V} ranks with GPS on H and M; policy subspace = derived from the ISE scores).
+
+
+rule ranks:
+    input:
+        table=get_language_table(),
+        scores=get_rank_scores,
+    output:
+        plan="results/ranks/{variant}.json",
+    params:
+        policy=lambda wildcards: VARIANTS[wildcards.variant]["rank_policy"],
+        languages=config["data"]["languages"],
+        group_ranks=lambda wildcards: VARIANTS[wildcards.variant].get("ranks"),
+        gps=lambda wildcards: VARIANTS[wildcards.variant]["gps"],
+        subspace_options=lambda wildcards: VARIANTS[wildcards.variant]["subspace_policy"],
+        epochs=lambda wildcards: variant_options(wildcards)["epochs"],
+        lslo_version=LSLO_VERSION,
+    log:
+        "logs/ranks/{variant}.log",
+    localrule: True
+    script:
+        "../workflow/scripts/ranks.py"

@@ -1,0 +1,33 @@
+# Stage 3, subspace (§4.2, eq. 6; §7.3): LSLo rank 8 under GPS with global L1 pruning of the B matrices.
+#   mode ise: layer-wise cross-language pruning to P_ise -> scores per (language, side, layer, module)
+#   mode lsp: language-specific pruning groups to P_lsp -> which modules each language needs (Figures 4, 6)
+
+
+rule subspace:
+    input:
+        model=get_model(),
+        train="results/data/train.tsv",
+        dev="results/data/test.tsv",
+        table=get_language_table(),
+        plan="results/weight_learning/plan.json",
+    output:
+        scores="results/subspace/{mode}/scores.tsv",
+    params:
+        languages=config["data"]["languages"],
+        rank=config["subspace"]["rank"],
+        target_ratio=lambda wildcards: config["subspace"][f"P_{wildcards.mode}"],
+        gps=config["subspace"]["gps"],
+        options=train_options(config["subspace"]["train"]),
+        checkpoint_dir="results/checkpoints/subspace/{mode}",  # outside outputs: a rerun resumes
+        lslo_version=LSLO_VERSION,
+    log:
+        "logs/subspace/{mode}.log",
+    benchmark:
+        "benchmarks/subspace/{mode}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        runtime=720,
+        mem_mb=32000,
+    script:
+        "../workflow/scripts/subspace.py"

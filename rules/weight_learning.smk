@@ -1,0 +1,31 @@
+# Stage 2, weight learning (§4.1, eq. 5): source- and target-indexed LSLo on every chosen module, one learned
+# softmax pair (w_src, w_tgt) per layer -> per-layer weights (Figure 1) and the index plan (WL).
+
+
+rule weight_learning:
+    input:
+        model=get_model(),
+        train="results/data/train.tsv",
+        dev="results/data/test.tsv",
+        table=get_language_table(),
+    output:
+        weights="results/weight_learning/weights.tsv",
+        plan="results/weight_learning/plan.json",
+    params:
+        languages=config["data"]["languages"],
+        modules=config["weight_learning"]["modules"],
+        rank=config["weight_learning"]["rank"],
+        options=train_options(config["weight_learning"]["train"]),
+        checkpoint_dir="results/checkpoints/weight_learning/wl",  # outside outputs: a rerun resumes
+        lslo_version=LSLO_VERSION,
+    log:
+        "logs/weight_learning.log",
+    benchmark:
+        "benchmarks/weight_learning.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        runtime=720,
+        mem_mb=32000,
+    script:
+        "../workflow/scripts/weight_learning.py"
