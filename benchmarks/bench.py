@@ -1,0 +1,568 @@
+"""Speed and memory of LSLo against a frozen-model floor, PEFT LoRA and full fine-tuning (one run, one shape).
+
+What it measures, all on the same random-weight M2M100 and the same token batch (fixed seed):
+
+- training step (forward + backward + Adam step) of: floor, PEFT LoRA (one adapter), LSLo with one direction
+  per batch, LSLo with the 12 languages mixed in every batch, full fine-tuning;
+- beam-5 decoding of the same sentences with a fixed output length (min_new_tokens = max_new_tokens, so a random
+  model produces as many tokens under every system): base model, LSLo mixed directions, PEFT mixed adapters
+  (``adapter_names``, one adapter per language), a merged one-direction model (``lslo.adapters.merge_direction``);
+- evaluation cost against the number of directions: one LSLo decode per direction for the 132 directions of
+  12 languages and the 870 of 30 languages on a small model;
+- peak memory of each system in its own subprocess (see ``measure_memory``).
+
+Systems are interleaved inside every repetition (the order rotates), and the median of the repetitions is
+reported. ``--quick`` runs a tiny shape for 2 steps in seconds (no memory subprocesses, no RESULTS.md unless
+``--out`` is given).
+
+    python benchmarks/bench.py                 # CPU shape (and the m2m124-615m shape too when CUDA is present)
+    python benchmarks/bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+# lang12 (paper Table 5) and the resource-group ranks of the paper's main setting (H;M;V = 2;2;8).
+LANG12 = {"en": "H", "fr": "H", "de": "H", "it": "H", "zh": "M", "nl": "M", "ja": "M", "ko": "M",
+          "oc": "V", "or": "V", "sd": "V", "wo": "V"}
+GROUP_RANKS = {"H": 2, "M": 2, "L": 8, "V": 8}
+ONE_DIRECTION = ("en", "wo")  # H->V: rank-2 encoder (source-indexed), rank-8 decoder (target-indexed)
+PEFT_RANK = 8
+# The paper's "all" modules (enc q k v fc1 fc2; dec q k v c-q c-k c-v fc1 fc2); out_proj is left out.
+PEFT_TARGET = r".*\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj)$|.*\.(fc1|fc2)$"
+EOS, PAD, BOS = 2, 1, 0
+SENTENCE_LEN = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    d_model: int
+    layers: int
+    ffn: int
+    heads: int
+    vocab: int  # subword vocabulary; language tokens are appended after it
+
+
+SHAPES = {
+    "cpu": Shape("cpu", 512, 6, 2048, 8, 8000),
+    "m2m124-615m": Shape("m2m124-615m", 1024, 12, 4096, 16, 256000),
+    "demo": Shape("demo", 128, 3, 512, 4, 2000),
+    "tiny": Shape("tiny", 64, 2, 128, 4, 500),
+}
+
+TRAIN_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "full")
+DECODE_SYSTEMS = ("base", "lslo_mixed", "peft_mixed", "merged")
+
+
+# ---- models and batch --------------------------------------------------------------------------------------
+def build_base(shape: Shape, languages: list, device, seed: int = 1, dropout: float = 0.1):
+    """A random-weight M2M100 of ``shape`` whose vocabulary ends with one token per language."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    config = M2M100Config(
+        vocab_size=shape.vocab + len(languages), d_model=shape.d_model,
+        encoder_layers=shape.layers, decoder_layers=shape.layers,
+        encoder_ffn_dim=shape.ffn, decoder_ffn_dim=shape.ffn,
+        encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads,
+        max_position_embeddings=256, dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=EOS)
+    torch.manual_seed(seed)
+    return M2M100ForConditionalGeneration(config).to(device)
+
+
+def lang_token(shape: Shape, index: int) -> int:
+    return shape.vocab + index
+
+
+def make_batch(shape: Shape, languages: list, n_sentences: int, length: int, device, seed: int = 1) -> dict:
+    """Random sentences [src_tok x... eos] -> [tgt_tok y... eos]; every language is a source, targets differ
+    from sources. ``src_one``/``tgt_one`` route the same tokens as a single direction."""
+    g = torch.Generator().manual_seed(seed)
+    n_lang = len(languages)
+    src = torch.arange(n_sentences) % n_lang
+    tgt = (src + torch.randint(1, n_lang, (n_sentences,), generator=g)) % n_lang
+    input_ids = torch.randint(3, shape.vocab, (n_sentences, length), generator=g)
+    labels = torch.randint(3, shape.vocab, (n_sentences, length), generator=g)
+    input_ids[:, 0], input_ids[:, -1] = shape.vocab + src, EOS
+    labels[:, 0], labels[:, -1] = shape.vocab + tgt, EOS
+    one_src, one_tgt = (languages.index(c) for c in ONE_DIRECTION)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "src_lang": src, "tgt_lang": tgt,
+             "src_one": torch.full_like(src, one_src), "tgt_one": torch.full_like(tgt, one_tgt),
+             "decoder_start": torch.stack([torch.full_like(tgt, EOS), shape.vocab + tgt], dim=1)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lslo_spec(languages: list, groups: dict, n_layers: int):
+    from lslo.model import LSLoSpec
+
+    # The paper's learned lang12 plan (§4.1, Table 3): the top quarter of the encoder is target-indexed.
+    n_tgt = n_layers // 4
+    plan = {"enc": ["src"] * (n_layers - n_tgt) + ["tgt"] * n_tgt, "dec": ["tgt"] * n_layers}
+    return LSLoSpec(languages=languages, ranks={c: GROUP_RANKS[groups[c]] for c in languages},
+                    modules="all", index_plan=plan)
+
+
+def build_lslo(shape, languages, groups, device):
+    from lslo.model import inject_lslo
+
+    return inject_lslo(build_base(shape, languages, device), lslo_spec(languages, groups, shape.layers))
+
+
+def build_peft(shape, languages, groups, device, per_language: bool):
+    """PEFT LoRA on the same sites: one rank-8 adapter, or one adapter per language with the LSLo ranks."""
+    from peft import LoraConfig, get_peft_model
+
+    def config(r):
+        return LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=PEFT_TARGET)
+
+    base = build_base(shape, languages, device)
+    if not per_language:
+        return get_peft_model(base, config(PEFT_RANK))
+    model = get_peft_model(base, config(GROUP_RANKS[groups[languages[0]]]), adapter_name=peft_adapter(languages[0]))
+    for code in languages[1:]:
+        model.add_adapter(peft_adapter(code), config(GROUP_RANKS[groups[code]]))
+    return model
+
+
+def peft_adapter(code: str) -> str:
+    return f"lang-{code}"  # a bare code like "or" is a substring of PEFT's "lora_" prefix, which PEFT rejects
+
+
+# ---- training systems ---------------------------------------------------------------------------------------
+def adam(params, lr):
+    # The training recipe's optimizer (Adam, betas 0.9/0.98, §5); the same for every system.
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98))
+
+
+def floor_step(model, batch) -> None:
+    """Floor: forward + backward of the frozen model with the input embeddings as the only leaf requiring a
+    gradient. Backward then computes the activation gradients through every layer (what any adapter method must
+    compute) and no weight gradient; there is no optimizer step."""
+    embeds = model.model.encoder.embed_tokens(batch["input_ids"]).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+
+
+def build_train_system(name: str, shape: Shape, languages: list, groups: dict, device):
+    """-> (model, step(batch)) for one training system; the step includes zero_grad, backward and Adam."""
+    if name == "floor":
+        model = build_base(shape, languages, device).requires_grad_(False).train()
+        return model, lambda batch: floor_step(model, batch)
+    forward = None
+    if name == "full":
+        model = build_base(shape, languages, device).train()
+        optimizer = adam(model.parameters(), 1e-4)
+    elif name == "peft":
+        model = build_peft(shape, languages, groups, device, per_language=False).train()
+        optimizer = adam([p for p in model.parameters() if p.requires_grad], 3e-3)
+    elif name in ("lslo_one", "lslo_mixed"):
+        model = build_lslo(shape, languages, groups, device).train()
+        optimizer = adam(model.trainable_parameters(), 3e-3)
+        one = name == "lslo_one"
+        forward = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                                  src_lang=b["src_one"] if one else b["src_lang"],
+                                  tgt_lang=b["tgt_one"] if one else b["tgt_lang"])
+    else:
+        raise ValueError(f"unknown training system {name!r}; expected one of {TRAIN_SYSTEMS}")
+    if forward is None:
+        forward = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        forward(batch).loss.backward()
+        optimizer.step()
+
+    return model, step
+
+
+# ---- decoding systems ---------------------------------------------------------------------------------------
+def generation_kwargs(batch, new_tokens: int, beams: int) -> dict:
+    # min_new_tokens = max_new_tokens: a random model would otherwise stop at different lengths per system.
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": batch["decoder_start"], "num_beams": beams, "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens, "do_sample": False}
+
+
+def build_decode_system(name: str, shape: Shape, languages: list, groups: dict, device):
+    """-> (model, decode(batch, new_tokens, beams) -> output ids) for one decoding system."""
+    if name == "base":
+        model = build_base(shape, languages, device).eval()
+        return model, lambda b, n, k: model.generate(**generation_kwargs(b, n, k))
+    if name == "lslo_mixed":
+        model = build_lslo(shape, languages, groups, device).eval()
+        return model, lambda b, n, k: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
+                                                     **generation_kwargs(b, n, k))
+    if name == "peft_mixed":
+        # PEFT routes a sample to one adapter in every layer, so an adapter per target language is the closest
+        # PEFT can express; beam search repeats adapter_names per beam in the decoder only (PEFT >= 0.15).
+        model = build_peft(shape, languages, groups, device, per_language=True).eval()
+        return model, lambda b, n, k: model.generate(
+            adapter_names=[peft_adapter(languages[i]) for i in b["tgt_lang"].tolist()], **generation_kwargs(b, n, k))
+    if name == "merged":
+        from lslo.adapters import merge_direction
+
+        model = merge_direction(build_lslo(shape, languages, groups, device), *ONE_DIRECTION).eval()
+        return model, lambda b, n, k: model.generate(**generation_kwargs(b, n, k))
+    raise ValueError(f"unknown decoding system {name!r}; expected one of {DECODE_SYSTEMS}")
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(runners: dict, warmup: int, steps: int, device) -> dict:
+    """name -> list of seconds. Each repetition runs every system once, in an order rotated per repetition
+    (ABCD, BCDA, ...), so slow drift of the machine spreads over all systems alike."""
+    names = list(runners)
+    times = {name: [] for name in names}
+    for rep in range(warmup + steps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            runners[name]()
+            sync(device)
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_training(shape, languages, groups, batch, args, device) -> dict:
+    steps = {}
+    for name in TRAIN_SYSTEMS:
+        _, step = build_train_system(name, shape, languages, groups, device)
+        steps[name] = (lambda s: lambda: s(batch))(step)
+    return time_interleaved(steps, args.warmup, args.steps, device)
+
+
+def bench_decoding(shape, languages, groups, batch, args, device) -> dict:
+    decoders, lengths = {}, {}
+    for name in DECODE_SYSTEMS:
+        try:
+            _, decode = build_decode_system(name, shape, languages, groups, device)
+        except ImportError as err:  # a checkout without lslo.adapters: report the row as missing
+            print(f"decoding system {name} skipped: {err}", file=sys.stderr)
+            continue
+        out = decode(batch, args.new_tokens, args.beams)  # also checks that every system produces the same length
+        lengths[name] = out.shape[1]
+        decoders[name] = (lambda d: lambda: d(batch, args.new_tokens, args.beams))(decode)
+    if len(set(lengths.values())) != 1:
+        raise RuntimeError(f"decoded lengths differ across systems: {lengths}")
+    return time_interleaved(decoders, min(args.warmup, 1), args.decode_steps, device)
+
+
+# ---- evaluation cost against the number of directions -------------------------------------------------------
+def bench_directions(args, device) -> list:
+    """Decode ``args.sentences_per_direction`` sentences for every direction, one generate call per direction
+    (as the evaluate stage does), with LSLo on a demo-sized random model; 12 vs 30 languages."""
+    from lslo.languages import read_language_table, select
+
+    table = read_language_table(REPO / "config" / "languages.tsv")
+    shape = SHAPES["tiny" if args.quick else "demo"]
+    rows = []
+    for subset in ("lang12", "lang30"):
+        languages = select(table, subset)
+        if args.quick:
+            languages = languages[:3] if subset == "lang12" else languages[:5]
+        groups = {c: table.loc[c, "resource"] for c in languages}
+        model = build_lslo(shape, languages, groups, device).eval()
+        pairs = [(s, t) for s in range(len(languages)) for t in range(len(languages)) if s != t]
+        batches = [direction_batch(shape, s, t, args.sentences_per_direction, device) for s, t in pairs]
+        decode = lambda b: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
+                                          **generation_kwargs(b, args.direction_tokens, args.beams))
+        decode(batches[0])  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for b in batches:
+            decode(b)
+        sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"languages": subset if not args.quick else f"{subset}[:{len(languages)}]",
+                     "n_languages": len(languages), "directions": len(pairs), "seconds": seconds,
+                     "ms_per_direction": 1000 * seconds / len(pairs)})
+    return rows
+
+
+def direction_batch(shape: Shape, src: int, tgt: int, n: int, device, length: int = 16) -> dict:
+    g = torch.Generator().manual_seed(1)  # the same sentences in every direction
+    input_ids = torch.randint(3, shape.vocab, (n, length), generator=g)
+    input_ids[:, 0], input_ids[:, -1] = lang_token(shape, src), EOS
+    src_lang, tgt_lang = torch.full((n,), src), torch.full((n,), tgt)
+    start = torch.stack([torch.full((n,), EOS), torch.full((n,), lang_token(shape, tgt))], dim=1)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "src_lang": src_lang,
+             "tgt_lang": tgt_lang, "decoder_start": start}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---- memory (one subprocess per system) ---------------------------------------------------------------------
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to /proc/self/clear_refs); False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(kind: str, name: str, shape, languages, groups, batch, args, device) -> dict:
+    """Peak memory of one system alone in this process, over 2 steps after 1 warm-up step (so the Adam state
+    and the gradients exist). CPU: peak RSS (VmHWM) after resetting it post-warm-up, minus the RSS of the bare
+    process (torch + transformers imported, nothing built). CUDA: torch.cuda.max_memory_allocated."""
+    import gc
+
+    import peft  # noqa: F401  (import everything before the baseline, so only the system is counted)
+    import lslo.model  # noqa: F401
+    from transformers import M2M100ForConditionalGeneration  # noqa: F401
+
+    baseline = _status_mb("VmRSS") if device.type == "cpu" else 0.0
+    if kind == "train":
+        _, step = build_train_system(name, shape, languages, groups, device)
+        run = lambda: step(batch)
+    else:
+        _, decode = build_decode_system(name, shape, languages, groups, device)
+        run = lambda: decode(batch, args.new_tokens, args.beams)
+    run()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    reset = device.type == "cpu" and _reset_peak_rss()
+    for _ in range(2):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "how": "cuda max_memory_allocated"}
+    how = "VmHWM reset after warm-up" if reset else "VmHWM since start (reset not allowed)"
+    return {"peak_mb": _status_mb("VmHWM") - baseline, "how": how}
+
+
+def memory_in_subprocesses(shape_name: str, args) -> dict:
+    """(kind, name) -> peak MB, each measured by ``bench.py --memory-of kind:name`` in a fresh process."""
+    results = {}
+    for kind, names in (("train", TRAIN_SYSTEMS), ("decode", DECODE_SYSTEMS)):
+        for name in names:
+            cmd = [sys.executable, __file__, "--memory-of", f"{kind}:{name}", "--shape", shape_name,
+                   "--batch-tokens", str(args.batch_tokens), "--new-tokens", str(args.new_tokens),
+                   "--beams", str(args.beams), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise RuntimeError(f"memory subprocess {kind}:{name} failed:\n{out.stderr[-3000:]}")
+            results[(kind, name)] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+TARGETS = (  # (label, numerator, denominator, bound, "<=" | ">="); ratios of median times
+    ("LSLo mixed-12 train step / PEFT step", ("train", "lslo_mixed"), ("train", "peft"), 1.10, "<="),
+    ("LSLo one-direction train step / PEFT step", ("train", "lslo_one"), ("train", "peft"), 1.05, "<="),
+    ("LSLo mixed-12 train step / full FT step", ("train", "lslo_mixed"), ("train", "full"), 0.60, "<="),
+    ("LSLo mixed beam throughput / PEFT adapter_names throughput", ("decode", "peft_mixed"),
+     ("decode", "lslo_mixed"), 1.50, ">="),
+    ("merged one-direction decode time / base decode time", ("decode", "merged"), ("decode", "base"), 1.05, "<="),
+)
+
+
+def machine_info(device) -> dict:
+    import peft
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "git": _git_commit()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _git_commit() -> str:
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def medians(times: dict) -> dict:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict, memory: dict) -> list:
+    med = {("train", k): v for k, v in medians(train).items()} | {("decode", k): v for k, v in medians(decode).items()}
+    mem = lambda key: f"{memory[key]['peak_mb']:.0f}" if key in memory else "-"
+    train_tokens = 2 * n_sentences * SENTENCE_LEN  # source + target tokens of the batch
+    lines = [f"### Shape `{shape.name}`: d_model {shape.d_model}, {shape.layers}+{shape.layers} layers, "
+             f"ffn {shape.ffn}, {shape.heads} heads, vocab {shape.vocab} + 12 language tokens; batch "
+             f"{n_sentences} sentences x {SENTENCE_LEN} tokens, 12 languages", "",
+             f"Training step (median of {args.steps} after {args.warmup} warm-up, interleaved):", "",
+             "| system | median ms | x PEFT | x floor | tokens/s (src+tgt) | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    for name in TRAIN_SYSTEMS:
+        t = med[("train", name)]
+        lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('train', 'peft')]:.3f} | "
+                     f"{t / med[('train', 'floor')]:.3f} | {train_tokens / t:.0f} | {mem(('train', name))} |")
+    out_tokens = n_sentences * args.new_tokens
+    lines += ["", f"Beam-{args.beams} decoding, {args.new_tokens} new tokens per sentence (min = max), "
+              f"median of {args.decode_steps}:", "",
+              "| system | median ms | x PEFT mixed | x base | output tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    for name in DECODE_SYSTEMS:
+        if ("decode", name) not in med:
+            lines.append(f"| {name} | not run | | | | |")
+            continue
+        t = med[("decode", name)]
+        lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('decode', 'peft_mixed')]:.3f} | "
+                     f"{t / med[('decode', 'base')]:.3f} | {out_tokens / t:.1f} | {mem(('decode', name))} |")
+    lines += ["", "Targets (ratios of medians from this run):", "", "| target | ratio | bound | result |",
+              "|---|---:|---:|---|"]
+    for label, num, den, bound, op in TARGETS:
+        if num not in med or den not in med:
+            lines.append(f"| {label} | - | {op} {bound:.2f} | not run |")
+            continue
+        ratio = med[num] / med[den]
+        ok = ratio <= bound if op == "<=" else ratio >= bound
+        lines.append(f"| {label} | {ratio:.3f} | {op} {bound:.2f} | {'PASS' if ok else 'MISS'} |")
+    return lines + [""]
+
+
+def directions_report(rows: list, args) -> list:
+    lines = [f"### Evaluation cost against the number of directions (LSLo, one generate per direction, "
+             f"{args.sentences_per_direction} sentences x 16 tokens, beam {args.beams}, "
+             f"{args.direction_tokens} new tokens, `{'tiny' if args.quick else 'demo'}` shape)", "",
+             "| languages | directions | seconds | ms / direction |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['languages']} | {r['directions']} | {r['seconds']:.1f} | {r['ms_per_direction']:.1f} |"
+              for r in rows]
+    if len(rows) == 2:
+        a, b = rows
+        lines += ["", f"time ratio {b['seconds'] / a['seconds']:.2f} for a direction ratio "
+                      f"{b['directions'] / a['directions']:.2f} (linear cost: equal)."]
+    return lines + [""]
+
+
+DEFINITIONS = f"""Definitions
+- floor: forward + backward of the frozen base model with the input embeddings as the only tensor requiring a
+  gradient (activation gradients through every layer, no weight gradient, no optimizer step): the least work
+  any adapter method's step can do.
+- peft: PEFT LoRA, one adapter, r={PEFT_RANK}, alpha={PEFT_RANK}, on the paper's "all" sites (regex
+  `{PEFT_TARGET}`: q k v fc1 fc2 in the encoder, q k v c-q c-k c-v fc1 fc2 in the decoder; out_proj excluded).
+- lslo_one / lslo_mixed: LSLo on the same sites, lang12 with ranks H;M;V = 2;2;8, index plan: top quarter of
+  the encoder target-indexed (paper §4.1), the rest of the encoder source-indexed, the decoder target-indexed.
+  lslo_one routes the whole batch as one direction ({ONE_DIRECTION[0]}->{ONE_DIRECTION[1]}); lslo_mixed routes
+  each sentence by its own direction (all 12 languages as sources in every batch).
+- full: every parameter trainable. All trained systems: Adam (betas 0.9/0.98), lr 3e-3 (adapters) or 1e-4 (full),
+  zero_grad(set_to_none=True) each step, model dropout 0.1, adapter dropout 0.
+- decoding: beam search, min_new_tokens = max_new_tokens so every system emits the same number of tokens;
+  decoder prompt [eos, target-language token] per sentence. peft_mixed: one PEFT adapter per language (ranks
+  as LSLo), `adapter_names` = each sentence's target language (PEFT routes a sample to one adapter in every
+  layer; in beam search PEFT repeats the names per beam in the decoder only). merged:
+  `lslo.adapters.merge_direction(model, {ONE_DIRECTION[0]!r}, {ONE_DIRECTION[1]!r})`, a plain HF model.
+- peak MB: each system alone in a fresh process, 1 warm-up step then 2 measured steps. CPU: peak resident set
+  (VmHWM, reset after the warm-up) minus the resident set of the bare process (imports only): weights,
+  gradients, Adam state, activations and allocator slack. CUDA: torch.cuda.max_memory_allocated.
+- tokens/s: training counts source + target tokens of the batch; decoding counts output tokens (sentences x
+  new tokens, not beams).
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=["auto", *SHAPES], default="auto",
+                   help="auto: cpu (and m2m124-615m when CUDA is present)")
+    p.add_argument("--steps", type=int, default=10, help="timed training repetitions per system")
+    p.add_argument("--decode-steps", type=int, default=5, help="timed decoding repetitions per system")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-tokens", type=int, default=512, help=f"source tokens per batch ({SENTENCE_LEN} per sentence)")
+    p.add_argument("--beams", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=20)
+    p.add_argument("--sentences-per-direction", type=int, default=4)
+    p.add_argument("--direction-tokens", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-system memory subprocesses")
+    p.add_argument("--no-directions", action="store_true", help="skip the 12 vs 30 languages decoding sweep")
+    p.add_argument("--quick", action="store_true", help="tiny shape, 2 steps, no memory, no RESULTS.md")
+    p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS.md; none with --quick)")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: kind:name
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shape, args.steps, args.decode_steps, args.warmup = "tiny", 2, 1, 1
+        args.new_tokens, args.direction_tokens, args.sentences_per_direction, args.no_memory = 4, 3, 2, True
+    if args.out is None and not args.quick:
+        args.out = str(REPO / "benchmarks" / "RESULTS.md")
+    return args
+
+
+def run_shape(shape: Shape, args, device) -> list:
+    languages = list(LANG12)
+    n_sentences = max(args.batch_tokens // SENTENCE_LEN, 1)
+    batch = make_batch(shape, languages, n_sentences, SENTENCE_LEN, device)
+    print(f"[{shape.name}] training ...", file=sys.stderr, flush=True)
+    train = bench_training(shape, languages, LANG12, batch, args, device)
+    print(f"[{shape.name}] decoding ...", file=sys.stderr, flush=True)
+    decode = bench_decoding(shape, languages, LANG12, batch, args, device)
+    memory = {}
+    if not args.no_memory:
+        print(f"[{shape.name}] memory (one process per system) ...", file=sys.stderr, flush=True)
+        memory = memory_in_subprocesses(shape.name, args)
+    return shape_report(shape, n_sentences, args, train, decode, memory)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        kind, name = args.memory_of.split(":")
+        shape = SHAPES[args.shape]
+        batch = make_batch(shape, list(LANG12), max(args.batch_tokens // SENTENCE_LEN, 1), SENTENCE_LEN, device)
+        print(json.dumps(measure_memory(kind, name, shape, list(LANG12), LANG12, batch, args, device)))
+        return ""
+    names = [args.shape] if args.shape != "auto" else (["cpu", "m2m124-615m"] if device.type == "cuda" else ["cpu"])
+    info = machine_info(device)
+    lines = ["# lslo benchmark results", "", "Written by `python benchmarks/bench.py "
+             + " ".join(argv if argv is not None else sys.argv[1:]) + "`.", "",
+             "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
+    for name in names:
+        lines += run_shape(SHAPES[name], args, device)
+    if not args.no_directions:
+        print("directions sweep ...", file=sys.stderr, flush=True)
+        lines += directions_report(bench_directions(args, device), args)
+    report = "\n".join(lines + [DEFINITIONS])
+    print(report)
+    if args.out:
+        from lslo.io import atomic_write
+
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(report, encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
