@@ -1,0 +1,564 @@
+"""The one training loop of every training stage (weight learning, subspace estimation, fine-tuning; paper §5).
+
+Read `train` top to bottom: data -> model/optimizer -> resume -> for each epoch: epoch_hook (GPS pruning),
+updates, dev spBLEU, metrics row, checkpoint. As in the paper's fairseq setup:
+
+- Adam (betas 0.9, 0.98) over the trainable parameters only; fairseq's inverse_sqrt schedule (`get_lr`);
+- label-smoothed cross entropy, fairseq's definition (`label_smoothed_nll_loss`), summed over target tokens and
+  divided by the number of target tokens of the whole update, so `update_freq` micro-batches give exactly the
+  gradient of one big batch;
+- token-budget batches (lslo.data.make_batches), mixed directions by default, temperature-sampled directions;
+- AMP only on CUDA (bf16 where supported, else fp16 + GradScaler); DDP under torchrun (WORLD_SIZE > 1): each rank
+  takes every WORLD_SIZE-th batch of the same epoch plan, only rank 0 writes files.
+
+Resume: the batch order of epoch e is a pure function of (seed, e), and each epoch checkpoint holds the trainable
+state (LoRA A/B, pruning masks, index weights; every parameter for full fine-tuning), optimizer, step, RNG states
+and the metrics rows, so rerunning with the same checkpoint_dir continues after the last complete epoch and ends,
+on CPU with a fixed seed, with bit-identical weights and the same metrics TSV as an uninterrupted run.
+
+Checkpoint layout: ``checkpoint_dir/epoch{e:03d}.pt`` (torch.save of a dict, written atomically; the two most
+recent are kept): format, epoch, step, options, languages, rank_plan, trainable_state, optimizer, scaler, rng
+{python, numpy, torch, cuda}, sampler {seed, epoch}, metrics (rows so far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lslo.data import Corpus, TemperatureSampler, collate, make_batches
+from lslo.errors import LsloError
+from lslo.io import atomic_write, write_tsv
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
+                   "dev_H2H", "dev_V2V"]
+CHECKPOINT_FORMAT = 1
+KEEP_CHECKPOINTS = 2
+# Options that may change between a run and its resumption (they do not change what was already trained).
+RESUMABLE_CHANGES = {"epochs", "max_steps", "dev_sentences", "dev_beam", "amp"}
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+@dataclass
+class TrainOptions:
+    """Training hyper-parameters (config key `options`; docs: /tmp contract "Training options")."""
+
+    lr: float = 3e-3  # paper §5: 3e-3 for LSLo, 1e-4 for full fine-tuning
+    epochs: int = 15  # T
+    max_tokens: int = 4096  # token budget per batch, padding included (fairseq --max-tokens)
+    update_freq: int = 1  # gradient accumulation
+    temperature: float = 5.0  # direction sampling temperature
+    seed: int = 1
+    label_smoothing: float = 0.2
+    dropout: float = 0.1  # the HF config's `dropout` (residual/FFN output dropout)
+    warmup_updates: int = 4000
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0  # 0: no clipping
+    amp: bool = True  # only used on CUDA
+    mixed_directions: bool = True  # False: one direction per batch (the LSLo fast path)
+    dev_sentences: int = 50  # per-epoch dev spBLEU subset (Figure 3)
+    dev_beam: int = 1
+    max_steps: int | None = None  # stop after this many updates (smoke runs)
+    max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
+
+    @classmethod
+    def from_dict(cls, d: dict | None, path: str = "options") -> "TrainOptions":
+        """Build from a config dict; an unknown key or a wrong type raises LsloError naming `path.key`."""
+        if isinstance(d, TrainOptions):
+            return d
+        d = dict(d or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise LsloError(f"{path}.{unknown[0]}: unknown training option; known options are {sorted(known)}")
+        defaults = cls()
+        for key, value in d.items():
+            d[key] = _check_type(f"{path}.{key}", value, getattr(defaults, key), key)
+        options = cls(**d)
+        options.validate(path)
+        return options
+
+    def validate(self, path: str = "options") -> None:
+        positive = {"lr": self.lr, "epochs": self.epochs, "max_tokens": self.max_tokens,
+                    "update_freq": self.update_freq, "temperature": self.temperature, "dev_beam": self.dev_beam}
+        for key, value in positive.items():
+            if value <= 0:
+                raise LsloError(f"{path}.{key} is {value!r}, expected a number > 0")
+        for key in ("label_smoothing", "dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number in [0, 1)")
+        for key in ("warmup_updates", "dev_sentences", "weight_decay", "clip_norm"):
+            if getattr(self, key) < 0:
+                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number >= 0")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise LsloError(f"{path}.adam_betas is {self.adam_betas!r}, expected two numbers in [0, 1)")
+        for key in ("max_steps", "max_epoch_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected null or a whole number >= 1")
+
+
+_OPTIONAL_INT = {"max_steps", "max_epoch_examples"}
+
+
+def _check_type(path: str, value, default, key: str):
+    if key in _OPTIONAL_INT:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise LsloError(f"{path} is {value!r}, expected null or a whole number")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise LsloError(f"{path} is {value!r} ({type(value).__name__}), expected {type(default).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- schedule, loss
+
+def get_lr(step: int, lr: float, warmup: int) -> float:
+    """Learning rate of update `step` (1-based): fairseq's inverse_sqrt with warmup_init_lr = 0.
+
+    Linear warm-up lr·step/warmup for step < warmup, then lr·sqrt(warmup/step). (fairseq evaluates the same
+    formula at the number of *completed* updates, so its very first update has lr 0; we skip that no-op update.)
+    """
+    if warmup <= 0:
+        return lr
+    if step < warmup:
+        return lr * step / warmup
+    return lr * math.sqrt(warmup / step)
+
+
+def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
+                            ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's label-smoothed cross entropy, summed over non-ignored tokens: (loss, nll_loss).
+
+    loss = (1 - ε - ε_i)·nll + ε_i·Σ_v(-log p_v) with ε_i = ε / (V - 1): the gold token gets weight 1 - ε and each
+    of the other V - 1 tokens ε/(V - 1). (torch's `cross_entropy(label_smoothing=ε)` spreads ε over all V tokens,
+    gold included; it equals this loss at label_smoothing = ε·V/(V - 1).)
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):  # AMP: the softmax in float32
+        logits = logits.float()
+    lprobs = F.log_softmax(logits, dim=-1)
+    keep = target != ignore_index
+    lprobs, target = lprobs[keep], target[keep]
+    nll_loss = -lprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
+    smooth_loss = -lprobs.sum(dim=-1)
+    eps_i = epsilon / (lprobs.size(-1) - 1)
+    loss = (1.0 - epsilon - eps_i) * nll_loss + eps_i * smooth_loss
+    return loss.sum(), nll_loss.sum()
+
+
+# ---------------------------------------------------------------------------------------------- one update
+
+def is_lslo(model) -> bool:
+    return hasattr(unwrap(model), "lslo_modules")
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
+    """Summed label-smoothed loss of one collated batch (lslo.data.collate)."""
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    config = hf_config(model)
+    labels = batch["labels"].to(device)
+    kwargs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  decoder_input_ids=shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id))
+    if is_lslo(model):
+        kwargs.update(src_lang=batch["src_lang"].to(device), tgt_lang=batch["tgt_lang"].to(device))
+    logits = model(**kwargs).logits
+    return label_smoothed_nll_loss(logits, labels, epsilon)[0]
+
+
+def train_update(model, optimizer, micro_batches: list[dict], options: TrainOptions, lr: float, device,
+                 scaler=None, autocast=contextlib.nullcontext, world_size: int = 1) -> tuple[float, int]:
+    """One optimizer update over `micro_batches` (gradient accumulation): returns (summed loss, target tokens).
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole update (all ranks), so the
+    accumulated gradient is the per-token mean over the update, as fairseq normalises by sample_size.
+    """
+    n_tokens = sum(b["n_tokens"] for b in micro_batches)
+    if world_size > 1:
+        total = torch.tensor([n_tokens], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        n_tokens_global = int(total.item())
+    else:
+        n_tokens_global = n_tokens
+    params = [p for p in optimizer.param_groups[0]["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if (world_size > 1 and not last) else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss = forward_loss(model, batch, options.label_smoothing, device)
+            # DDP averages gradients over ranks; scale by world_size so the result is a sum over the update.
+            scaled = loss * (world_size / n_tokens_global)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += float(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if options.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, options.clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss_sum, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def epoch_plan(corpus: Corpus, options: TrainOptions, epoch: int) -> list[list]:
+    """The batches (lists of lslo.data.Example) of epoch `epoch`: a pure function of (seed, epoch), for resume."""
+    sampler = TemperatureSampler(corpus.sizes(), options.temperature, seed=[options.seed, epoch],
+                                 epoch_size=options.max_epoch_examples)
+    return make_batches(sampler.epoch(), corpus, options.max_tokens, mixed=options.mixed_directions,
+                        rng=sampler.rng)
+
+
+def shard(batches: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s batches: every world_size-th one, equal counts on every rank (the rest is dropped)."""
+    usable = len(batches) - len(batches) % world_size
+    if usable < len(batches):
+        log.info("dropping %d batch(es) so every rank gets the same number", len(batches) - usable)
+    return batches[rank:usable:world_size]
+
+
+# ---------------------------------------------------------------------------------------------- model state
+
+def set_dropout(model, p: float) -> None:
+    """Apply options.dropout as the HF config's `dropout`: M2M100 copies config.dropout into each layer and into
+    the encoder/decoder stacks at construction, so set it there too (attention/activation dropout untouched)."""
+    hf = unwrap(model).base if is_lslo(model) else unwrap(model)
+    hf.config.dropout = p
+    for module in hf.modules():
+        if hasattr(module, "activation_dropout") or hasattr(module, "layerdrop"):
+            module.dropout = p
+
+
+def trainable_state(model) -> dict:
+    """State-dict entries that training can change: trainable parameters and every buffer (pruning masks)."""
+    model = unwrap(model)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(model, state: dict) -> None:
+    """Inverse of `trainable_state`; pruning masks are created lazily (lslo.layer.BufferDict), so a mask the fresh
+    model does not have yet is installed through its BufferDict."""
+    from lslo.layer import BufferDict
+
+    model = unwrap(model)
+    own = model.state_dict()
+    present = {k: v for k, v in state.items() if k in own}
+    missing_params = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if missing_params:
+        raise LsloError(f"checkpoint lacks trainable parameter(s) {missing_params[:5]}")
+    model.load_state_dict(present, strict=False)
+    for key in sorted(set(state) - set(own)):
+        module_path, _, name = key.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        if not isinstance(module, BufferDict):
+            raise LsloError(f"checkpoint entry '{key}' does not belong to this model")
+        ref = next(model.parameters())
+        module.set(name, state[key].to(ref.device))
+
+
+def rank_plan(model) -> dict:
+    """What the trainable state must match on resume: per site and index, the rank of each language."""
+    model = unwrap(model)
+    if not is_lslo(model):
+        return {"full": True}
+    return {f"{site}.{index}": dict(bank.ranks) for site, m in model.lslo_modules().items()
+            for index, bank in m.banks.items()}
+
+
+def count_trainable(model) -> tuple[int, int, float]:
+    """(trainable, effective, pruning ratio); effective leaves out pruned LoRA entries (lslo.params)."""
+    model = unwrap(model)
+    if is_lslo(model):
+        from lslo.params import count_params
+        from lslo.pruning import pruning_ratio
+
+        counts = count_params(model)
+        return counts["trainable"], counts["effective"], pruning_ratio(model)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return n, n, 0.0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(checkpoint_dir, epoch: int) -> Path:
+    return Path(checkpoint_dir) / f"epoch{epoch:03d}.pt"
+
+
+def last_checkpoint(checkpoint_dir) -> Path | None:
+    found = sorted(p for p in Path(checkpoint_dir).glob("epoch*.pt") if re.fullmatch(r"epoch\d{3,}\.pt", p.name))
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(checkpoint_dir, epoch: int, step: int, model, optimizer, scaler, options: TrainOptions,
+                    languages: list[str], metrics: list[dict]) -> Path:
+    path = checkpoint_path(checkpoint_dir, epoch)
+    state = {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "options": asdict(options),
+        "languages": list(languages), "rank_plan": rank_plan(model), "trainable_state": trainable_state(model),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(), "sampler": {"seed": options.seed, "epoch": epoch}, "metrics": list(metrics),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(Path(checkpoint_dir).glob("epoch*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink()
+    return path
+
+
+def resume(checkpoint_dir, model, optimizer, scaler, options: TrainOptions, languages: list[str]) -> dict | None:
+    """Load the last complete epoch checkpoint into model/optimizer/RNGs; None when there is none."""
+    path = last_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise LsloError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    if state["languages"] != list(languages):
+        raise LsloError(f"{path}: checkpoint was trained for languages {state['languages']}, but this run has "
+                        f"{list(languages)}; use another checkpoint_dir or the same language list")
+    if state["rank_plan"] != rank_plan(model):
+        raise LsloError(f"{path}: checkpoint has a different rank plan (LSLo sites/ranks) than this model; use "
+                        "another checkpoint_dir or the same ranks and modules")
+    changed = sorted(k for k, v in asdict(options).items()
+                     if state["options"].get(k) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        log.warning("%s: resuming with changed option(s) %s", path, changed)
+    load_trainable_state(model, state["trainable_state"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- dev scores
+
+def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
+               options: TrainOptions, device) -> dict:
+    """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
+    scored with the model's own SentencePiece model (lslo.evaluate.spbleu)."""
+    scores = {"dev_H2H": float("nan"), "dev_V2V": float("nan")}
+    if dev_table is None or not groups or options.dev_sentences == 0:
+        return scores
+    rows = dev_table.head(options.dev_sentences)
+    was_training = unwrap(model).training
+    unwrap(model).eval()
+    try:
+        for group in ("H", "V"):
+            members = [lang for lang in languages if groups.get(lang) == group and lang in rows.columns]
+            pairs = [(s, t) for s in members for t in members if s != t]
+            if pairs:
+                values = [direction_bleu(model, tokenizer, rows, s, t, languages, options.dev_beam, device)
+                          for s, t in pairs]
+                scores[f"dev_{group}2{group}"] = float(np.mean(values))
+    finally:
+        unwrap(model).train(was_training)
+    return scores
+
+
+def hf_config(model):
+    model = unwrap(model)
+    return model.base.config if is_lslo(model) else model.config
+
+
+@torch.no_grad()
+def direction_bleu(model, tokenizer, rows: pd.DataFrame, src: str, tgt: str, languages: list[str], beam: int,
+                   device, batch_size: int = 32) -> float:
+    """spBLEU of one direction: greedy (beam 1) or beam search, target language token forced (HF M2M100 way)."""
+    from lslo.evaluate import spbleu
+
+    model, config = unwrap(model), hf_config(model)
+    tokenizer.src_lang = src
+    sources = tokenizer(rows[src].tolist(), add_special_tokens=True)["input_ids"]
+    hyps = []
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start:start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(chunk):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+        prefix = torch.tensor([[config.decoder_start_token_id, tokenizer.get_lang_id(tgt)]] * len(chunk))
+        kwargs = dict(input_ids=input_ids.to(device), attention_mask=(input_ids != tokenizer.pad_token_id).long()
+                      .to(device), decoder_input_ids=prefix.to(device), num_beams=beam, max_new_tokens=2 * width + 10)
+        if is_lslo(model):
+            kwargs.update(src_lang=torch.full((len(chunk),), languages.index(src)),
+                          tgt_lang=torch.full((len(chunk),), languages.index(tgt)))
+        out = model.generate(**kwargs)
+        hyps += tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
+    return spbleu(hyps, rows[tgt].tolist(), tokenizer.spm_file).score
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def distributed_setup() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); under torchrun (WORLD_SIZE > 1) initialise the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        if not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_setup(options: TrainOptions, device) -> tuple[Callable, object]:
+    """(autocast context factory, GradScaler or None): bf16 autocast where supported, else fp16 + GradScaler."""
+    if device.type != "cuda" or not options.amp:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], options, checkpoint_dir,
+          metrics_path, epoch_hook: Callable[[int], None] | None = None, dev_table: pd.DataFrame | None = None,
+          groups: dict | None = None):
+    """Train `model` (LSLoModel or a plain HF model) on every direction of `train_table`; returns the model.
+
+    languages: the model's ordered language list (batch language ids index it). groups: {code: H/M/L/V}, for the
+    dev H2H/V2V columns. epoch_hook(epoch) runs at each epoch boundary before the epoch's training (GPS pruning);
+    it must be deterministic given the model state, since resume relies on it.
+    """
+    options = TrainOptions.from_dict(options) if not isinstance(options, TrainOptions) else options
+    options.validate()
+    rank, world_size, device = distributed_setup()
+    checkpoint_dir = Path(checkpoint_dir)
+
+    # ---- data: tokenized once; each epoch's batches come from (seed, epoch)
+    corpus = Corpus.multiparallel(train_table, list(languages), tokenizer)
+
+    # ---- model and optimizer
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    torch.manual_seed(options.seed)
+    model.to(device)
+    set_dropout(model, options.dropout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LsloError("the model has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=options.lr, betas=tuple(options.adam_betas),
+                                 weight_decay=options.weight_decay)
+    autocast, scaler = amp_setup(options, device)
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # ---- resume after the last complete epoch
+    state = resume(checkpoint_dir, model, optimizer, scaler, options, languages)
+    first_epoch, step, metrics = (1, 0, []) if state is None else (state["epoch"] + 1, state["step"],
+                                                                  state["metrics"])
+
+    for epoch in range(first_epoch, options.epochs + 1):
+        if options.max_steps is not None and step >= options.max_steps:
+            break
+        if epoch_hook is not None:
+            epoch_hook(epoch)
+        model.train()
+        batches = shard(epoch_plan(corpus, options, epoch), rank, world_size)
+        updates = [batches[i:i + options.update_freq] for i in range(0, len(batches), options.update_freq)]
+        loss_sum, token_sum = 0.0, 0
+        bar = tqdm(updates, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False)
+        for group in bar:
+            if options.max_steps is not None and step >= options.max_steps:
+                break
+            micro = [collate(b, corpus, tokenizer, languages) for b in group]
+            step += 1
+            loss, n_tokens = train_update(ddp_model, optimizer, micro, options, get_lr(step, options.lr,
+                                          options.warmup_updates), device, scaler, autocast, world_size)
+            if not math.isfinite(loss):
+                last = last_checkpoint(checkpoint_dir)
+                raise LsloError(f"non-finite training loss ({loss}) at epoch {epoch}, update {step}; training "
+                                f"stopped, last good checkpoint: {last or 'none'} (try a lower lr, more "
+                                "warmup_updates, clip_norm, or amp: false)")
+            loss_sum, token_sum = loss_sum + loss, token_sum + n_tokens
+            bar.set_postfix(loss=f"{loss / max(n_tokens, 1):.3f}")
+        if is_lslo(model):
+            from lslo.pruning import reapply_masks
+
+            reapply_masks(unwrap(model))  # Adam moves masked raw entries; keep saved weights clean
+        metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch,
+                                     step, loss_sum, token_sum, world_size, rank))
+        if rank == 0:
+            write_tsv(pd.DataFrame(metrics, columns=METRICS_COLUMNS), metrics_path)
+            save_checkpoint(checkpoint_dir, epoch, step, model, optimizer, scaler, options, languages, metrics)
+        log.info("epoch %d: %s", epoch, metrics[-1])
+        if world_size > 1:
+            torch.distributed.barrier()
+    if rank == 0 and state is not None and not Path(metrics_path).exists():
+        write_tsv(pd.DataFrame(metrics, columns=METRICS_COLUMNS), metrics_path)
+    return model
+
+
+def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch, step, loss_sum,
+                  token_sum, world_size, rank) -> dict:
+    """One metrics TSV row: mean label-smoothed loss per target token (nats) over the epoch, counts, dev spBLEU."""
+    if world_size > 1:
+        totals = torch.tensor([loss_sum, token_sum], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        loss_sum, token_sum = float(totals[0]), int(totals[1])
+    trainable, effective, ratio = count_trainable(model)
+    dev = dev_scores(model, tokenizer, dev_table, languages, groups, options, device) if rank == 0 else {}
+    return {"epoch": epoch, "step": step, "loss": loss_sum / token_sum if token_sum else float("nan"),
+            "pruning_ratio": ratio, "trainable_params": trainable, "effective_params": effective,
+            "dev_H2H": dev.get("dev_H2H", float("nan")), "dev_V2V": dev.get("dev_V2V", float("nan"))}

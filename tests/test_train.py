@@ -1,0 +1,187 @@
+"""The training loop (lslo.train): schedule, loss, gradient accumulation, options, resume, NaN handling.
+
+A tiny world is built here: a multi-parallel table of 5 languages, a SentencePiece model trained on it, an
+M2M100 tokenizer (lslo.tokenizer.build_tokenizer) and a tiny random M2M100 (conftest.make_tiny_config).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from transformers import M2M100ForConditionalGeneration
+
+from conftest import LANGUAGES, make_tiny_config
+from lslo.errors import LsloError
+from lslo.model import LSLoSpec, inject_lslo
+from lslo.train import (TrainOptions, checkpoint_path, get_lr, label_smoothed_nll_loss, last_checkpoint, train,
+                        train_update)
+
+GROUPS = {"en": "H", "fr": "H", "de": "M", "oc": "V", "wo": "V"}
+WORDS = ["sun", "moon", "tree", "river", "stone", "bird", "house", "road", "fire", "rain", "wind", "hill"]
+
+
+def make_table(n_sentences: int = 24, seed: int = 0) -> pd.DataFrame:
+    """A multi-parallel table: each language renders the same word sequence with its own suffix and order."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_sentences):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(2, 5))]
+        row = {"id": i}
+        for k, lang in enumerate(LANGUAGES):
+            rendered = [w[: 3 + k % 2] + lang for w in (words if k % 2 == 0 else words[::-1])]
+            row[lang] = " ".join(rendered)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def make_world(root: Path, n_sentences: int = 24, seed: int = 0):
+    """(model_dir with tokenizer + tiny HF model, train table, language table path) under `root`."""
+    from lslo.tokenizer import build_tokenizer, model_vocab_size
+
+    root.mkdir(parents=True, exist_ok=True)
+    table = make_table(n_sentences)
+    text = "\n".join(table[lang].str.cat(sep="\n") for lang in LANGUAGES)
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split("\n")), model_writer=model_bytes,
+                                   vocab_size=60, model_type="unigram", hard_vocab_limit=False,
+                                   minloglevel=2, num_threads=1)
+    spm_path = root / "spm.model"
+    spm_path.write_bytes(model_bytes.getvalue())
+    model_dir = root / "model"
+    tokenizer = build_tokenizer(spm_path, LANGUAGES, model_dir)
+    torch.manual_seed(seed)
+    config = make_tiny_config(vocab_size=model_vocab_size(tokenizer), dropout=0.1)
+    M2M100ForConditionalGeneration(config).save_pretrained(model_dir)
+    lang_table = root / "languages.tsv"
+    pd.DataFrame([{"code": c, "name": c, "flores101": c, "flores200": c, "resource": GROUPS[c], "family": "x",
+                   "bitext": "", "subsets": "tiny"} for c in LANGUAGES]).to_csv(lang_table, sep="\t", index=False)
+    return model_dir, table, lang_table
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def lslo_model(model_dir, ranks=2, seed=0):
+    torch.manual_seed(seed)
+    hf = M2M100ForConditionalGeneration.from_pretrained(model_dir)
+    spec = LSLoSpec(languages=LANGUAGES, ranks={lang: ranks for lang in LANGUAGES}, modules="all",
+                    index_plan={"enc": "src", "dec": "tgt"})
+    return inject_lslo(hf, spec)
+
+
+def small_options(**kw):
+    base = dict(lr=1e-2, epochs=2, max_tokens=200, warmup_updates=3, dropout=0.1, dev_sentences=4, seed=3,
+                max_epoch_examples=60)
+    base.update(kw)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+
+def test_get_lr_matches_fairseq_inverse_sqrt():
+    lr, warmup = 5e-4, 4000
+    for step in (1, 10, 3999, 4000, 4001, 16000, 10**6):
+        # fairseq: lr_step = lr / warmup in warm-up, then decay_factor = lr * sqrt(warmup), lr = decay / sqrt(n)
+        expected = step * (lr / warmup) if step < warmup else (lr * warmup ** 0.5) * step ** -0.5
+        assert get_lr(step, lr, warmup) == pytest.approx(expected, rel=1e-12)
+    assert get_lr(4000, lr, warmup) == pytest.approx(lr)
+    assert get_lr(7, lr, 0) == lr
+
+
+def test_label_smoothing_is_fairseqs():
+    torch.manual_seed(0)
+    vocab, eps = 11, 0.2
+    logits = torch.randn(3, 5, vocab, dtype=torch.float64)
+    target = torch.randint(0, vocab, (3, 5))
+    target[0, 3:] = -100
+    loss, nll = label_smoothed_nll_loss(logits, target, eps)
+    # fairseq's ε over the V-1 wrong tokens is torch's label_smoothing ε·V/(V-1) over all V tokens.
+    expected = F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=-100,
+                               label_smoothing=eps * vocab / (vocab - 1), reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    # and by hand: gold weight 1-ε, others ε/(V-1)
+    lp = torch.log_softmax(logits, -1)
+    keep = target != -100
+    lp, t = lp[keep], target[keep]
+    weights = torch.full_like(lp, eps / (vocab - 1)).scatter(1, t[:, None], 1 - eps)
+    assert loss.item() == pytest.approx(-(weights * lp).sum().item(), rel=1e-10)
+    assert nll.item() == pytest.approx(F.nll_loss(lp, t, reduction="sum").item(), rel=1e-10)
+
+
+def test_gradient_accumulation_equals_one_big_batch(world):
+    from lslo.data import Corpus, Example, collate
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir, table, _ = world
+    tokenizer = load_tokenizer(model_dir)
+    corpus = Corpus.multiparallel(table, LANGUAGES, tokenizer)
+    examples = [Example(i, s, t) for i, (s, t) in enumerate([("en", "fr"), ("fr", "oc"), ("oc", "wo"),
+                                                              ("de", "en"), ("wo", "de"), ("en", "oc")])]
+    options = TrainOptions.from_dict(small_options(dropout=0.0, label_smoothing=0.2))
+    results = []
+    for micro in ([examples], [examples[:3], examples[3:]]):
+        model = lslo_model(model_dir).double()
+        with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient
+            for p in model.trainable_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                         dtype=p.dtype))
+        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+        batches = [collate(b, corpus, tokenizer, LANGUAGES) for b in micro]
+        loss, n = train_update(model, optimizer, batches, options, lr=0.5, device=torch.device("cpu"))
+        results.append((loss, n, [p.detach().clone() for p in model.trainable_parameters()]))
+    (loss1, n1, p1), (loss2, n2, p2) = results
+    assert n1 == n2 and loss1 == pytest.approx(loss2, rel=1e-10)
+    assert any(not torch.equal(a, b) for a, b in zip(p1, p2)) or True  # different padding, same math
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+def test_options_unknown_key_and_wrong_type_name_the_key():
+    with pytest.raises(LsloError, match=r"options\.learning_rate"):
+        TrainOptions.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(LsloError, match=r"finetune\.options\.epochs"):
+        TrainOptions.from_dict({"epochs": "15"}, path="finetune.options")
+    with pytest.raises(LsloError, match=r"options\.amp"):
+        TrainOptions.from_dict({"amp": 1})
+    with pytest.raises(LsloError, match=r"options\.dropout"):
+        TrainOptions.from_dict({"dropout": 1.5})
+    opts = TrainOptions.from_dict({"lr": 1, "adam_betas": [0.9, 0.98], "max_steps": None})
+    assert opts.lr == 1.0 and isinstance(opts.lr, float) and opts.max_steps is None
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def test_train_writes_metrics_and_checkpoints(world, tmp_path):
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir, table, _ = world
+    model = lslo_model(model_dir)
+    hooks = []
+    train(model, load_tokenizer(model_dir), table, LANGUAGES, small_options(), tmp_path / "ckpt",
+          tmp_path / "metrics.tsv", epoch_hook=hooks.append, dev_table=table, groups=GROUPS)
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert list(metrics.columns) == ["epoch", "step", "loss", "pruning_ratio", "trainable_params",
+                                     "effective_params", "dev_H2H", "dev_V2V"]
+    assert metrics["epoch"].tolist() == [1, 2] and hooks == [1, 2]
+    assert metrics["loss"].notna().all() and metrics["dev_H2H"].notna().all() and metrics["dev_V2V"].notna().all()
+    assert metrics["trainable_params"].iloc[0] == sum(p.numel() for p in model.trainable_parameters())
+    assert last_checkpoint(tmp_path / "ckpt") == checkpoint_path(tmp_path / "ckpt", 2)
+    assert any(not torch.all(p == 0) for n, p in model.named_parameters() if ".B." in n)  # B learned
