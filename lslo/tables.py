@@ -1,0 +1,150 @@
+"""Stage 7, tables: Tables 1-4/8 (scores by group pair) and Tables 9/10 (bitext vs. subspace score correlation).
+
+    make_table(groups_tsvs, params, out_tsv, out_md, title, spm_note)      rows = variants, as Table 1
+    correlation_table(scores_tsv, language_table, side, out_tsv, out_md)    Table 9 (enc) / Table 10 (dec)
+
+Each table is written twice: a TSV for machines (exact numbers) and a Markdown file for people (paper layout).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr
+
+from lslo.errors import LsloError
+from lslo.evaluate import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
+from lslo.io import atomic_write, write_tsv
+
+MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
+
+
+def _read_groups(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: groups table not found")
+    groups = pd.read_csv(path, sep="\t")
+    missing = [c for c in GROUP_COLUMNS if c not in groups.columns]
+    if missing:
+        raise LsloError(f"{path}: groups table lacks column(s) {missing}; expected {GROUP_COLUMNS}")
+    return groups.set_index("pair")
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _write_text(text: str, path) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm_note: str,
+               metric: str = "spbleu") -> pd.DataFrame:
+    """One row per variant (dict order): Method, #Params (exact trainable count; None -> "-"), pairs, AVG.
+
+    groups_tsvs: {label: groups.tsv of evaluate.score_variant}; params: {label: trainable parameters or None}.
+    Pair columns are the union present, in the paper's order (H2H H2M ... V2V).
+    """
+    if metric not in ("spbleu", "chrf"):
+        raise LsloError(f"metric '{metric}', expected spbleu or chrf")
+    frames = {label: _read_groups(path) for label, path in groups_tsvs.items()}
+    present = {p[0] for f in frames.values() for p in f.index if p != "AVG"}
+    columns = [p for p in pair_order(present) if any(p in f.index for f in frames.values())] + ["AVG"]
+    rows = []
+    for label, groups in frames.items():
+        n_params = params.get(label)
+        rows.append({"method": label, "params": None if n_params is None else int(n_params),
+                     **{p: groups[metric].get(p, np.nan) for p in columns}})
+    table = pd.DataFrame(rows, columns=["method", "params", *columns])
+    table["params"] = table["params"].astype("Int64")
+    write_tsv(table, out_tsv, float_format="%.2f")
+    shown = table.copy()
+    shown["params"] = [("-" if pd.isna(p) else f"{int(p):,}") for p in table["params"]]
+    for column in columns:
+        shown[column] = [("" if pd.isna(v) else f"{v:.2f}") for v in table[column]]
+    shown.columns = ["Methods", "#Params", *columns]
+    notes = [f"Scores: {'spBLEU' if metric == 'spbleu' else 'chrF++'}; {spm_note}",
+             "AVG is the mean over all directions, not over the group cells; #Params counts trainable "
+             "parameters exactly."]
+    notes += _signature_notes(groups_tsvs)
+    _write_text(f"**{title}**\n\n{_markdown(shown)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", out_md)
+    return table
+
+
+def _signature_notes(groups_tsvs: dict) -> list[str]:
+    found = {}
+    for path in groups_tsvs.values():
+        sidecar = signature_path(path)
+        if sidecar.is_file():
+            info = json.loads(sidecar.read_text(encoding="utf-8"))
+            found[info.get("spbleu")] = info.get("chrf")
+    return [f"sacrebleu signature: spBLEU `{bleu}`; chrF++ `{chrf}`" for bleu, chrf in found.items()]
+
+
+def module_scores(scores: pd.DataFrame, side: str) -> pd.DataFrame:
+    """Mean eq. 6 score over layers, per language (rows) and module (columns) of one side."""
+    sub = scores[scores["side"] == side]
+    matrix = sub.pivot_table(index="language", columns="module", values="score", aggfunc="mean")
+    return matrix[[m for m in MODULES[side] if m in matrix.columns]]
+
+
+def correlation_table(scores_tsv, language_table, side: str, out_tsv, out_md, title: str | None = None
+                      ) -> pd.DataFrame:
+    """Tables 9/10: Pearson r (scipy.stats.pearsonr) between bitext with English and each module's score.
+
+    Languages without a bitext count (English, the pivot) are left out, as in the paper's Table 5 ("-").
+    AVG = mean of the module rows (r and p), the paper's AVG row (e.g. Table 9: mean r 0.64, mean p 0.033).
+    """
+    if side not in MODULES:
+        raise LsloError(f"side '{side}', expected enc or dec")
+    scores = pd.read_csv(scores_tsv, sep="\t")
+    for column in ("language", "side", "module", "score"):
+        if column not in scores.columns:
+            raise LsloError(f"{scores_tsv}: subspace score table lacks column '{column}'")
+    table = _language_table(language_table)
+    matrix = module_scores(scores, side)
+    unknown = sorted(set(matrix.index) - set(table.index))
+    if unknown:
+        raise LsloError(f"{scores_tsv}: language(s) {unknown} are not in the language table")
+    bitext = pd.to_numeric(table.loc[matrix.index, "bitext"], errors="coerce").astype(float)
+    excluded = sorted(bitext.index[bitext.isna()])
+    kept = bitext.dropna()
+    if len(kept) < 3:
+        raise LsloError(f"{scores_tsv}: only {len(kept)} languages with a bitext count; Pearson r needs >= 3")
+    rows = []
+    for module in matrix.columns:
+        result = pearsonr(kept.to_numpy(), matrix.loc[kept.index, module].to_numpy(dtype=float))
+        rows.append({"module": module, "r": float(result.statistic), "p_value": float(result.pvalue),
+                     "n_languages": len(kept)})
+    result = pd.DataFrame(rows)
+    avg = {"module": "AVG", "r": result["r"].mean(), "p_value": result["p_value"].mean(), "n_languages": len(kept)}
+    result = pd.concat([result, pd.DataFrame([avg])], ignore_index=True)
+    write_tsv(result, out_tsv, float_format="%.6f")
+    shown = pd.DataFrame({"Module": result["module"], "Correlation Coefficients": result["r"].map("{:.2f}".format),
+                          "P-value": result["p_value"].map("{:.3f}".format)})
+    side_name = {"enc": "Encoder", "dec": "Decoder"}[side]
+    title = title or f"The correlation coefficients in {side_name}."
+    notes = [f"Pearson r between bitext with English and the eq. 6 score averaged over {side_name.lower()} "
+             f"layers, over {len(kept)} languages.",
+             f"Left out (no bitext with English): {', '.join(excluded) if excluded else 'none'}.",
+             "AVG is the mean of the module rows."]
+    _write_text(f"**{title}**\n\n{_markdown(shown)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", out_md)
+    return result
+
+
+def _language_table(language_table) -> pd.DataFrame:
+    if isinstance(language_table, pd.DataFrame):
+        return language_table
+    from lslo.languages import read_language_table
+
+    return read_language_table(language_table)
+
+
+__all__ = ["make_table", "correlation_table", "module_scores", "GROUP_ORDER"]

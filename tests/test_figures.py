@@ -1,0 +1,124 @@
+"""Figures 1-6 and Tables 1-4/8/9/10 from small synthetic stage TSVs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lslo import figures, tables
+from lslo.errors import LsloError
+
+LANGS = {"en": "H", "fr": "H", "zh": "M", "nl": "M", "oc": "V", "wo": "V"}
+BITEXT = {"en": None, "fr": 289_000_000, "zh": 37_900_000, "nl": 82_400_000, "oc": 5_110, "wo": 86_900}
+N_LAYERS = 3
+
+
+def language_table():
+    return pd.DataFrame({"code": list(LANGS), "resource": list(LANGS.values()),
+                         "bitext": pd.array(list(BITEXT.values()), dtype="Int64")}).set_index("code", drop=False)
+
+
+def write_scores(path, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for language, group in LANGS.items():
+        for side, modules in figures.MODULES.items():
+            for layer in range(1, N_LAYERS + 1):
+                for module in modules:
+                    n_params = 8 * 16
+                    n_pruned = int(rng.integers(0, n_params))
+                    rows.append((language, group, side, layer, module, n_params, n_pruned, n_pruned - 0.7 * n_params))
+    pd.DataFrame(rows, columns=figures.SCORE_COLUMNS).to_csv(path, sep="\t", index=False)
+    return pd.read_csv(path, sep="\t")
+
+
+def assert_png(path):
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure1(tmp_path):
+    rows = [(side, layer, w, 1 - w) for side in ("enc", "dec") for layer, w in zip(range(1, 4), (0.7, 0.5, 0.3))]
+    pd.DataFrame(rows, columns=["side", "layer", "w_src", "w_tgt"]).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    figures.figure1_weights(tmp_path / "w.tsv", tmp_path / "fig1.png")
+    assert_png(tmp_path / "fig1.png")
+
+
+def test_subspace_figures(tmp_path):
+    write_scores(tmp_path / "scores.tsv")
+    for name, draw in (("fig2", figures.figure2_subspace), ("fig5", figures.figure5_subspace_layers),
+                       ("fig4", figures.figure4_lsp), ("fig6", figures.figure6_lsp_languages)):
+        draw(tmp_path / "scores.tsv", tmp_path / f"{name}.png")
+        assert_png(tmp_path / f"{name}.png")
+
+
+def test_heatmap_values_are_demand_averaged_over_layers(tmp_path):
+    scores = write_scores(tmp_path / "scores.tsv")
+    read = figures.read_scores(tmp_path / "scores.tsv")
+    order = figures.language_order(read)
+    assert order == ["en", "fr", "zh", "nl", "oc", "wo"]
+    matrix = figures.demand_matrix(read, "dec", "language", order)
+    assert list(matrix.columns) == figures.MODULES["dec"]
+    expected = -scores[(scores.language == "oc") & (scores.side == "dec") & (scores.module == "c-k")].score.mean()
+    assert matrix.loc["oc", "c-k"] == pytest.approx(expected)
+
+
+def test_figure3(tmp_path):
+    for label, slope in (("8;8;8+WL", 0.2), ("2;2;8+WL+GPS(0.9)", 0.5)):
+        rows = [(epoch, epoch * 10 + step, 3.0, 0.0, 100, 100,
+                 30 + slope * epoch if step == 1 else None, 1 + slope * epoch if step == 1 else None)
+                for epoch in range(1, 6) for step in (0, 1)]
+        pd.DataFrame(rows, columns=["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
+                                    "dev_H2H", "dev_V2V"]).to_csv(tmp_path / f"{slope}.tsv", sep="\t", index=False)
+    curve = figures.dev_curve(tmp_path / "0.5.tsv", "dev_V2V")
+    assert list(curve.index) == [1, 2, 3, 4, 5] and curve.iloc[-1] == pytest.approx(3.5)
+    figures.figure3_dev_curves({"8;8;8+WL": tmp_path / "0.2.tsv", "2;2;8+WL+GPS(0.9)": tmp_path / "0.5.tsv"},
+                               tmp_path / "fig3.png", baselines={"Pretrain": tmp_path / "0.2.tsv"})
+    assert_png(tmp_path / "fig3.png")
+
+
+def test_correlation_table_matches_numpy(tmp_path):
+    scores = write_scores(tmp_path / "scores.tsv", seed=3)
+    result = tables.correlation_table(tmp_path / "scores.tsv", language_table(), "enc", tmp_path / "t9.tsv",
+                                      tmp_path / "t9.md").set_index("module")
+    kept = [l for l, b in BITEXT.items() if b is not None]
+    x = np.array([BITEXT[l] for l in kept], dtype=float)
+    for module in figures.MODULES["enc"]:
+        sub = scores[(scores.side == "enc") & (scores.module == module)].groupby("language").score.mean()
+        assert result.loc[module, "r"] == pytest.approx(np.corrcoef(x, sub[kept].to_numpy())[0, 1])
+    assert result.loc["AVG", "r"] == pytest.approx(result.drop("AVG")["r"].mean())
+    assert (result["n_languages"] == 5).all()
+    md = (tmp_path / "t9.md").read_text()
+    assert "Left out (no bitext with English): en" in md and "| AVG |" in md
+    written = pd.read_csv(tmp_path / "t9.tsv", sep="\t")
+    assert list(written.columns) == ["module", "r", "p_value", "n_languages"]
+    dec = tables.correlation_table(tmp_path / "scores.tsv", language_table(), "dec", tmp_path / "t10.tsv",
+                                   tmp_path / "t10.md")
+    assert list(dec["module"]) == [*figures.MODULES["dec"], "AVG"]
+
+
+def test_make_table(tmp_path):
+    cells = {"Pretrain": {"H2H": 31.76, "H2V": 5.56, "V2H": 9.24, "V2V": 0.52, "AVG": 12.26},
+             "2;2;8+WL+GPS(0.9)": {"H2H": 33.13, "H2V": 12.93, "V2H": 16.59, "V2V": 7.04, "AVG": 16.73}}
+    paths = {}
+    for label, row in cells.items():
+        path = tmp_path / f"{len(paths)}.tsv"
+        pd.DataFrame({"pair": list(row), "spbleu": list(row.values()), "chrf": 1.0, "n_directions": 4}).to_csv(
+            path, sep="\t", index=False)
+        paths[label] = path
+    table = figures.make_table(paths, {"Pretrain": None, "2;2;8+WL+GPS(0.9)": 15_335_424}, tmp_path / "t1.tsv",
+                               tmp_path / "t1.md", "Table 1", "spm: demo.model (the demo's own SentencePiece)")
+    assert list(table.columns) == ["method", "params", "H2H", "H2V", "V2H", "V2V", "AVG"]
+    written = pd.read_csv(tmp_path / "t1.tsv", sep="\t")
+    assert written.loc[1, "params"] == 15_335_424 and written.loc[1, "AVG"] == pytest.approx(16.73)
+    md = (tmp_path / "t1.md").read_text()
+    assert "| Pretrain | - | 31.76 | 5.56 | 9.24 | 0.52 | 12.26 |" in md
+    assert "15,335,424" in md and "demo.model" in md
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(LsloError, match="nope.tsv"):
+        figures.figure2_subspace(tmp_path / "nope.tsv", tmp_path / "x.png")
+    pd.DataFrame({"side": ["enc"], "layer": [1]}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    with pytest.raises(LsloError, match="w_src"):
+        figures.figure1_weights(tmp_path / "w.tsv", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
