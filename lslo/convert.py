@@ -145,7 +145,8 @@ def hf_config(args: dict, vocab_size: int, source: Path | str = "checkpoint") ->
     return M2M100Config(
         vocab_size=vocab_size, d_model=need("encoder_embed_dim"),
         encoder_layers=need("encoder_layers"), decoder_layers=need("decoder_layers"),
-        encoder_attention_heads=need("encoder_attention_heads"), decoder_attention_heads=need("decoder_attention_heads"),
+        encoder_attention_heads=need("encoder_attention_heads"),
+        decoder_attention_heads=need("decoder_attention_heads"),
         encoder_ffn_dim=need("encoder_ffn_embed_dim"), decoder_ffn_dim=need("decoder_ffn_embed_dim"),
         max_position_embeddings=max(args.get("max_source_positions") or 1024, args.get("max_target_positions") or 1024),
         activation_function=args.get("activation_fn") or "relu", scale_embedding=not args.get("no_scale_embedding"),

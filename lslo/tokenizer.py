@@ -45,7 +45,8 @@ class LsloM2M100Tokenizer(M2M100Tokenizer):
                  sep_token="</s>", pad_token="<pad>", unk_token="<unk>", language_codes="m2m100",
                  sp_model_kwargs=None, num_madeup_words=8, **kwargs) -> None:
         # Same steps as M2M100Tokenizer.__init__, with the language list taken from `language_codes` itself.
-        codes = list(FAIRSEQ_LANGUAGE_CODES[language_codes]) if isinstance(language_codes, str) else list(language_codes)
+        is_named = isinstance(language_codes, str)
+        codes = list(FAIRSEQ_LANGUAGE_CODES[language_codes] if is_named else language_codes)
         if not codes or len(set(codes)) != len(codes):
             raise LsloError(f"language_codes must be a non-empty list of distinct codes, got {codes}")
         self.sp_model_kwargs = {} if sp_model_kwargs is None else sp_model_kwargs

@@ -49,10 +49,11 @@ def fairseq_state(rows, generator):
         for i in range(LAYERS):
             prefix = f"{side}.layers.{i}"
             for attn in attentions:
-                for proj in "qkv":
-                    state[f"{prefix}.{attn}.{proj}_proj.weight"], state[f"{prefix}.{attn}.{proj}_proj.bias"] = rand(D, D), rand(D)
-                state[f"{prefix}.{attn}.out_proj.weight"], state[f"{prefix}.{attn}.out_proj.bias"] = rand(D, D), rand(D)
-                state[f"{prefix}.{attn}_layer_norm.weight"], state[f"{prefix}.{attn}_layer_norm.bias"] = 1 + rand(D), rand(D)
+                for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                    state[f"{prefix}.{attn}.{proj}.weight"] = rand(D, D)
+                    state[f"{prefix}.{attn}.{proj}.bias"] = rand(D)
+                state[f"{prefix}.{attn}_layer_norm.weight"] = 1 + rand(D)
+                state[f"{prefix}.{attn}_layer_norm.bias"] = rand(D)
             state[f"{prefix}.fc1.weight"], state[f"{prefix}.fc1.bias"] = rand(FFN, D), rand(FFN)
             state[f"{prefix}.fc2.weight"], state[f"{prefix}.fc2.bias"] = rand(D, FFN), rand(D)
             state[f"{prefix}.final_layer_norm.weight"], state[f"{prefix}.final_layer_norm.bias"] = 1 + rand(D), rand(D)
@@ -149,9 +150,10 @@ def test_converted_logits_equal_independent_forward(fake, spm_model):
     assert isinstance(AutoTokenizer.from_pretrained(str(out)), LsloM2M100Tokenizer)
     # languages come from the checkpoint's lang_pairs, sorted as fairseq does; ids follow the dictionary
     assert tokenizer.languages == LANGS
-    n_dict = 4 + len(spm_vocab(spm_model)) - 4
+    n_dict = len(spm_vocab(spm_model))  # 4 specials + the dict.txt lines
     assert tokenizer.lang_code_to_id == {c: n_dict + i for i, c in enumerate(LANGS)}
-    assert model.config.vocab_size == model_vocab_size(tokenizer) == checkpoint["model"]["encoder.embed_tokens.weight"].shape[0]
+    rows = checkpoint["model"]["encoder.embed_tokens.weight"].shape[0]
+    assert model.config.vocab_size == model_vocab_size(tokenizer) == rows
 
     tokenizer.src_lang, tokenizer.tgt_lang = "kam", "de"
     batch = tokenizer(["kamo tiru selve", "bon"], text_target=["veka mobon", "ruti kasel"], padding=True,
