@@ -95,10 +95,7 @@ def _languages_and_groups(args) -> tuple[list[str], dict[str, list[str]]]:
     if not args.languages:
         raise LsloError("give --languages (codes or a subset such as lang12) or --groups")
     table_path = Path(args.language_table)
-    if not table_path.is_file():
-        if "," not in args.languages and len(args.languages) > 3:
-            raise LsloError(f"subset '{args.languages}' needs the language table {table_path} (not found); "
-                            "give --language-table or explicit --groups")
+    if not table_path.is_file():  # no table: explicit codes, no resource groups (ranks per language)
         return _split(args.languages, ","), {}
     from lslo.languages import read_language_table, select
 
