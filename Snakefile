@@ -10,7 +10,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config is the default; a --configfile (lang12.yaml, lang30.yaml) replaces it instead of being merged
+# into it, so the paper setups never inherit the demo's variants.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 
 
 validate(config, "config/schema.yaml", set_default=True)

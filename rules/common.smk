@@ -1,7 +1,8 @@
 # Config checks and small input/param helpers for the stage files (no science: that lives in lslo/).
 
+import sys
+
 import lslo
-from snakemake.exceptions import WorkflowError
 
 LSLO_VERSION = lslo.__version__  # a params entry of every rule: a library release reruns the stages
 DEMO = config["data"]["mode"] == "demo"
@@ -26,16 +27,17 @@ def config_value(key):
 
 
 def check_config():
-    """Stop with one line naming the key to set, before any DAG is built."""
+    """Stop with one line naming the key to set, before any DAG is built (sys.exit: no traceback)."""
+    files = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
     if not DEMO:
         for key, what in REQUIRED_PATHS.items():
             if not config_value(key):
-                raise WorkflowError(f"config key '{key}' is not set: set it to {what} (data.mode is 'flores')")
+                sys.exit(f"config key '{key}' is not set ({files}, data.mode flores): set it to {what}")
     known = set(VARIANTS)
     for name, rows in {**config["tables"], "figure3": config["figure3"]}.items():
         unknown = [v for v in rows if v not in known]
         if unknown:
-            raise WorkflowError(f"config '{name}' lists unknown variant(s) {unknown}; variants are {sorted(known)}")
+            sys.exit(f"config key '{name}' ({files}) lists unknown variant(s) {unknown}; variants: {sorted(known)}")
 
 
 check_config()
