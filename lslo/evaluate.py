@@ -248,7 +248,7 @@ class Translator:
         width = max(len(ids) for ids in batch_ids)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch_ids], device=self.device)
         attention_mask = (input_ids != pad).long()
-        start = self.model.config.decoder_start_token_id
+        start = getattr(self.model, "base", self.model).config.decoder_start_token_id  # LSLoModel wraps HF
         prefix = torch.tensor([[start, self.tokenizer.get_lang_id(t)] for t in tgts], device=self.device)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=prefix,
                       num_beams=beam, max_new_tokens=max_new_tokens)
@@ -295,8 +295,8 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
     if method == "lslo":
         from lslo.adapters import load_adapters
 
-        model = load_adapters(model, variant["adapters"])
-        languages = list(getattr(getattr(model, "spec", None), "languages", None) or languages)
+        model = load_adapters(model, variant["adapters"], languages=languages or None)
+        languages = list(model.languages)
     tokenizer = load_tokenizer(variant["base_model"])
     model.to(device).eval()
     return Translator(model, tokenizer, languages, method == "lslo", device)

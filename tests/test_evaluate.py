@@ -179,7 +179,7 @@ def pretrain_variant(tmp_path_factory, spm_model):
 
 
 def test_decode_shard_mixed_equals_single_direction(tmp_path, pretrain_variant):
-    table = write_test_table(tmp_path / "test.tsv", n=6)
+    table = write_test_table(tmp_path / "test.tsv", n=4)
     directions = [("en", "fr"), ("fr", "oc"), ("oc", "en")]
     translator = evaluate.load_variant(pretrain_variant, device="cpu")
     options = dict(beam=5, max_tokens=150, max_len_b=6, translator=translator)
@@ -199,3 +199,42 @@ def test_decode_shard_mixed_equals_single_direction(tmp_path, pretrain_variant):
     assert mixed[mixed.src == "en"].hyp.tolist() != \
         evaluate.decode_shard(pretrain_variant, tmp_path / "test.tsv", [("en", "oc")], tmp_path / "x.tsv",
                               **options).hyp.tolist()
+
+
+@pytest.fixture(scope="module")
+def lslo_variant(pretrain_variant):
+    """Random (non-zero B) language-specific adapters on the tiny base, saved with save_adapters."""
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.adapters import save_adapters
+    from lslo.model import LSLoSpec, inject_lslo
+
+    root = pretrain_variant.parent
+    base = M2M100ForConditionalGeneration.from_pretrained(root / "base")
+    model = inject_lslo(base, LSLoSpec(languages=LANGS, ranks={"en": 2, "fr": 2, "oc": 4}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.normal_(0, 0.5)
+    save_adapters(model, root / "adapters.safetensors", base_model=str(root / "base"))
+    (root / "lslo.json").write_text(json.dumps({"method": "lslo", "base_model": str(root / "base"),
+                                                "adapters": str(root / "adapters.safetensors"), "model": None,
+                                                "languages": LANGS}))
+    return root / "lslo.json"
+
+
+def test_decode_shard_lslo_variant(tmp_path, pretrain_variant, lslo_variant):
+    write_test_table(tmp_path / "test.tsv", n=4)
+    directions = [("en", "oc"), ("oc", "fr")]
+    translator = evaluate.load_variant(lslo_variant, device="cpu")
+    assert translator.is_lslo and translator.languages == LANGS
+    options = dict(beam=5, max_tokens=150, max_len_b=6, translator=translator)
+    mixed = evaluate.decode_shard(lslo_variant, tmp_path / "test.tsv", directions, tmp_path / "m.tsv", **options)
+    for src, tgt in directions:
+        alone = evaluate.decode_shard(lslo_variant, tmp_path / "test.tsv", [(src, tgt)], tmp_path / "a.tsv",
+                                      **options)
+        together = mixed[(mixed.src == src) & (mixed.tgt == tgt)]
+        assert dict(zip(alone.id, alone.hyp)) == dict(zip(together.id, together.hyp))
+    plain = evaluate.decode_shard(pretrain_variant, tmp_path / "test.tsv", directions, tmp_path / "p.tsv",
+                                  beam=5, max_tokens=150, max_len_b=6, device="cpu")
+    assert plain.hyp.tolist() != mixed.hyp.tolist()  # the adapters change the translations
