@@ -55,7 +55,7 @@ def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm
     if metric not in ("spbleu", "chrf"):
         raise LsloError(f"metric '{metric}', expected spbleu or chrf")
     frames = {label: _read_groups(path) for label, path in groups_tsvs.items()}
-    present = {p[0] for f in frames.values() for p in f.index if p != "AVG"}
+    present = {g for f in frames.values() for p in f.index if p != "AVG" for g in p.split("2")}
     columns = [p for p in pair_order(present) if any(p in f.index for f in frames.values())] + ["AVG"]
     rows = []
     for label, groups in frames.items():
