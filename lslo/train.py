@@ -562,3 +562,29 @@ def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, devic
     return {"epoch": epoch, "step": step, "loss": loss_sum / token_sum if token_sum else float("nan"),
             "pruning_ratio": ratio, "trainable_params": trainable, "effective_params": effective,
             "dev_H2H": dev.get("dev_H2H", float("nan")), "dev_V2V": dev.get("dev_V2V", float("nan"))}
+
+
+# ---------------------------------------------------------------------------------------------- stage inputs
+
+def load_base(model_dir):
+    """(HF M2M100 model in float32, tokenizer) from a local checkpoint directory (never the network)."""
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise LsloError(f"{model_dir}: not an HF model directory (no config.json)")
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    return model, load_tokenizer(model_dir)
+
+
+def load_stage_data(train_tsv, dev_tsv, language_table, languages):
+    """(language codes, {code: group}, train table, dev table or None) for a training stage."""
+    from lslo.data import read_parallel
+    from lslo.languages import groups, read_language_table, select
+
+    table = read_language_table(language_table)
+    codes = select(table, languages)
+    dev = read_parallel(dev_tsv, codes) if dev_tsv else None
+    return codes, groups(table, codes), read_parallel(train_tsv, codes), dev

@@ -185,3 +185,106 @@ def test_train_writes_metrics_and_checkpoints(world, tmp_path):
     assert metrics["trainable_params"].iloc[0] == sum(p.numel() for p in model.trainable_parameters())
     assert last_checkpoint(tmp_path / "ckpt") == checkpoint_path(tmp_path / "ckpt", 2)
     assert any(not torch.all(p == 0) for n, p in model.named_parameters() if ".B." in n)  # B learned
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir, table, _ = world
+    model = lslo_model(model_dir)
+
+    def poison(epoch):
+        if epoch == 2:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n.endswith("banks.src.A.en")).fill_(float("nan"))
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(LsloError, match=r"non-finite training loss .* epoch 2.*epoch001\.pt"):
+        train(model, load_tokenizer(model_dir), table, LANGUAGES, small_options(epochs=3, dev_sentences=0), ckpt,
+              tmp_path / "metrics.tsv", epoch_hook=poison)
+    assert last_checkpoint(ckpt) == checkpoint_path(ckpt, 1)
+    state = torch.load(checkpoint_path(ckpt, 1), weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["trainable_state"].values()
+                                       if v.is_floating_point())
+    assert pd.read_csv(tmp_path / "metrics.tsv", sep="\t")["epoch"].tolist() == [1]
+
+    # Resuming the same directory with another language list is refused.
+    torch.manual_seed(0)
+    hf = M2M100ForConditionalGeneration.from_pretrained(model_dir)
+    other = inject_lslo(hf, LSLoSpec(languages=LANGUAGES[:4], ranks={lang: 2 for lang in LANGUAGES[:4]}))
+    with pytest.raises(LsloError, match=r"languages .*'wo'.*same language list"):
+        train(other, load_tokenizer(model_dir), table, LANGUAGES[:4], small_options(epochs=3, dev_sentences=0),
+              ckpt, tmp_path / "metrics2.tsv")
+    # ... and so is another rank plan.
+    with pytest.raises(LsloError, match="rank plan"):
+        train(lslo_model(model_dir, ranks=3), load_tokenizer(model_dir), table, LANGUAGES,
+              small_options(epochs=3, dev_sentences=0), ckpt, tmp_path / "metrics3.tsv")
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    import pandas as pd
+    import lslo.train as T
+    from lslo.pruning import gps_ratio, prune
+    from lslo.tokenizer import load_tokenizer
+    from test_train import GROUPS, LANGUAGES, lslo_model, small_options
+
+    model_dir, table_tsv, out, kill_epoch = Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
+    table = pd.read_csv(table_tsv, sep="\\t")
+    model = lslo_model(model_dir)
+    real_update, calls = T.train_update, []
+
+    def update_then_hang(*args, **kwargs):  # hang after the 2nd update of epoch kill_epoch: the parent kills us
+        result = real_update(*args, **kwargs)
+        if T.last_checkpoint(out / "ckpt") == T.checkpoint_path(out / "ckpt", kill_epoch - 1):
+            calls.append(1)
+            if len(calls) == 2:
+                (out / "mid_epoch").write_text("x")
+                time.sleep(600)
+        return result
+
+    if kill_epoch:
+        T.train_update = update_then_hang
+    hook = lambda e: prune(model, gps_ratio(e, 0.5, 0, 2), ["en", "fr", "de"], scope="matrix")  # GPS, eq. 4
+    T.train(model, load_tokenizer(model_dir), table, LANGUAGES, small_options(epochs=3, dev_sentences=2),
+            out / "ckpt", out / "metrics.tsv", epoch_hook=hook, dev_table=table, groups=GROUPS)
+    torch.save(T.trainable_state(model), out / "final.pt")
+""")
+
+
+def run_script(world, out: Path, kill_epoch: int = 0) -> subprocess.Popen:
+    model_dir, table, _ = world
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.tsv", sep="\t", index=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(Path(__file__).parent), str(model_dir),
+                             str(out / "table.tsv"), str(out), str(kill_epoch)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_is_bit_identical(world, tmp_path):
+    reference = run_script(world, tmp_path / "ref")
+    killed = run_script(world, tmp_path / "run", kill_epoch=2)
+    deadline = time.time() + 100
+    while not (tmp_path / "run" / "mid_epoch").exists():
+        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the training run never reached the middle of epoch 2"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert last_checkpoint(tmp_path / "run" / "ckpt") == checkpoint_path(tmp_path / "run" / "ckpt", 1)
+    assert pd.read_csv(tmp_path / "run" / "metrics.tsv", sep="\t")["epoch"].tolist() == [1]
+    resumed = run_script(world, tmp_path / "run")
+    for proc in (reference, resumed):
+        assert proc.wait(timeout=200) == 0, proc.stderr.read().decode()[-2000:]
+    final_ref = torch.load(tmp_path / "ref" / "final.pt")
+    final_run = torch.load(tmp_path / "run" / "final.pt")
+    assert final_ref.keys() == final_run.keys() and any("B_mask" in k for k in final_ref)
+    for key in final_ref:
+        assert torch.equal(final_ref[key], final_run[key]), key
+    assert (tmp_path / "ref" / "metrics.tsv").read_bytes() == (tmp_path / "run" / "metrics.tsv").read_bytes()
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.tsv", sep="\t")
+    assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["pruning_ratio"].iloc[-1] > 0

@@ -1,0 +1,126 @@
+"""Fine-tuning one variant (paper §5, §6.3, Tables 1-4): pretrain (no training), full, or LSLo.
+
+  method "pretrain": no training; variant.json points at the base model; the metrics TSV has one epoch-0 row
+                     (dev spBLEU of the base model, the Pretrain line of Figure 3).
+  method "full":     every parameter, lr 1e-4 unless options say otherwise (§5); writes out_dir/model (HF
+                     model + tokenizer).
+  method "lslo":     the base frozen; per-language ranks and GPS targets from ranks_json
+                     {"ranks": {lang: r}, "prune": {lang: P}, "gps": {"start": E, "duration": k} | null};
+                     writes out_dir/adapters.safetensors (lslo.adapters.save_adapters).
+Index plans: "learned" = the weight-learning plan (plan_json); "src" / "tgt" = every *encoder* layer source- /
+target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as in the learned plans.
+GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
+gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
+Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lslo.errors import LsloError
+from lslo.io import atomic_write, read_json, write_json, write_tsv
+from lslo.model import LSLoSpec, inject_lslo
+from lslo.pruning import gps_ratio, prune, validate_gps
+from lslo.train import METRICS_COLUMNS, TrainOptions, dev_scores, load_base, load_stage_data, train
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pretrain", "full", "lslo")
+INDEX_PLANS = {"src": {"enc": "src", "dec": "tgt"}, "tgt": {"enc": "tgt", "dec": "tgt"}}
+FULL_LR = 1e-4  # paper §5
+
+
+def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, languages, index_plan, plan_json,
+                 ranks_json, modules, options: dict, out_dir, out_metrics, checkpoint_dir) -> None:
+    if method not in METHODS:
+        raise LsloError(f"finetune method '{method}' not understood; expected one of {list(METHODS)}")
+    options = dict(options or {})
+    if method == "full":
+        options.setdefault("lr", FULL_LR)
+    options = TrainOptions.from_dict(options, "finetune.options")
+    codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
+    hf_model, tokenizer = load_base(model_dir)
+    out_dir = Path(out_dir)
+    variant = {"method": method, "base_model": str(Path(model_dir).resolve()), "adapters": None, "model": None,
+               "languages": codes}
+    if method == "pretrain":
+        _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics)
+    elif method == "full":
+        hf_model.requires_grad_(True)
+        train(hf_model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics,
+              dev_table=dev_table, groups=groups)
+        with atomic_write(out_dir / "model", is_dir=True) as tmp:
+            hf_model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        variant["model"] = str((out_dir / "model").resolve())
+    else:
+        variant["adapters"] = str(_finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups,
+                                                 index_plan, plan_json, ranks_json, modules, options, out_dir,
+                                                 out_metrics, checkpoint_dir, model_dir).resolve())
+    write_json(variant, out_dir / "variant.json")
+
+
+def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan, plan_json, ranks_json,
+                   modules, options, out_dir, out_metrics, checkpoint_dir, model_dir) -> Path:
+    from lslo.adapters import save_adapters
+
+    ranks, targets, schedule = read_rank_plan(ranks_json, codes, options.epochs)
+    torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway
+    spec = LSLoSpec(languages=codes, ranks=ranks, modules=modules, index_plan=resolve_index_plan(index_plan,
+                                                                                              plan_json))
+    model = inject_lslo(hf_model, spec)
+
+    def gps(epoch: int) -> None:  # eq. 4, per target ratio, each A and B matrix its own pool
+        for target in sorted(set(targets.values())):
+            ratio = gps_ratio(epoch, target, schedule["start"], schedule["duration"]) if schedule else 0.0
+            if ratio > 0:
+                prune(model, ratio, [lang for lang in codes if targets[lang] == target], scope="matrix")
+
+    train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
+          dev_table=dev_table, groups=groups)
+    gps(options.epochs)  # masks only grow: a no-op once the target is in force, it makes the end state sure
+    return save_adapters(model, out_dir / "adapters.safetensors", base_model=str(Path(model_dir).resolve()))
+
+
+def resolve_index_plan(index_plan: str, plan_json) -> dict:
+    if index_plan == "learned":
+        if not plan_json:
+            raise LsloError("index plan 'learned' needs plan_json (the weight-learning plan)")
+        return read_json(plan_json)
+    if index_plan not in INDEX_PLANS:
+        raise LsloError(f"index plan '{index_plan}' not understood; expected learned, src or tgt")
+    return INDEX_PLANS[index_plan]
+
+
+def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dict, dict | None]:
+    """(ranks, GPS target per language, {"start", "duration"} or None) from results/ranks/{variant}.json."""
+    if not ranks_json:
+        raise LsloError("method 'lslo' needs ranks_json (results/ranks/{variant}.json)")
+    plan = read_json(ranks_json)
+    ranks, targets = plan.get("ranks") or {}, plan.get("prune") or {}
+    missing = [code for code in codes if code not in ranks]
+    if missing:
+        raise LsloError(f"{ranks_json}: field 'ranks' has no rank for language(s) {missing}")
+    targets = {code: float(targets.get(code, 0.0)) for code in codes}
+    schedule = plan.get("gps")
+    if any(targets.values()):
+        if not schedule:
+            raise LsloError(f"{ranks_json}: languages have pruning targets but field 'gps' is empty")
+        for target in set(targets.values()):
+            validate_gps(target, schedule["start"], schedule["duration"], epochs)
+    return {code: ranks[code] for code in codes}, targets, schedule
+
+
+def _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics) -> None:
+    """One epoch-0 row: the base model's dev spBLEU (Figure 3's Pretrain line), nothing trained."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf_model.to(device)
+    dev = dev_scores(hf_model, tokenizer, dev_table, codes, groups, options, device)
+    row = {"epoch": 0, "step": 0, "loss": float("nan"), "pruning_ratio": 0.0, "trainable_params": 0,
+           "effective_params": 0, **dev}
+    write_tsv(pd.DataFrame([row], columns=METRICS_COLUMNS), out_metrics)
