@@ -1,0 +1,248 @@
+"""The embedded demo's tiny pretrained model: SentencePiece, tokenizer, M2M100 pretrained on imbalanced bitext.
+
+Stands in for the paper's M2M-124 615M (§5): the same architecture class (M2M100ForConditionalGeneration),
+the same tokenizer kind (SentencePiece + `__xx__` language tokens, forced target-language BOS), trained from
+scratch on the demo bitext (lslo.demo_benchmark), which is English-centric and imbalanced (H >> M >> V) so
+that its zero-shot quality shows the gap the paper starts from (Table 1, Pretrain row).
+
+    make_benchmark(out_dir, n_languages=12, seed=1)                  (re-exported from lslo.demo_benchmark)
+    pretrain_demo_model(benchmark_dir, out_dir, seed=1, max_minutes=5.0, max_steps=None, ...)
+    zero_shot_report(model_dir, benchmark_dir, ...) -> (per-direction DataFrame, per-group DataFrame)
+
+The checkpoint directory holds the HF model (config.json, model.safetensors, generation_config.json with
+decoder_start_token_id = eos), the tokenizer files (lslo.tokenizer.load_tokenizer reads them), `spm.model`
+(the SentencePiece model, for spBLEU) and `pretrain.json` (settings, steps, minutes, loss curve).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lslo.demo_benchmark import make_benchmark, read_bitext  # noqa: F401 - make_benchmark is part of this API
+from lslo.errors import LsloError
+from lslo.io import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+SPM_SENTENCES_PER_LANGUAGE = 3000  # balanced SentencePiece training sample, as FLORES' spm upsamples low-resource text
+
+
+def train_demo_spm(benchmark_dir: str | Path, model_file: str | Path, vocab_size: int = 2000, seed: int = 1) -> Path:
+    """Train a unigram SentencePiece model on a language-balanced sample of the demo bitext and dev text."""
+    import sentencepiece as spm
+
+    root = Path(benchmark_dir)
+    per_language: dict[str, set[str]] = defaultdict(set)
+    for (a, b), (lines_a, lines_b) in read_bitext(root).items():
+        per_language[a].update(lines_a)
+        per_language[b].update(lines_b)
+    for path in sorted((root / "dev").glob("*.dev")):
+        per_language[path.stem].update(path.read_text(encoding="utf-8").splitlines())
+    rng = random.Random(seed)
+    sample = []
+    for code in sorted(per_language):
+        lines = sorted(per_language[code])
+        rng.shuffle(lines)
+        sample += lines[:SPM_SENTENCES_PER_LANGUAGE]
+    model_file = Path(model_file)
+    with atomic_write(model_file) as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_prefix=str(tmp.with_suffix("")),
+            vocab_size=vocab_size,
+            character_coverage=1.0,  # the demo scripts are small alphabets: keep every character
+            model_type="unigram",
+            num_threads=1,  # a single thread keeps the EM sums, hence the pieces, reproducible
+            minloglevel=2,
+        )
+        tmp.with_suffix("").with_suffix(".model").replace(tmp)
+    return model_file
+
+
+def inverse_sqrt_lr(step: int, warmup: int) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then 1/sqrt(step/warmup) (Vaswani et al., 2017)."""
+    step = max(step, 1)
+    return min(step / warmup, math.sqrt(warmup / step))
+
+
+def demo_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_model: int = 256,
+                      layers: int = 3, ffn_dim: int = 512, heads: int = 4, max_positions: int = 256):
+    """A tiny M2M100 configuration (same class as M2M-124; eos starts decoding as in fairseq)."""
+    from transformers import M2M100Config
+
+    return M2M100Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        max_position_embeddings=max_positions,
+        dropout=0.1,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=0.0,
+        decoder_layerdrop=0.0,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=eos_id,
+        scale_embedding=True,
+        tie_word_embeddings=True,
+    )
+
+
+def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int = 1, max_tokens: int = 4096,
+                    lr: float = 2e-3, warmup: int = 200, label_smoothing: float = 0.1, temperature: float = 1.0,
+                    max_steps: int | None = None, max_minutes: float | None = None) -> dict:
+    """Adam + inverse-sqrt warmup, label-smoothed cross-entropy, until max_steps or max_minutes run out.
+
+    `corpus` is an lslo.data.Corpus of the bitext (both directions of every pair); temperature 1 samples
+    directions in proportion to their size, which keeps the H >> M >> V imbalance. Returns the training log.
+    """
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    from lslo.data import TemperatureSampler, epoch_batches
+
+    if max_steps is None and max_minutes is None:
+        raise LsloError("pretraining needs max_steps or max_minutes")
+    torch.manual_seed(seed)
+    sampler = TemperatureSampler(corpus.sizes(), temperature=temperature, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_lr(s + 1, warmup))
+    pad, start_id = tokenizer.pad_token_id, model.config.decoder_start_token_id
+    start, step, epoch, losses = time.monotonic(), 0, 0, []
+    done = lambda: (max_steps is not None and step >= max_steps) or (  # noqa: E731
+        max_minutes is not None and time.monotonic() - start >= 60 * max_minutes)
+    model.train()
+    while not done():
+        epoch += 1
+        for batch in epoch_batches(corpus, sampler, tokenizer, languages, max_tokens):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=shift_tokens_right(batch["labels"], pad, start_id)).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                                   label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 50 == 0 or step == 1:
+                losses.append({"step": step, "loss": round(loss.item(), 4)})
+                log.info("pretrain step %d epoch %d loss %.3f", step, epoch, loss.item())
+            if done():
+                break
+    model.eval()
+    return {"steps": step, "epochs": epoch, "minutes": round((time.monotonic() - start) / 60, 3), "loss": losses}
+
+
+def encode_bitext(benchmark_dir: str | Path, tokenizer):
+    """The benchmark's bitext as an lslo.data.Corpus with both directions of every pair (each text encoded once)."""
+    from lslo.data import Corpus, tokenize_column
+
+    texts: dict[str, list[str]] = defaultdict(list)
+    bitext = read_bitext(benchmark_dir)
+    for (a, b), (lines_a, lines_b) in bitext.items():
+        texts[a] += lines_a
+        texts[b] += lines_b
+    ids = {}
+    for code, lines in texts.items():
+        unique = sorted(set(lines))
+        ids[code] = dict(zip(unique, tokenize_column(unique, tokenizer)))
+    pairs = {}
+    for (a, b), (lines_a, lines_b) in bitext.items():
+        ids_a, ids_b = [ids[a][s] for s in lines_a], [ids[b][s] for s in lines_b]
+        pairs[(a, b)], pairs[(b, a)] = (ids_a, ids_b), (ids_b, ids_a)
+    return Corpus(pairs)
+
+
+def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: int = 1,
+                        max_minutes: float | None = 5.0, max_steps: int | None = None, vocab_size: int = 2000,
+                        d_model: int = 128, layers: int = 2, ffn_dim: int = 512, heads: int = 4,
+                        max_tokens: int = 4096, lr: float = 2e-3, warmup: int = 200,
+                        threads: int | None = None) -> Path:
+    """SentencePiece + tokenizer + a tiny M2M100 pretrained from scratch on the benchmark's bitext -> HF directory.
+
+    Stops at max_steps or max_minutes (of training; SentencePiece and encoding come on top), whichever first.
+    The directory appears complete or not at all.
+    """
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.languages import read_language_table
+    from lslo.tokenizer import build_tokenizer, load_tokenizer, model_vocab_size
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(benchmark_dir)
+    languages = read_language_table(root / "languages.tsv")["code"].tolist()
+    with atomic_write(out_dir, is_dir=True) as tmp:
+        spm_file = train_demo_spm(root, tmp / "spm.model", vocab_size, seed)
+        build_tokenizer(spm_file, languages, tmp / "tokenizer")
+        tokenizer = load_tokenizer(tmp / "tokenizer")
+        corpus = encode_bitext(root, tokenizer)
+        torch.manual_seed(seed)
+        config = demo_model_config(model_vocab_size(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                   tokenizer.eos_token_id, d_model=d_model, layers=layers, ffn_dim=ffn_dim, heads=heads)
+        model = M2M100ForConditionalGeneration(config)
+        train_log = train_on_bitext(model, corpus, tokenizer, languages, seed=seed, max_tokens=max_tokens, lr=lr,
+                                    warmup=warmup, max_steps=max_steps, max_minutes=max_minutes)
+        model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "tokenizer")
+        settings = dict(seed=seed, vocab_size=vocab_size, d_model=d_model, layers=layers, ffn_dim=ffn_dim,
+                        heads=heads, max_tokens=max_tokens, lr=lr, warmup=warmup, languages=languages)
+        write_json({"settings": settings, **train_log}, tmp / "pretrain.json")
+    log.info("pretrained demo model: %d steps in %.1f min -> %s", train_log["steps"], train_log["minutes"], out_dir)
+    return Path(out_dir)
+
+
+def zero_shot_report(model_dir: str | Path, benchmark_dir: str | Path, split: str = "devtest",
+                     n_sentences: int | None = 100, num_beams: int = 1, languages: list[str] | None = None,
+                     batch_size: int = 128):
+    """Zero-shot spBLEU/chrF++ of a demo checkpoint on every direction of the benchmark, and by group pair.
+
+    Scored as the evaluate stage scores (lslo.evaluate: spBLEU = sacrebleu BLEU on pieces of the checkpoint's
+    own spm.model, chrF++, group means, AVG over directions). n_sentences=None uses the whole split.
+    Returns (directions DataFrame, groups DataFrame in Table 1 column order).
+    """
+    import pandas as pd
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.evaluate import Translator, aggregate, chrf, spbleu
+    from lslo.languages import read_language_table
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir, root = Path(model_dir), Path(benchmark_dir)
+    table = read_language_table(root / "languages.tsv")
+    languages = languages or table["code"].tolist()
+    text = {c: (root / split / f"{c}.{split}").read_text(encoding="utf-8").splitlines()[:n_sentences]
+            for c in languages}
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir).eval()
+    translator = Translator(model, load_tokenizer(model_dir), languages, is_lslo=False)
+    rows = []
+    for src in languages:
+        encoded = [translator.encode(line, src) for line in text[src]]
+        for tgt in (t for t in languages if t != src):
+            hyps = []
+            for i in range(0, len(encoded), batch_size):
+                chunk = encoded[i : i + batch_size]
+                hyps += translator.translate(chunk, [src] * len(chunk), [tgt] * len(chunk), num_beams, 64)
+            src_group, tgt_group = table.loc[src, "resource"], table.loc[tgt, "resource"]
+            rows.append({"src": src, "tgt": tgt, "src_group": src_group, "tgt_group": tgt_group,
+                         "pair": f"{src_group}2{tgt_group}", "spbleu": spbleu(hyps, text[tgt], model_dir / "spm.model").score,
+                         "chrf": chrf(hyps, text[tgt]).score, "n": len(hyps)})
+    directions = pd.DataFrame(rows)
+    return directions, aggregate(directions)

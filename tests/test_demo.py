@@ -1,0 +1,148 @@
+"""The embedded demo: synthetic benchmark (determinism, FLORES layout, groups, relatedness, imbalance) and the
+tiny pretrained checkpoint (loads through the same code path as a real one, generates)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lslo.demo import pretrain_demo_model, zero_shot_report
+from lslo.demo_benchmark import (
+    DEV_LINES,
+    DEVTEST_LINES,
+    build_languages,
+    make_benchmark,
+    read_bitext,
+    render,
+    sample_frames,
+    _rng,
+)
+from lslo.errors import LsloError
+from lslo.languages import read_language_table, select
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    return make_benchmark(tmp_path_factory.mktemp("demo") / "bench", n_languages=12, seed=1)
+
+
+def test_same_seed_same_files_other_seed_other_files(bench, tmp_path):
+    again = make_benchmark(tmp_path / "again", seed=1)
+    other = make_benchmark(tmp_path / "other", seed=2)
+    assert _digest(again) == _digest(bench)
+    other_digest = _digest(other)
+    assert other_digest.keys() == _digest(bench).keys()
+    changed = [name for name, digest in other_digest.items() if digest != _digest(bench)[name]]
+    assert set(changed) == set(other_digest) - {"languages.tsv"}  # every text file differs, the table does not
+
+
+def test_flores101_layout_and_multiparallel_line_counts(bench):
+    table = read_language_table(bench / "languages.tsv")
+    for code in table["code"]:
+        dev = (bench / "dev" / f"{code}.dev").read_text(encoding="utf-8").splitlines()
+        devtest = (bench / "devtest" / f"{code}.devtest").read_text(encoding="utf-8").splitlines()
+        assert (len(dev), len(devtest)) == (DEV_LINES, DEVTEST_LINES) == (997, 1012)
+        assert all(line.strip() for line in dev + devtest)
+        assert len(set(dev)) > 0.95 * len(dev)  # frames are distinct; a language may merge a few (no plural, ...)
+
+
+def test_line_i_is_the_same_frame_in_every_language(bench):
+    languages = build_languages(12, seed=1)
+    frames = sample_frames(_rng(1, "flores"), DEV_LINES + DEVTEST_LINES)
+    for lang in languages:
+        devtest = (bench / "devtest" / f"{lang.code}.devtest").read_text(encoding="utf-8").splitlines()
+        assert devtest[::100] == [render(lang, f) for f in frames[DEV_LINES::100]]
+    lang = languages[1]
+    # change only the subject's number: every language whose grammar marks number must render it differently
+    a = frames[0]
+    b = type(a)(**{**a.__dict__, "subj_num": "pl" if a.subj_num == "sg" else "sg"})
+    assert render(lang, a) != render(lang, b)
+    assert [render(lang, f) for f in frames] == [render(lang, f) for f in frames]
+
+
+def test_language_groups_are_lang12_shaped(bench):
+    table = read_language_table(bench / "languages.tsv")
+    codes = select(table, "demo12")
+    assert len(codes) == 12
+    assert table.loc[codes, "resource"].value_counts().to_dict() == {"H": 4, "M": 4, "V": 4}
+    assert table["bitext"].isna().sum() == 1  # the pivot has no bitext "with itself", as en in Table 5
+
+
+def test_thirty_languages_contain_the_twelve(tmp_path):
+    root = make_benchmark(tmp_path / "b30", n_languages=30, seed=1)
+    table = read_language_table(root / "languages.tsv")
+    assert len(select(table, "demo30")) == 30 and len(select(table, "demo12")) == 12
+    assert table["resource"].value_counts().to_dict() == {"H": 7, "M": 9, "L": 8, "V": 6}  # Table 6's shape
+    with pytest.raises(LsloError, match="n_languages"):
+        make_benchmark(tmp_path / "b31", n_languages=31)
+
+
+def _types(root: Path, code: str) -> set[str]:
+    return set((root / "dev" / f"{code}.dev").read_text(encoding="utf-8").split())
+
+
+def _overlap(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b)  # Jaccard ratio of word types
+
+
+def test_occitan_like_language_shares_vocabulary_with_its_relatives(bench):
+    table = read_language_table(bench / "languages.tsv")
+    v1 = table.loc["v1"]
+    relatives = [c for c in table["code"] if c != "v1" and table.loc[c, "family"] == v1["family"]]
+    assert set(relatives) >= {"h2", "h4"} and v1["resource"] == "V"
+    unrelated = [c for c in table["code"] if table.loc[c, "family"] != v1["family"]]
+    related_overlap = min(_overlap(_types(bench, "v1"), _types(bench, c)) for c in relatives)
+    unrelated_overlap = max(_overlap(_types(bench, "v1"), _types(bench, c)) for c in unrelated)
+    assert related_overlap > 0.2, related_overlap
+    assert related_overlap > 5 * unrelated_overlap
+
+
+def test_languages_differ_in_word_order_and_morphology():
+    languages = build_languages(12, seed=1)
+    grammars = [lang.grammar for lang in languages]
+    assert len({g.order for g in grammars}) >= 2
+    assert len({g.adj_after for g in grammars}) == 2
+    assert any(g.plural_particle for g in grammars) and any(g.plural for g in grammars)
+
+
+def test_bitext_is_imbalanced_h_m_v(bench):
+    table = read_language_table(bench / "languages.tsv")
+    bitext = read_bitext(bench)
+    pivot = table["code"][table["bitext"].isna()].item()
+    size = {b: len(bitext[(pivot, b)][0]) for b in table["code"] if b != pivot}
+    by_group = {g: [size[c] for c in size if table.loc[c, "resource"] == g] for g in "HMV"}
+    assert min(by_group["H"]) > max(by_group["M"]) > 0
+    assert min(by_group["M"]) > max(by_group["V"]) > 0
+    assert all(size[c] == table.loc[c, "bitext"] for c in size)
+    # bitext never repeats an evaluation sentence (the test set stays unseen)
+    devtest = set((bench / "devtest" / f"{pivot}.devtest").read_text(encoding="utf-8").splitlines())
+    assert not devtest & set(bitext[(pivot, "h2")][0])
+
+
+def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(bench, tmp_path):
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.tokenizer import load_tokenizer
+
+    out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
+                              d_model=32, layers=1, ffn_dim=64, max_tokens=512)
+    model = M2M100ForConditionalGeneration.from_pretrained(out).eval()
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.languages == read_language_table(bench / "languages.tsv")["code"].tolist()
+    assert model.generation_config.decoder_start_token_id == tokenizer.eos_token_id
+    tokenizer.src_lang = "h2"
+    batch = tokenizer(["sor zagaw", "ci"], return_tensors="pt", padding=True)
+    prefix = torch.tensor([[tokenizer.eos_token_id, tokenizer.get_lang_id("v1")]] * 2)
+    out_ids = model.generate(**batch, decoder_input_ids=prefix, max_new_tokens=5, num_beams=2)
+    assert out_ids.shape[0] == 2 and (out_ids[:, 1] == tokenizer.get_lang_id("v1")).all()
+    directions, groups = zero_shot_report(out, bench, n_sentences=2, languages=["h1", "m1", "v1"])
+    assert len(directions) == 6
+    assert list(groups["pair"]) == ["H2M", "H2V", "M2H", "M2V", "V2H", "V2M", "AVG"]
