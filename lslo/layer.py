@@ -25,7 +25,7 @@ State-dict keys of one site (relative to the wrapped module): ``base.weight``, `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,9 @@ class LoRABank(nn.Module):
         self.A_mask = BufferDict()
         self.B_mask = BufferDict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Mixed-batch kernel: "segments" (sort, per-language matmuls, unsort), "stacked" (see _delta_stacked),
+        # or "auto" = stacked on CUDA, segments elsewhere. Both compute the same eq. 3.
+        self.mixed_path = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,12 +142,26 @@ class LoRABank(nn.Module):
         g = routing_segments
         if g.single is not None:
             return self.lora(x, g.single)
+        if self.mixed_path == "stacked" or (self.mixed_path == "auto" and x.is_cuda):
+            return self._delta_stacked(x, g)
         x_sorted = x.index_select(0, g.perm)
         parts = [self.lora(x_sorted[start:end], lang) for lang, start, end in g.segments]
         return torch.cat(parts, dim=0).index_select(0, g.inv_perm)
 
+    def _delta_stacked(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
+        """Mixed batch without moving activations: the present languages' A (and B) are stacked into one
+        [sum r_l, in] matrix, and a per-sample routing scale (s_l on the sample's own rank columns, 0 elsewhere)
+        selects each sample's LoRA. Low-rank matmuls are memory-bound on GPUs, so this costs about one LoRA
+        while avoiding the gather/scatter copies of full activations; absent languages still get no gradient."""
+        present = [lang for lang, _, _ in g.segments]
+        a = torch.cat([self.effective_A(lang) for lang in present], dim=0)
+        b = torch.cat([self.effective_B(lang) for lang in present], dim=1)
+        h = F.linear(self.dropout(x), a)
+        route = g.route_scale([(self.ranks[lang], self.scaling[lang]) for lang in present], h.dtype)
+        return F.linear(h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b)
 
-@dataclass
+
+@dataclass(eq=False)
 class Grouping:
     """Language grouping of one batch for one index: ``single`` language (fast path) or sorted segments."""
 
@@ -152,6 +169,23 @@ class Grouping:
     perm: torch.Tensor | None = None
     inv_perm: torch.Tensor | None = None
     segments: tuple = ()
+    ids: torch.Tensor | None = None  # host copies of the per-row language ids and of perm (mixed batches only)
+    host_perm: torch.Tensor | None = None
+    device: torch.device | None = None
+    _routes: dict = field(default_factory=dict)
+
+    def route_scale(self, rank_scaling: list, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, sum r_l]: s_l on the columns of row's language l in the stacked A (segment order), else 0.
+        Built once per batch for each (ranks, scalings, dtype); every bank with the same ranks shares it."""
+        key = (tuple(rank_scaling), dtype)
+        if key not in self._routes:
+            route = torch.zeros(self.ids.numel(), sum(r for r, _ in rank_scaling))
+            offset = 0
+            for (lang, start, end), (r, s) in zip(self.segments, rank_scaling):
+                route[self.host_perm[start:end], offset:offset + r] = s
+                offset += r
+            self._routes[key] = route.to(device=self.device, dtype=dtype, non_blocking=True)
+        return self._routes[key]
 
 
 class Routing:
@@ -222,7 +256,8 @@ class Routing:
         ends = counts.cumsum(0).tolist()
         starts = [0] + ends[:-1]
         segments = tuple((self.languages[v], s, e) for v, s, e in zip(values.tolist(), starts, ends))
-        return Grouping(None, perm.to(device, non_blocking=True), inv_perm.to(device, non_blocking=True), segments)
+        return Grouping(None, perm.to(device, non_blocking=True), inv_perm.to(device, non_blocking=True), segments,
+                        ids=ids, device=device, host_perm=perm)
 
 
 class LSLoLinear(nn.Module):

@@ -225,6 +225,14 @@ class LSLoModel(nn.Module):
         """Site key ("enc.3.fc1") -> LSLoLinear, in model order."""
         return {m.site: m for m in self.base.modules() if isinstance(m, LSLoLinear)}
 
+    def set_mixed_path(self, path: str) -> None:
+        """Mixed-batch kernel of every bank: "auto" (stacked on CUDA, segments elsewhere), "segments", "stacked"."""
+        if path not in ("auto", "segments", "stacked"):
+            raise LsloError(f"mixed path must be 'auto', 'segments' or 'stacked', got {path!r}")
+        for module in self.lslo_modules().values():
+            for bank in module.banks.values():
+                bank.mixed_path = path
+
     def named_trainable_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 

@@ -13,13 +13,14 @@ LANGS = ["en", "fr", "de", "oc"]
 RANKS = {"en": 1, "fr": 2, "de": 3, "oc": 4}
 
 
-def make_layer(index="src", seed=0, alpha=None):
+def make_layer(index="src", seed=0, alpha=None, mixed_path="segments"):
     torch.manual_seed(seed)
     routing = Routing(LANGS)
     linear = nn.Linear(8, 6)
     indexes = ("src", "tgt") if index == "learn" else (index,)
     banks = {ix: LoRABank(LANGS, RANKS, 8, 6, alpha=alpha) for ix in indexes}
     for bank in banks.values():
+        bank.mixed_path = mixed_path
         for lang in LANGS:
             nn.init.normal_(bank.B[lang])
     weights = IndexWeights() if index == "learn" else None
@@ -47,9 +48,10 @@ def test_init_like_peft_and_shapes():
     assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
 
 
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
 @pytest.mark.parametrize("index", ["src", "tgt"])
-def test_mixed_batch_equals_per_sample_formula(index):
-    layer, routing = make_layer(index)
+def test_mixed_batch_equals_per_sample_formula(index, mixed_path):
+    layer, routing = make_layer(index, alpha=3, mixed_path=mixed_path)
     src, tgt = ["fr", "en", "fr", "oc", "de"], ["en", "oc", "oc", "en", "fr"]
     routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([LANGS.index(c) for c in tgt]))
     x = torch.randn(5, 3, 8)
@@ -68,8 +70,9 @@ def test_single_language_fast_path_and_alpha():
     torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
 
 
-def test_masks_zero_entries_and_block_their_gradient():
-    layer, routing = make_layer("src")
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_masks_zero_entries_and_block_their_gradient(mixed_path):
+    layer, routing = make_layer("src", mixed_path=mixed_path)
     bank = layer.banks["src"]
     mask_a = (torch.rand_like(bank.A["fr"]) > 0.5).float()
     mask_b = (torch.rand_like(bank.B["fr"]) > 0.5).float()
@@ -91,8 +94,9 @@ def test_masks_zero_entries_and_block_their_gradient():
     assert {"banks.src.A_mask.fr", "banks.src.B_mask.fr", "banks.src.A.fr", "base.weight"} <= keys
 
 
-def test_weight_learning_mixes_both_banks():
-    layer, routing = make_layer("learn")
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_weight_learning_mixes_both_banks(mixed_path):
+    layer, routing = make_layer("learn", mixed_path=mixed_path)
     with torch.no_grad():
         layer.index_weights.logits.copy_(torch.tensor([0.3, -0.4]))
     src, tgt = ["fr", "en", "oc"], ["de", "de", "fr"]
@@ -108,8 +112,9 @@ def test_weight_learning_mixes_both_banks():
     assert "index_weights.logits" not in layer.state_dict()  # registered once at model level
 
 
-def test_routing_beams_repeat_interleave_and_cache():
-    layer, routing = make_layer("tgt")
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_routing_beams_repeat_interleave_and_cache(mixed_path):
+    layer, routing = make_layer("tgt", mixed_path=mixed_path)
     tgt = ["fr", "oc", "en"]
     routing.set(torch.tensor([0, 0, 0]), torch.tensor([LANGS.index(c) for c in tgt]))
     k = 4

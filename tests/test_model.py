@@ -54,8 +54,10 @@ def test_injection_structure_and_frozen_base():
     assert model.state_dict()[key].shape == (4, 16)
 
 
-def test_mixed_batch_forward_equals_single_direction_loop():
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_mixed_batch_forward_equals_single_direction_loop(mixed_path):
     model = lslo_model()
+    model.set_mixed_path(mixed_path)
     batch = make_batch(DIRECTIONS)
     mixed = run(model, batch).logits
     for b in range(len(DIRECTIONS)):
@@ -127,8 +129,10 @@ def beam_outputs(model, batch, rows, tgts=None, num_beams=5):
     return [[t for t in seq.tolist() if t != PAD] for seq in out]
 
 
-def test_beam_search_mixed_directions_equals_single_direction():
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_beam_search_mixed_directions_equals_single_direction(mixed_path):
     model = lslo_model(std=1.0)
+    model.set_mixed_path(mixed_path)
     batch = make_batch([("en", "fr"), ("fr", "oc"), ("de", "wo"), ("en", "fr"), ("fr", "oc"), ("de", "wo")])
     mixed = beam_outputs(model, batch, list(range(6)))
     for direction_rows in ([0, 3], [1, 4], [2, 5]):
