@@ -26,7 +26,8 @@ from lslo.errors import LsloError
 from lslo.io import atomic_write, read_json, write_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, validate_gps
-from lslo.train import METRICS_COLUMNS, TrainOptions, dev_scores, load_base, load_stage_data, train
+from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
+                        load_stage_data, train)
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,17 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
         hf_model.requires_grad_(True)
         train(hf_model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics,
               dev_table=dev_table, groups=groups)
-        with atomic_write(out_dir / "model", is_dir=True) as tmp:
-            hf_model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        if is_main_process():
+            with atomic_write(out_dir / "model", is_dir=True) as tmp:
+                hf_model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         variant["model"] = str((out_dir / "model").resolve())
     else:
         variant["adapters"] = str(_finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups,
                                                  index_plan, plan_json, ranks_json, modules, options, out_dir,
                                                  out_metrics, checkpoint_dir, model_dir).resolve())
-    write_json(variant, out_dir / "variant.json")
+    if is_main_process():
+        write_json(variant, out_dir / "variant.json")
 
 
 def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan, plan_json, ranks_json,
@@ -84,7 +87,10 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
           dev_table=dev_table, groups=groups)
     gps(options.epochs)  # masks only grow: a no-op once the target is in force, it makes the end state sure
-    return save_adapters(model, out_dir / "adapters.safetensors", base_model=str(Path(model_dir).resolve()))
+    path = out_dir / "adapters.safetensors"
+    if not is_main_process():
+        return path
+    return save_adapters(model, path, base_model=str(Path(model_dir).resolve()))
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:
@@ -118,6 +124,8 @@ def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dic
 
 def _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics) -> None:
     """One epoch-0 row: the base model's dev spBLEU (Figure 3's Pretrain line), nothing trained."""
+    if not is_main_process():
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf_model.to(device)
     dev = dev_scores(hf_model, tokenizer, dev_table, codes, groups, options, device)

@@ -21,7 +21,7 @@ from lslo.errors import LsloError
 from lslo.io import write_tsv
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, subspace_scores, validate_gps
-from lslo.train import TrainOptions, load_base, load_stage_data, train
+from lslo.train import TrainOptions, is_main_process, load_base, load_stage_data, train
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def run_subspace(model_dir, train_tsv, dev_tsv, language_table, languages, plan,
     prune_b(options.epochs)  # masks only grow: a no-op once the ratio is in force, it makes the end state sure
     scores = subspace_scores(model, target_ratio)
     scores.insert(1, "group", scores["language"].map(groups))
-    write_tsv(scores[COLUMNS], out_scores)
+    if is_main_process():
+        write_tsv(scores[COLUMNS], out_scores)
     log.info("%s scores of %d B matrices written to %s", mode, len(scores), out_scores)
 
 

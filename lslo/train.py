@@ -159,8 +159,8 @@ def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon:
                             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq's label-smoothed cross entropy, summed over non-ignored tokens: (loss, nll_loss).
 
-    loss = (1 - ε - ε_i)·nll + ε_i·Σ_v(-log p_v) with ε_i = ε / (V - 1): the gold token gets weight 1 - ε and each
-    of the other V - 1 tokens ε/(V - 1). (torch's `cross_entropy(label_smoothing=ε)` spreads ε over all V tokens,
+    loss = (1 - ε - ε_i)·nll + ε_i·Σ_v(-log p_v) with ε_i = ε / (V - 1): the gold token gets weight 1 - ε and
+    each of the other V - 1 tokens ε/(V - 1). (torch's `cross_entropy(label_smoothing=ε)` spreads ε over all V tokens,
     gold included; it equals this loss at label_smoothing = ε·V/(V - 1).)
     """
     if logits.dtype in (torch.float16, torch.bfloat16):  # AMP: the softmax in float32
@@ -565,6 +565,11 @@ def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, devic
 
 
 # ---------------------------------------------------------------------------------------------- stage inputs
+
+def is_main_process() -> bool:
+    """Rank 0 (or no torchrun): the one process that writes a stage's outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 def load_base(model_dir):
     """(HF M2M100 model in float32, tokenizer) from a local checkpoint directory (never the network)."""

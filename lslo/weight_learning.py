@@ -15,7 +15,7 @@ import torch
 
 from lslo.io import write_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
-from lslo.train import TrainOptions, load_base, load_stage_data, train
+from lslo.train import TrainOptions, is_main_process, load_base, load_stage_data, train
 
 log = logging.getLogger(__name__)
 
@@ -35,5 +35,6 @@ def run_weight_learning(model_dir, train_tsv, dev_tsv, language_table, languages
     weights = model.learned_index_weights()
     plan = model.argmax_index_plan()
     log.info("learned index plan: %s", plan)
-    write_tsv(weights, out_weights)
-    write_json(plan, out_plan)
+    if is_main_process():
+        write_tsv(weights, out_weights)
+        write_json(plan, out_plan)
