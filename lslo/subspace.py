@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lslo.errors import LsloError
-from lslo.io import write_tsv
+from lslo.io import read_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, subspace_scores, validate_gps
 from lslo.train import TrainOptions, is_main_process, load_base, load_stage_data, train
@@ -39,6 +39,7 @@ def run_subspace(model_dir, train_tsv, dev_tsv, language_table, languages, plan,
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
     hf_model, tokenizer = load_base(model_dir)
     torch.manual_seed(options.seed)
+    plan = plan if isinstance(plan, dict) else read_json(plan)  # the weight-learning plan (dict or its JSON file)
     spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules="all", index_plan=plan)
     model = inject_lslo(hf_model, spec)
 
