@@ -67,16 +67,29 @@ def get_spm():
 # ----------------------------------------------------------------------------- variants and options
 
 
+def canonical(value):
+    """Dicts with sorted keys (recursively): params compare by value, so key order in a config file never
+    triggers a rerun."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    return value
+
+
 def train_options(*overrides):
     """TrainOptions dict: the config's `train` block updated by stage/variant overrides (later wins)."""
     options = dict(config["train"])
     for override in overrides:
         options.update(override or {})
-    return options
+    return canonical(options)
 
 
 def variant_options(wildcards):
     return train_options(VARIANTS[wildcards.variant]["train"])
+
+
+def variant_param(key):
+    """A params function: the variant's config entry `key` (dicts canonical)."""
+    return lambda wildcards: canonical(VARIANTS[wildcards.variant].get(key))
 
 
 def lslo_variants():

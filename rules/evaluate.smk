@@ -42,7 +42,7 @@ rule score:
         groups="results/evaluate/{variant}/groups.tsv",
         signature="results/evaluate/{variant}/groups.signature.json",
     params:
-        label=lambda wildcards: VARIANTS[wildcards.variant]["label"],
+        label=variant_param("label"),
         lslo_version=LSLO_VERSION,
     log:
         "logs/score/{variant}.log",

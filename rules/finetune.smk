@@ -10,10 +10,10 @@ rule finetune:
         variant="results/finetune/{variant}/variant.json",
         metrics="results/finetune/{variant}/metrics.tsv",
     params:
-        method=lambda wildcards: VARIANTS[wildcards.variant]["method"],
+        method=variant_param("method"),
         languages=config["data"]["languages"],
-        index=lambda wildcards: VARIANTS[wildcards.variant]["index"],
-        modules=lambda wildcards: VARIANTS[wildcards.variant]["modules"],
+        index=variant_param("index"),
+        modules=variant_param("modules"),
         options=variant_options,
         out_dir="results/finetune/{variant}",
         checkpoint_dir="results/checkpoints/finetune/{variant}",

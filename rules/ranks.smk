@@ -9,11 +9,11 @@ rule ranks:
     output:
         plan="results/ranks/{variant}.json",
     params:
-        policy=lambda wildcards: VARIANTS[wildcards.variant]["rank_policy"],
+        policy=variant_param("rank_policy"),
         languages=config["data"]["languages"],
-        group_ranks=lambda wildcards: VARIANTS[wildcards.variant].get("ranks"),
-        gps=lambda wildcards: VARIANTS[wildcards.variant]["gps"],
-        subspace_options=lambda wildcards: VARIANTS[wildcards.variant]["subspace_policy"],
+        group_ranks=variant_param("ranks"),
+        gps=variant_param("gps"),
+        subspace_options=variant_param("subspace_policy"),
         epochs=lambda wildcards: variant_options(wildcards)["epochs"],
         lslo_version=LSLO_VERSION,
     log:

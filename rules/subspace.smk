@@ -16,7 +16,7 @@ rule subspace:
         languages=config["data"]["languages"],
         rank=config["subspace"]["rank"],
         target_ratio=lambda wildcards: config["subspace"][f"P_{wildcards.mode}"],
-        gps=config["subspace"]["gps"],
+        gps=canonical(config["subspace"]["gps"]),
         options=train_options(config["subspace"]["train"]),
         checkpoint_dir="results/checkpoints/subspace/{mode}",  # outside outputs: a rerun resumes
         lslo_version=LSLO_VERSION,
