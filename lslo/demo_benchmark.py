@@ -304,15 +304,19 @@ def render(lang: Language, f: Frame) -> str:
     return text.translate({ord(c): base + ord(c) - ord("a") for c in "abcdefghijklmnopqrstuvwxyz"})
 
 
-def bitext_plan(languages: list[Language]) -> dict[tuple[str, str], int]:
-    """(a, b) -> number of pretraining pairs; a precedes b in table order, the pivot comes first."""
-    plan = {(PIVOT, lang.code): PIVOT_PAIRS[lang.resource] for lang in languages if lang.code != PIVOT}
+def bitext_plan(languages: list[Language], scale: float = 1.0) -> dict[tuple[str, str], int]:
+    """(a, b) -> number of pretraining pairs; a precedes b in table order, the pivot comes first.
+
+    `scale` multiplies every size (at least 2 pairs each) for quick test runs; the ratios stay H >> M >> V.
+    """
+    size = lambda n: max(2, round(n * scale))  # noqa: E731
+    plan = {(PIVOT, lang.code): size(PIVOT_PAIRS[lang.resource]) for lang in languages if lang.code != PIVOT}
     others = [lang for lang in languages if lang.code != PIVOT]
     for i, a in enumerate(others):
         for b in others[i + 1 :]:
             n = NON_PIVOT_PAIRS.get((a.resource, b.resource)) or NON_PIVOT_PAIRS.get((b.resource, a.resource))
             if n:
-                plan[(a.code, b.code)] = n
+                plan[(a.code, b.code)] = size(n)
     return plan
 
 
@@ -338,15 +342,18 @@ def language_table(languages: list[Language], plan: dict[tuple[str, str], int]) 
     return pd.DataFrame(rows)
 
 
-def make_benchmark(out_dir: str | Path, n_languages: int = 12, seed: int = 1) -> Path:
+def make_benchmark(out_dir: str | Path, n_languages: int = 12, seed: int = 1, bitext_scale: float = 1.0) -> Path:
     """Write the demo benchmark (FLORES-101 layout, bitext, language table) to `out_dir`; deterministic in `seed`.
 
+    bitext_scale shrinks the pretraining bitext for quick runs (tests, smoke runs); dev/devtest are unchanged.
     The directory appears complete or not at all; an existing one is replaced.
     """
+    if not bitext_scale > 0:
+        raise LsloError(f"demo benchmark: bitext_scale={bitext_scale}; expected a positive number")
     languages = build_languages(n_languages, seed)
     eval_frames = sample_frames(_rng(seed, "flores"), DEV_LINES + DEVTEST_LINES)
     splits = {"dev": eval_frames[:DEV_LINES], "devtest": eval_frames[DEV_LINES:]}
-    plan = bitext_plan(languages)
+    plan = bitext_plan(languages, bitext_scale)
     by_code = {lang.code: lang for lang in languages}
     with atomic_write(out_dir, is_dir=True) as root:
         for split, frames in splits.items():

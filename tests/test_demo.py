@@ -127,11 +127,13 @@ def test_bitext_is_imbalanced_h_m_v(bench):
     assert not devtest & set(bitext[(pivot, "h2")][0])
 
 
-def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(bench, tmp_path):
+def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path):
     from transformers import M2M100ForConditionalGeneration
 
     from lslo.tokenizer import load_tokenizer
 
+    bench = make_benchmark(tmp_path / "small", seed=3, bitext_scale=0.02)
+    assert len(read_bitext(bench)[("h1", "v1")][0]) == 6  # 300 * 0.02
     out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
                               d_model=32, layers=1, ffn_dim=64, max_tokens=512)
     model = M2M100ForConditionalGeneration.from_pretrained(out).eval()
