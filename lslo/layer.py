@@ -64,6 +64,29 @@ class BufferDict(nn.Module):
         return self._buffers.items()
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] whose backward is the gather grad[inv_perm], not index_select's scatter-add (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv_perm):
+        ctx.save_for_backward(inv_perm)
+        return _gather_rows(x, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv_perm,) = ctx.saved_tensors
+        return _gather_rows(grad, inv_perm), None, None
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # on a 2-D contiguous view index_select copies whole rows (much faster than the N-D kernel on CPU)
+    return x.reshape(x.shape[0], -1).index_select(0, index).view(-1, *x.shape[1:])
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+    return _PermuteRows.apply(x, perm, inv_perm)
+
+
 class IndexWeights(nn.Module):
     """Layer-shared (w_src, w_tgt) = softmax(logits) of eq. 5; logits start at 0 (equal weights)."""
 
@@ -144,9 +167,10 @@ class LoRABank(nn.Module):
             return self.lora(x, g.single)
         if self.mixed_path == "stacked" or (self.mixed_path == "auto" and x.is_cuda):
             return self._delta_stacked(x, g)
-        x_sorted = x.index_select(0, g.perm)
-        parts = [self.lora(x_sorted[start:end], lang) for lang, start, end in g.segments]
-        return torch.cat(parts, dim=0).index_select(0, g.inv_perm)
+        # split (not slicing: a slice's backward materialises a full-size zero gradient per segment)
+        chunks = permute_rows(x, g.perm, g.inv_perm).split([end - start for _, start, end in g.segments])
+        parts = [self.lora(chunk, lang) for chunk, (lang, _, _) in zip(chunks, g.segments)]
+        return permute_rows(torch.cat(parts, dim=0), g.inv_perm, g.perm)
 
     def _delta_stacked(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
         """Mixed batch without moving activations: the present languages' A (and B) are stacked into one
