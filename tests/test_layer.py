@@ -146,3 +146,18 @@ def test_buffer_dict():
     d.set("en", torch.zeros(2))
     assert "en" in d and len(d) == 1 and torch.equal(d["en"], torch.zeros(2))
     assert dict(d.items()).keys() == {"en"} and list(d.state_dict()) == ["en"]
+
+
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+def test_mixed_batch_gradients_equal_per_sample_formula(mixed_path):
+    layer, routing = make_layer("src", mixed_path=mixed_path)
+    src = ["oc", "en", "oc", "fr", "en"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.zeros(5, dtype=torch.long))
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    weights = torch.randn(5, 3, 6)
+    (layer(x) * weights).sum().backward()
+    params = [x] + [p for lang in ("oc", "en", "fr") for p in (layer.banks["src"].A[lang], layer.banks["src"].B[lang])]
+    got = [p.grad.clone() for p in params]
+    expected = torch.autograd.grad((by_hand(layer, x, src, "src") * weights).sum(), params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
