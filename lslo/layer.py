@@ -328,7 +328,9 @@ class LSLoLinear(nn.Module):
         for index, w in self.bank_weights().items():
             grouping = self.routing.grouping(index, batch_size, x.device)
             delta = self.banks[index].delta(x, grouping)
-            out = out + (delta * w).to(out.dtype) if self.index == "learn" else out + delta.to(out.dtype)
+            if self.index == "learn":  # eq. 5: layer-shared softmax weight
+                delta = delta * w
+            out = out + delta.to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
