@@ -1,7 +1,32 @@
 # Stage 7, figures: the paper's Figures 1-6 and Tables 1-4, 8, 9, 10 from the TSVs of the earlier stages,
 # each wrapped in report() for `snakemake --report`. All local: plotting and aggregation take seconds.
 
-SCORE_FIGURES = {"figure2": "ise", "figure4": "lsp", "figure5": "ise", "figure6": "lsp"}  # figure -> scores
+# figure -> (scores it plots, lslo.figures function)
+SCORE_FIGURES = {
+    "figure2": ("ise", "figure2_subspace"),
+    "figure4": ("lsp", "figure4_lsp"),
+    "figure5": ("ise", "figure5_subspace_layers"),
+    "figure6": ("lsp", "figure6_lsp_languages"),
+}
+LANGUAGES_NAME = (
+    config["data"]["languages"]
+    if isinstance(config["data"]["languages"], str)
+    else " ".join(config["data"]["languages"])
+)
+TABLE_TITLES = {
+    "table1": f"Table 1: spBLEU by resource-group pair ({LANGUAGES_NAME})",
+    "table2": f"Table 2: spBLEU by resource-group pair ({LANGUAGES_NAME})",
+    "table3": f"Table 3: index strategies WL, SRC, TGT ({LANGUAGES_NAME})",
+    "table4": f"Table 4: LSLo on all modules, attention only, fc only ({LANGUAGES_NAME})",
+    "table8": f"Table 8: GPS start epoch E and duration k ({LANGUAGES_NAME})",
+    "table9": f"Table 9: correlation of bitext size and ISE score, encoder ({LANGUAGES_NAME})",
+    "table10": f"Table 10: correlation of bitext size and ISE score, decoder ({LANGUAGES_NAME})",
+}
+SPM_NOTE = (
+    "SentencePiece of spBLEU: the demo's own model (results/demo/spm.model), not FLORES'"
+    if DEMO
+    else f"SentencePiece of spBLEU: {config['eval']['spm']}"
+)
 
 
 rule figure1:
@@ -20,8 +45,7 @@ rule figure1:
 
 rule score_figure:
     input:
-        scores=lambda wildcards: f"results/subspace/{SCORE_FIGURES[wildcards.figure]}/scores.tsv",
-        table=get_language_table(),
+        scores=lambda wildcards: f"results/subspace/{SCORE_FIGURES[wildcards.figure][0]}/scores.tsv",
     output:
         png=report(
             "results/figures/{figure}.png",
@@ -29,6 +53,7 @@ rule score_figure:
             category="Figures",
         ),
     params:
+        function=lambda wildcards: SCORE_FIGURES[wildcards.figure][1],
         lslo_version=LSLO_VERSION,
     wildcard_constraints:
         figure="|".join(SCORE_FIGURES),
@@ -42,11 +67,11 @@ rule score_figure:
 rule figure3:
     input:
         metrics=metrics_of(config["figure3"]),
-        table=get_language_table(),
     output:
         png=report("results/figures/figure3.png", caption="../workflow/report/figure3.rst", category="Figures"),
     params:
         labels=table_labels(config["figure3"]),
+        baselines=[VARIANTS[v]["method"] == "pretrain" for v in config["figure3"]],  # no curve: a dashed line
         lslo_version=LSLO_VERSION,
     log:
         "logs/figure3.log",
@@ -64,6 +89,9 @@ rule table:
         md="results/tables/{table}.md",
     params:
         labels=lambda wildcards: table_labels(config["tables"][wildcards.table]),
+        trained=lambda wildcards: [VARIANTS[v]["method"] != "pretrain" for v in config["tables"][wildcards.table]],
+        title=lambda wildcards: TABLE_TITLES[wildcards.table],
+        spm_note=SPM_NOTE,
         lslo_version=LSLO_VERSION,
     wildcard_constraints:
         table="table[12348]",
@@ -87,6 +115,7 @@ rule score_table:
         md="results/tables/{table}.md",
     params:
         side=lambda wildcards: {"table9": "enc", "table10": "dec"}[wildcards.table],
+        title=lambda wildcards: TABLE_TITLES[wildcards.table],
         lslo_version=LSLO_VERSION,
     wildcard_constraints:
         table="table9|table10",

@@ -169,7 +169,9 @@ LIBRARY_STAGES = ["demo", "data", "weight_learning", "subspace", "ranks", "finet
 )
 def test_smoke_run(workdir):
     shutil.copy(ROOT / "tests/data/smoke.yaml", workdir / "config/smoke.yaml")
-    snakemake(workdir, "--configfile", "config/smoke.yaml", "--cores", "2", "--show-failed-logs")
+    one_thread = [f"{rule}=1" for rule in sorted(GPU_RULES)]  # tiny models: two 1-thread jobs at a time
+    snakemake(workdir, "--configfile", "config/smoke.yaml", "--cores", "2", "--set-threads", *one_thread,
+              "--show-failed-logs")
     results = workdir / "results"
     for i in range(1, 7):
         assert (results / f"figures/figure{i}.png").stat().st_size > 0

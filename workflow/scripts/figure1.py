@@ -6,6 +6,6 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-from lslo import figures  # noqa: E402
+from lslo.figures import figure1_weights  # noqa: E402
 
-figures.figure1(weights_tsv=snakemake.input.weights, out_png=snakemake.output.png)
+figure1_weights(weights_tsv=snakemake.input.weights, out=snakemake.output.png)

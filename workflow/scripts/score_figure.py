@@ -8,5 +8,5 @@ logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %
 
 from lslo import figures  # noqa: E402
 
-plot = getattr(figures, snakemake.wildcards.figure)  # figures.figure2, figure4, figure5, figure6
-plot(scores_tsv=snakemake.input.scores, language_table=snakemake.input.table, out_png=snakemake.output.png)
+plot = getattr(figures, snakemake.params.function)  # figure2_subspace, figure4_lsp, ...
+plot(snakemake.input.scores, snakemake.output.png)

@@ -6,8 +6,13 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-from lslo import figures  # noqa: E402
+import pandas as pd  # noqa: E402
 
-inp, out = snakemake.input, snakemake.output
-figures.results_table(groups_tsvs=list(inp.groups), metrics_tsvs=list(inp.metrics), labels=snakemake.params.labels,
-                      out_tsv=out.tsv, out_md=out.md)
+from lslo.tables import make_table  # noqa: E402
+
+inp, out, params = snakemake.input, snakemake.output, snakemake.params
+# #Params: the trainable count of the last logged epoch (metrics.tsv); "-" for pretrain (nothing trained)
+trainable = [int(pd.read_csv(path, sep="\t")["trainable_params"].iloc[-1]) if trained else None
+             for path, trained in zip(inp.metrics, params.trained)]
+make_table(groups_tsvs=dict(zip(params.labels, inp.groups)), params=dict(zip(params.labels, trainable)),
+           out_tsv=out.tsv, out_md=out.md, title=params.title, spm_note=params.spm_note)
