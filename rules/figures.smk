@@ -49,7 +49,7 @@ rule score_figure:
     output:
         png=report(
             "results/figures/{figure}.png",
-            caption="../workflow/report/{figure}.rst",
+            caption="../workflow/report/score_figure.rst",
             category="Figures",
         ),
     params:
