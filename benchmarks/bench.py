@@ -247,6 +247,8 @@ def time_interleaved(runners: dict, warmup: int, steps: int, device) -> dict:
             sync(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
+        print(f"  repetition {rep + 1}/{warmup + steps}: " + ", ".join(
+            f"{n} {1000 * times[n][-1]:.0f} ms" for n in names if rep >= warmup), file=sys.stderr, flush=True)
     return times
 
 
