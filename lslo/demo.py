@@ -5,8 +5,8 @@ the same tokenizer kind (SentencePiece + `__xx__` language tokens, forced target
 scratch on the demo bitext (lslo.demo_benchmark), which is English-centric and imbalanced (H >> M >> V) so
 that its zero-shot quality shows the gap the paper starts from (Table 1, Pretrain row).
 
-    make_benchmark(out_dir, n_languages=12, seed=1)                  (re-exported from lslo.demo_benchmark)
-    pretrain_demo_model(benchmark_dir, out_dir, seed=1, max_minutes=5.0, max_steps=None, ...)
+    make_benchmark(out_dir, n_languages=12, seed=1, bitext_scale=1.0)  (re-exported from lslo.demo_benchmark)
+    pretrain_demo_model(benchmark_dir, out_dir, seed=1, max_minutes=6.0, max_steps=1000, ...)
     zero_shot_report(model_dir, benchmark_dir, ...) -> (per-direction DataFrame, per-group DataFrame)
 
 The checkpoint directory holds the HF model (config.json, model.safetensors, generation_config.json with
