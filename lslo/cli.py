@@ -3,6 +3,7 @@
   lslo params   exact trainable / effective parameter counts of an LSLo configuration from model shapes
                 (no weights needed), e.g.
                 lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
+  lslo convert  a fairseq M2M-124 checkpoint (model.pt + dict + SentencePiece model) to an HF checkpoint directory
 """
 
 from __future__ import annotations
@@ -62,7 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="single: one bank per site (learned/src/tgt plan); learn: src and tgt banks (eq. 5)")
     params.add_argument("--json", action="store_true", help="print the counts as JSON")
     params.set_defaults(func=run_params)
+
+    convert = commands.add_parser("convert", help="fairseq M2M-124 checkpoint -> HF M2M100 checkpoint directory")
+    convert.add_argument("--checkpoint", required=True, help="fairseq model.pt (e.g. flores101_mm100_615M/model.pt)")
+    convert.add_argument("--dict", required=True, help="the fairseq dictionary (dict.txt)")
+    convert.add_argument("--spm", required=True, help="the SentencePiece model of that dictionary")
+    convert.add_argument("--languages", help="comma list of language codes in the checkpoint's order "
+                                             "(default: the checkpoint's own list, else the 124 M2M-124 codes)")
+    convert.add_argument("--out", required=True, help="output HF checkpoint directory")
+    convert.set_defaults(func=run_convert)
     return parser
+
+
+def run_convert(args) -> int:
+    from lslo.convert import convert_fairseq_m2m
+
+    languages = _split(args.languages, ",") if args.languages else None
+    out = convert_fairseq_m2m(args.checkpoint, args.dict, args.spm, args.out, languages=languages)
+    print(f"wrote {out}")
+    return 0
 
 
 def run_params(args) -> int:

@@ -210,3 +210,17 @@ def test_bad_checkpoints_name_the_problem_and_write_nothing(fake, spm_model, tmp
         convert_fairseq_m2m(tmp_path / "bad.pt", directory / "dict.txt", spm_model, tmp_path / "out", LANGS)
     assert message in str(err.value) and "bad.pt" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_writes_the_same_checkpoint(fake, spm_model, tmp_path):
+    from lslo.cli import main
+
+    directory, checkpoint = fake
+    assert main(["convert", "--checkpoint", str(directory / "model.pt"), "--dict", str(directory / "dict.txt"),
+                 "--spm", str(spm_model), "--languages", "kam,de,en", "--out", str(tmp_path / "hf")]) == 0
+    model = M2M100ForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
+    assert torch.equal(model.model.shared.weight, checkpoint["model"]["encoder.embed_tokens.weight"])
+    assert load_tokenizer(tmp_path / "hf").languages == ["kam", "de", "en"]
+    assert main(["convert", "--checkpoint", str(tmp_path / "nothing.pt"), "--dict", str(directory / "dict.txt"),
+                 "--spm", str(spm_model), "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
