@@ -79,6 +79,8 @@ def _read_lines(path: Path, language: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     lines = [line.rstrip("\r") for line in lines]
+    if not lines:
+        raise LsloError(f"{path}: FLORES file for language '{language}' has no lines; expected one sentence per line")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise LsloError(f"{path}: line {number} is empty (language '{language}')")

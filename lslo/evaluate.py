@@ -290,14 +290,19 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
         variant.get("adapters") or _missing(variant_json, "adapters", method)
     else:
         raise LsloError(f"{variant_json}: method '{method}', expected pretrain, full or lslo")
-    model = M2M100ForConditionalGeneration.from_pretrained(model_dir)
+    from lslo.model import check_model_dir
+    from lslo.tokenizer import require_languages
+
+    check_model_dir(model_dir)
+    tokenizer = load_tokenizer(variant["base_model"])
     languages = list(variant.get("languages") or [])
+    require_languages(tokenizer, languages, variant["base_model"])
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
     if method == "lslo":
         from lslo.adapters import load_adapters
 
         model = load_adapters(model, variant["adapters"], languages=languages or None)
         languages = list(model.languages)
-    tokenizer = load_tokenizer(variant["base_model"])
     model.to(device).eval()
     return Translator(model, tokenizer, languages, method == "lslo", device)
 
@@ -332,7 +337,13 @@ def decode_shard(variant_json, test_tsv, directions, out_hyps, beam: int = 5, ma
     max_len_a * longest_source + max_len_b new tokens (fairseq's max_len_a/b); with max_len_a = 0 a sentence's
     hypothesis does not depend on which batch it lands in.
     """
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise LsloError(f"beam is {beam!r}, expected a whole number >= 1 (config eval.beam)")
+    from lslo.tokenizer import require_languages
+
     translator = translator or load_variant(variant_json, device)
+    codes = sorted({lang for direction in directions for lang in direction})
+    require_languages(translator.tokenizer, codes, variant_json)
     test = _read_test(test_tsv)
     samples = []  # (src, tgt, id, source token ids)
     for src, tgt in directions:

@@ -45,7 +45,7 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
         options.setdefault("lr", FULL_LR)
     options = TrainOptions.from_dict(options, "finetune.options")
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
-    hf_model, tokenizer = load_base(model_dir)
+    hf_model, tokenizer = load_base(model_dir, codes)
     out_dir = Path(out_dir)
     variant = {"method": method, "base_model": str(Path(model_dir).resolve()), "adapters": None, "model": None,
                "languages": codes}

@@ -118,6 +118,32 @@ def _check_model(hf_model) -> None:
         raise LsloError(f"unsupported model class {type(hf_model).__name__}; supported: {SUPPORTED}")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(model_dir) -> None:
+    """A local HF M2M100 checkpoint directory: config.json of model_type m2m_100 and a weight file.
+
+    Checked before transformers loads it, whose errors for these cases are long tracebacks (or, for another
+    model class, a warning and random weights).
+    """
+    import json
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise LsloError(f"{model_dir}: not an HF model directory (no config.json)")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise LsloError(f"{config_path}: not a JSON model config ({err})") from None
+    if model_type != "m2m_100":
+        raise LsloError(f"{config_path}: model_type is {model_type!r}, expected 'm2m_100' ({SUPPORTED})")
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise LsloError(f"{model_dir}: no model weights; expected one of {list(WEIGHT_FILES)}")
+
+
 def inject_lslo(hf_model, spec: LSLoSpec) -> "LSLoModel":
     """Freeze ``hf_model`` and replace the chosen ``nn.Linear`` modules by ``LSLoLinear`` (in place)."""
     return LSLoModel(hf_model, spec)

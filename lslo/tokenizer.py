@@ -149,6 +149,14 @@ def load_tokenizer(path: str | os.PathLike) -> LsloM2M100Tokenizer:
     return LsloM2M100Tokenizer.from_pretrained(str(path))
 
 
+def require_languages(tokenizer, languages, source) -> None:
+    """Every code in `languages` has a language token (__xx__) in `tokenizer` (loaded from `source`)."""
+    missing = [code for code in languages if code not in tokenizer.lang_code_to_id]
+    if missing:
+        raise LsloError(f"{source}: the tokenizer has no language token for {[f'__{c}__' for c in missing]} "
+                        f"(language(s) {missing}); it knows {list(tokenizer.lang_code_to_id)}")
+
+
 def model_vocab_size(tokenizer: M2M100Tokenizer) -> int:
     """Embedding rows the model needs: vocabulary + language tokens + madeup words (M2M100 layout)."""
     return tokenizer.encoder_size + len(tokenizer.lang_code_to_id) + tokenizer.num_madeup_words

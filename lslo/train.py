@@ -571,17 +571,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def load_base(model_dir):
-    """(HF M2M100 model in float32, tokenizer) from a local checkpoint directory (never the network)."""
+def load_base(model_dir, languages: list[str] | None = None):
+    """(HF M2M100 model in float32, tokenizer) from a local checkpoint directory (never the network).
+
+    languages: codes the run trains on; each must have its __xx__ token in the checkpoint's tokenizer.
+    """
     from transformers import M2M100ForConditionalGeneration
 
-    from lslo.tokenizer import load_tokenizer
+    from lslo.model import check_model_dir
+    from lslo.tokenizer import load_tokenizer, require_languages
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LsloError(f"{model_dir}: not an HF model directory (no config.json)")
+    check_model_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if languages is not None:
+        require_languages(tokenizer, languages, model_dir)
     model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    return model, load_tokenizer(model_dir)
+    return model, tokenizer
 
 
 def load_stage_data(train_tsv, dev_tsv, language_table, languages):

@@ -1,0 +1,97 @@
+"""Workflow config files as data: YAML without duplicate keys, and schema errors that name the key path.
+
+Snakemake's own `validate` prints the whole schema around an error; `validate_config` says, one line per
+problem, which key holds which value and what the schema expects. `load_yaml` refuses duplicate keys, which
+YAML otherwise resolves silently by keeping the last one (two variants with the same name would merge unseen).
+"""
+
+import os
+from pathlib import Path
+
+import yaml
+
+from lslo.errors import LsloError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that raises LsloError on a mapping key that appears twice (with its dotted key path)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                path = ".".join([*self._parents(node), str(key)])
+                raise LsloError(f"{self.name}: line {key_node.start_mark.line + 1}: duplicate key '{path}'")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def _parents(self, target) -> list[str]:
+        """Keys leading from the document root to mapping `target` (scalar keys only; for the message)."""
+        def walk(node, trail):
+            if node is target:
+                return trail
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    found = walk(value_node, [*trail, str(getattr(key_node, "value", "?"))])
+                    if found is not None:
+                        return found
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    found = walk(item, [*trail, str(i)])
+                    if found is not None:
+                        return found
+            return None
+        return walk(self._root, []) or []
+
+    def construct_document(self, node):
+        self._root = node
+        return super().construct_document(node)
+
+
+def load_yaml(path: str | os.PathLike):
+    """Parse a YAML file safely (no Python objects); a duplicated key raises LsloError naming file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: YAML file not found")
+    with open(path, encoding="utf-8") as stream:
+        loader = _UniqueKeyLoader(stream)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        except yaml.YAMLError as err:
+            raise LsloError(f"{path}: not valid YAML ({err})") from None
+        finally:
+            loader.dispose()
+
+
+def _key_path(error) -> str:
+    return ".".join(str(part) for part in error.absolute_path)
+
+
+def _describe(error) -> str:
+    """One line: the key path, its value and what the schema expects."""
+    path = _key_path(error)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if allowed else []
+        if extra:
+            keys = ", ".join(repr(".".join(filter(None, [path, str(k)]))) for k in extra)
+            return f"config key {keys}: unknown key; expected one of {allowed}"
+    return f"config key '{path or '<top level>'}': {error.message}"
+
+
+def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
+    """Check `config` against the JSON schema at `schema_path`; every violation is one line of one LsloError.
+
+    Defaults are not filled in here (snakemake.utils.validate(..., set_default=True) does that afterwards).
+    """
+    import jsonschema
+
+    schema = load_yaml(schema_path)
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator = validator_class(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if errors:
+        lines = list(dict.fromkeys(_describe(e) for e in errors))
+        raise LsloError(f"invalid config (schema {schema_path}):\n  " + "\n  ".join(lines))
