@@ -296,7 +296,7 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
     check_model_dir(model_dir)
     tokenizer = load_tokenizer(variant["base_model"])
     languages = list(variant.get("languages") or [])
-    require_languages(tokenizer, languages, variant["base_model"])
+    require_languages(tokenizer, languages, f"{variant_json}: base_model {variant['base_model']}")
     model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
     if method == "lslo":
         from lslo.adapters import load_adapters
