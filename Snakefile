@@ -4,8 +4,12 @@
 # Stages: data -> weight_learning -> subspace -> ranks -> finetune -> evaluate -> figures (DESIGN.md).
 
 import re
+import sys
 
 from snakemake.utils import min_version, validate
+
+from lslo.config import load_yaml, validate_config
+from lslo.errors import LsloError
 
 min_version("9.0")
 
@@ -18,6 +22,14 @@ if not workflow.overwrite_configfiles:
 
 
 
+# Refuse duplicate keys (YAML keeps the last duplicate variant silently) and report bad keys by their path;
+# snakemake's validate then fills in the schema defaults.
+try:
+    for path in workflow.configfiles:
+        load_yaml(path)
+    validate_config(config, "config/schema.yaml")
+except LsloError as err:
+    sys.exit(str(err))  # one line naming the file/key, no traceback
 validate(config, "config/schema.yaml", set_default=True)
 
 

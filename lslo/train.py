@@ -390,58 +390,53 @@ def resume(checkpoint_dir, model, optimizer, scaler, options: TrainOptions, lang
 # ---------------------------------------------------------------------------------------------- dev scores
 
 def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
-               options: TrainOptions, device) -> dict:
+               options: TrainOptions, device, batch_size: int = 64) -> dict:
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
-    scored with the model's own SentencePiece model (lslo.evaluate.spbleu)."""
+    scored with the model's own SentencePiece model. All directions are decoded together in mixed-direction
+    batches (one generate call per batch, not per direction)."""
+    from lslo.evaluate import Translator, spbleu
+
     scores = {"dev_H2H": float("nan"), "dev_V2V": float("nan")}
     if dev_table is None or not groups or options.dev_sentences == 0:
         return scores
     rows = dev_table.head(options.dev_sentences)
+    pairs = {group: [(s, t) for s in languages for t in languages
+                     if s != t and groups.get(s) == group == groups.get(t) and {s, t} <= set(rows.columns)]
+             for group in ("H", "V")}
+    jobs = [(s, t, i) for group in pairs.values() for s, t in group for i in range(len(rows))]
+    if not jobs:
+        return scores
+    translator = Translator(model=unwrap(model), tokenizer=tokenizer, languages=languages,
+                            is_lslo=is_lslo(model), device=str(device))
+    encoded = [translator.encode(rows[s].iloc[i], s) for s, _, i in jobs]
+    order = sorted(range(len(jobs)), key=lambda j: len(encoded[j]))
+    hyps = [""] * len(jobs)
     was_training = unwrap(model).training
     unwrap(model).eval()
     try:
-        for group in ("H", "V"):
-            members = [lang for lang in languages if groups.get(lang) == group and lang in rows.columns]
-            pairs = [(s, t) for s in members for t in members if s != t]
-            if pairs:
-                values = [direction_bleu(model, tokenizer, rows, s, t, languages, options.dev_beam, device)
-                          for s, t in pairs]
-                scores[f"dev_{group}2{group}"] = float(np.mean(values))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(encoded[j]) for j in chunk)
+            out = translator.translate([encoded[j] for j in chunk], [jobs[j][0] for j in chunk],
+                                       [jobs[j][1] for j in chunk], beam=options.dev_beam,
+                                       max_new_tokens=2 * width + 10)
+            for j, hyp in zip(chunk, out):
+                hyps[j] = hyp
     finally:
         unwrap(model).train(was_training)
+    by_direction: dict = {}
+    for (s, t, i), hyp in zip(jobs, hyps):
+        by_direction.setdefault((s, t), []).append(hyp)
+    for group, group_pairs in pairs.items():
+        if group_pairs:
+            scores[f"dev_{group}2{group}"] = float(np.mean(
+                [spbleu(by_direction[(s, t)], rows[t].tolist(), tokenizer.spm_file).score for s, t in group_pairs]))
     return scores
 
 
 def hf_config(model):
     model = unwrap(model)
     return model.base.config if is_lslo(model) else model.config
-
-
-@torch.no_grad()
-def direction_bleu(model, tokenizer, rows: pd.DataFrame, src: str, tgt: str, languages: list[str], beam: int,
-                   device, batch_size: int = 32) -> float:
-    """spBLEU of one direction: greedy (beam 1) or beam search, target language token forced (HF M2M100 way)."""
-    from lslo.evaluate import spbleu
-
-    model, config = unwrap(model), hf_config(model)
-    tokenizer.src_lang = src
-    sources = tokenizer(rows[src].tolist(), add_special_tokens=True)["input_ids"]
-    hyps = []
-    for start in range(0, len(sources), batch_size):
-        chunk = sources[start:start + batch_size]
-        width = max(map(len, chunk))
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        for i, ids in enumerate(chunk):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-        prefix = torch.tensor([[config.decoder_start_token_id, tokenizer.get_lang_id(tgt)]] * len(chunk))
-        kwargs = dict(input_ids=input_ids.to(device), attention_mask=(input_ids != tokenizer.pad_token_id).long()
-                      .to(device), decoder_input_ids=prefix.to(device), num_beams=beam, max_new_tokens=2 * width + 10)
-        if is_lslo(model):
-            kwargs.update(src_lang=torch.full((len(chunk),), languages.index(src)),
-                          tgt_lang=torch.full((len(chunk),), languages.index(tgt)))
-        out = model.generate(**kwargs)
-        hyps += tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
-    return spbleu(hyps, rows[tgt].tolist(), tokenizer.spm_file).score
 
 
 # ---------------------------------------------------------------------------------------------- the loop
