@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
 from lslo.errors import LsloError  # noqa: E402
-from lslo.io import atomic_write  # noqa: E402
+from lslo.io import atomic_write, read_tsv  # noqa: E402
 from lslo.tables import correlation_table, make_table  # noqa: E402,F401  (lslo.figures.* is the stage API)
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
@@ -57,16 +57,7 @@ CAPTIONS = {
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_table(path, columns, what: str) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise LsloError(f"{path}: {what} not found")
-    frame = pd.read_csv(path, sep="\t")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise LsloError(f"{path}: {what} lacks column(s) {missing}; expected {columns}")
-    if frame.empty:
-        raise LsloError(f"{path}: {what} has no rows")
-    return frame
+    return read_tsv(path, columns, what, allow_empty=False)
 
 
 def read_scores(path) -> pd.DataFrame:

@@ -53,3 +53,21 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LsloError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_tsv(path: str | os.PathLike, columns: list, what: str, allow_empty: bool = True):
+    """A stage's TSV with its required columns; a missing file/column names the file and what was expected."""
+    import pandas as pd
+
+    from lslo.errors import LsloError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: {what} not found")
+    frame = pd.read_csv(path, sep="\t")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LsloError(f"{path}: {what} lacks column(s) {missing}; expected {columns}")
+    if frame.empty and not allow_empty:
+        raise LsloError(f"{path}: {what} has no rows")
+    return frame

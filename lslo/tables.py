@@ -9,7 +9,6 @@ Each table is written twice: a TSV for machines (exact numbers) and a Markdown f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,20 +16,13 @@ from scipy.stats import pearsonr
 
 from lslo.errors import LsloError
 from lslo.evaluate import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
-from lslo.io import atomic_write, write_tsv
+from lslo.io import atomic_write, read_tsv, write_tsv
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
 
 
 def _read_groups(path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise LsloError(f"{path}: groups table not found")
-    groups = pd.read_csv(path, sep="\t")
-    missing = [c for c in GROUP_COLUMNS if c not in groups.columns]
-    if missing:
-        raise LsloError(f"{path}: groups table lacks column(s) {missing}; expected {GROUP_COLUMNS}")
-    return groups.set_index("pair")
+    return read_tsv(path, GROUP_COLUMNS, "groups table").set_index("pair")
 
 
 def _markdown(frame: pd.DataFrame) -> str:

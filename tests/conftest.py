@@ -77,3 +77,12 @@ def randomize_lora(model, std: float = 0.5, seed: int = 0) -> None:
                 for lang in bank.languages:
                     bank.A[lang].copy_(torch.randn(bank.A[lang].shape, generator=g) * std)
                     bank.B[lang].copy_(torch.randn(bank.B[lang].shape, generator=g) * std)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; several threads on a busy 2-core machine mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

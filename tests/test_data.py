@@ -14,7 +14,7 @@ from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right  # n
 
 from lslo.data import (  # noqa: E402
     Corpus, Example, TemperatureSampler, collate, directions, epoch_batches, make_batches, prepare_data,
-    read_flores, read_parallel, temperature_probs, write_parallel,
+    read_flores, read_parallel, temperature_probs,
 )
 from lslo.errors import LsloError  # noqa: E402
 from lslo.languages import read_language_table  # noqa: E402

@@ -1,7 +1,6 @@
 """LSLoModel: mixed-direction batches equal single-direction runs (forward, gradients, beam search),
 weight learning (eq. 5), input validation, and equality with PEFT LoRA for one language."""
 
-import copy
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from conftest import LANGUAGES, PAD, DECODER_START, lang_token_id, make_batch, m
 
 from lslo.errors import LsloError
 from lslo.layer import LSLoLinear
-from lslo.model import LSLoModel, LSLoSpec, inject_lslo
+from lslo.model import LSLoSpec, inject_lslo
 
 RANKS = {"en": 2, "fr": 1, "de": 3, "oc": 4, "wo": 2}
 MIXED_PLAN = {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}

@@ -20,15 +20,6 @@ OPTIONS = dict(epochs=2, lr=1e-2, max_tokens=200, warmup_updates=2, max_epoch_ex
 N_SITES = 2 * 5 + 2 * 8  # tiny model: 2 encoder layers x (q k v fc1 fc2) + 2 decoder layers x 8 modules
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core machine mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def stage_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
