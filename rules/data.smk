@@ -31,7 +31,7 @@ rule demo_pretrain:
     log:
         "logs/demo_pretrain.log",
     benchmark:
-        "benchmarks/demo_pretrain.tsv"
+        "results/benchmarks/demo_pretrain.tsv"
     threads: 4
     resources:
         gpu=1,

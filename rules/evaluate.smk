@@ -21,7 +21,7 @@ rule decode:
     log:
         "logs/decode/{variant}/{shard}.log",
     benchmark:
-        "benchmarks/decode/{variant}/{shard}.tsv"
+        "results/benchmarks/decode/{variant}/{shard}.tsv"
     threads: 4
     resources:
         gpu=1,

@@ -21,7 +21,7 @@ rule finetune:
     log:
         "logs/finetune/{variant}.log",
     benchmark:
-        "benchmarks/finetune/{variant}.tsv"
+        "results/benchmarks/finetune/{variant}.tsv"
     threads: 4
     resources:
         gpu=1,

@@ -23,7 +23,7 @@ rule subspace:
     log:
         "logs/subspace/{mode}.log",
     benchmark:
-        "benchmarks/subspace/{mode}.tsv"
+        "results/benchmarks/subspace/{mode}.tsv"
     threads: 4
     resources:
         gpu=1,

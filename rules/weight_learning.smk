@@ -21,7 +21,7 @@ rule weight_learning:
     log:
         "logs/weight_learning.log",
     benchmark:
-        "benchmarks/weight_learning.tsv"
+        "results/benchmarks/weight_learning.tsv"
     threads: 4
     resources:
         gpu=1,
