@@ -64,6 +64,12 @@ class BufferDict(nn.Module):
         return self._buffers.items()
 
 
+# Stacking costs sum(r_l) columns for every row, segments cost one row gather/scatter per layer: on a 2-core CPU
+# with lang12 ranks 2;2;8 (sum 48) a mixed training step took 1.6 s stacked vs 2.0 s in segments (PEFT r=8:
+# 1.4 s; benchmarks/RESULTS.md); past a few dozen rank columns the gather is the cheaper side.
+STACKED_MAX_RANK = 64
+
+
 class _PermuteRows(torch.autograd.Function):
     """x[perm] whose backward is the gather grad[inv_perm], not index_select's scatter-add (slow on CPU)."""
 
@@ -119,7 +125,8 @@ class LoRABank(nn.Module):
         self.B_mask = BufferDict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Mixed-batch kernel: "segments" (sort, per-language matmuls, unsort), "stacked" (see _delta_stacked),
-        # or "auto" = stacked on CUDA, segments elsewhere. Both compute the same eq. 3.
+        # or "auto" = stacked while the present languages' ranks sum to at most STACKED_MAX_RANK, else segments.
+        # Both compute the same eq. 3.
         self.mixed_path = "auto"
         self.reset_parameters()
 
@@ -165,7 +172,8 @@ class LoRABank(nn.Module):
         g = routing_segments
         if g.single is not None:
             return self.lora(x, g.single)
-        if self.mixed_path == "stacked" or (self.mixed_path == "auto" and x.is_cuda):
+        if self.mixed_path == "stacked" or (
+                self.mixed_path == "auto" and sum(self.ranks[lang] for lang, _, _ in g.segments) <= STACKED_MAX_RANK):
             return self._delta_stacked(x, g)
         # split (not slicing: a slice's backward materialises a full-size zero gradient per segment)
         chunks = permute_rows(x, g.perm, g.inv_perm).split([end - start for _, start, end in g.segments])

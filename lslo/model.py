@@ -252,7 +252,8 @@ class LSLoModel(nn.Module):
         return {m.site: m for m in self.base.modules() if isinstance(m, LSLoLinear)}
 
     def set_mixed_path(self, path: str) -> None:
-        """Mixed-batch kernel of every bank: "auto" (stacked on CUDA, segments elsewhere), "segments", "stacked"."""
+        """Mixed-batch kernel of every bank: "auto" (stacked up to layer.STACKED_MAX_RANK
+        summed rank of the batch's languages, segments beyond), "segments", "stacked"."""
         if path not in ("auto", "segments", "stacked"):
             raise LsloError(f"mixed path must be 'auto', 'segments' or 'stacked', got {path!r}")
         for module in self.lslo_modules().values():
