@@ -65,8 +65,8 @@ class BufferDict(nn.Module):
 
 
 # Stacking costs sum(r_l) columns for every row, segments cost one row gather/scatter per layer: on a 2-core CPU
-# with lang12 ranks 2;2;8 (sum 48) a mixed training step took 1.6 s stacked vs 2.0 s in segments (PEFT r=8:
-# 1.4 s; benchmarks/RESULTS.md); past a few dozen rank columns the gather is the cheaper side.
+# with lang12 ranks 2;2;8 (sum 48) a mixed training step took 1.53 s stacked vs 1.75 s in segments (PEFT r=8:
+# 1.22 s; benchmarks/RESULTS.md); past a few dozen rank columns the gather is the cheaper side.
 STACKED_MAX_RANK = 64
 
 
