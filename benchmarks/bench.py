@@ -22,6 +22,7 @@ reported. ``--quick`` runs a tiny shape for 2 steps in seconds (no memory subpro
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -65,12 +66,15 @@ class Shape:
 
 SHAPES = {
     "cpu": Shape("cpu", 512, 6, 2048, 8, 8000),
+    "cpu-m2m100-vocab": Shape("cpu-m2m100-vocab", 512, 6, 2048, 8, 128000),  # M2M100's 128k SentencePiece vocabulary
     "m2m124-615m": Shape("m2m124-615m", 1024, 12, 4096, 16, 256000),
     "demo": Shape("demo", 128, 3, 512, 4, 2000),
     "tiny": Shape("tiny", 64, 2, 128, 4, 500),
 }
 
-TRAIN_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "lslo_segments", "full")
+TRAIN_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "lslo_stacked", "lslo_segments", "full")
+SWEEP_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "full")
+SWEEP = (("cpu", 512), ("cpu-m2m100-vocab", 512))  # (shape, source tokens per batch) for the training-only sweep
 DECODE_SYSTEMS = ("base", "lslo_mixed", "peft_mixed", "merged")
 
 
@@ -151,8 +155,10 @@ def peft_adapter(code: str) -> str:
 
 # ---- training systems ---------------------------------------------------------------------------------------
 def adam(params, lr):
-    # The training recipe's optimizer (Adam, betas 0.9/0.98, §5); the same for every system.
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98))
+    # The training recipe's optimizer (Adam, betas 0.9/0.98, §5; fused kernel), the same for every system.
+    from lslo.train import make_adam
+
+    return make_adam(params, lr)
 
 
 def floor_step(model, batch) -> None:
@@ -176,10 +182,10 @@ def build_train_system(name: str, shape: Shape, languages: list, groups: dict, d
     elif name == "peft":
         model = build_peft(shape, languages, groups, device, per_language=False).train()
         optimizer = adam([p for p in model.parameters() if p.requires_grad], 3e-3)
-    elif name in ("lslo_one", "lslo_mixed", "lslo_segments"):
+    elif name in ("lslo_one", "lslo_mixed", "lslo_stacked", "lslo_segments"):
         model = build_lslo(shape, languages, groups, device).train()
-        if name == "lslo_segments":  # the other mixed-batch kernel, which "auto" takes only for large rank sums
-            model.set_mixed_path("segments")
+        if name in ("lslo_stacked", "lslo_segments"):  # the mixed-batch kernels that "auto" does not take here
+            model.set_mixed_path(name.removeprefix("lslo_"))
         optimizer = adam(model.trainable_parameters(), 3e-3)
         one = name == "lslo_one"
         forward = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
@@ -229,6 +235,18 @@ def build_decode_system(name: str, shape: Shape, languages: list, groups: dict, 
     raise ValueError(f"unknown decoding system {name!r}; expected one of {DECODE_SYSTEMS}")
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory (no mmap for large blocks, no trimming of the heap), as torch's CUDA
+    caching allocator does on GPUs. Otherwise every CPU step faults its activations in afresh: on a 2-core machine
+    that cost up to half of a step, and step times depended on which system had run before. False if not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---- timing -------------------------------------------------------------------------------------------------
 def sync(device) -> None:
     if device.type == "cuda":
@@ -254,12 +272,12 @@ def time_interleaved(runners: dict, warmup: int, steps: int, device) -> dict:
     return times
 
 
-def bench_training(shape, languages, groups, batch, args, device) -> dict:
-    steps = {}
-    for name in TRAIN_SYSTEMS:
+def bench_training(shape, languages, groups, batch, args, device, systems=TRAIN_SYSTEMS, steps=None) -> dict:
+    runners = {}
+    for name in systems:
         _, step = build_train_system(name, shape, languages, groups, device)
-        steps[name] = (lambda s: lambda: s(batch))(step)
-    return time_interleaved(steps, args.warmup, args.steps, device)
+        runners[name] = (lambda s: lambda: s(batch))(step)
+    return time_interleaved(runners, args.warmup, steps or args.steps, device)
 
 
 def bench_decoding(shape, languages, groups, batch, args, device) -> dict:
@@ -376,7 +394,8 @@ def memory_in_subprocesses(shape_name: str, args) -> dict:
     for kind, names in (("train", TRAIN_SYSTEMS), ("decode", DECODE_SYSTEMS)):
         for name in names:
             cmd = [sys.executable, __file__, "--memory-of", f"{kind}:{name}", "--shape", shape_name,
-                   "--batch-tokens", str(args.batch_tokens), "--new-tokens", str(args.new_tokens),
+                   "--batch-tokens", str(args.batch_tokens), "--decode-sentences", str(args.decode_sentences),
+                   "--new-tokens", str(args.new_tokens),
                    "--beams", str(args.beams), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
@@ -388,6 +407,8 @@ def memory_in_subprocesses(shape_name: str, args) -> dict:
 # ---- report -------------------------------------------------------------------------------------------------
 TARGETS = (  # (label, numerator, denominator, bound, "<=" | ">="); ratios of median times
     ("LSLo mixed-12 train step / PEFT step", ("train", "lslo_mixed"), ("train", "peft"), 1.10, "<="),
+    ("LSLo mixed-12 (stacked kernel) train step / PEFT step", ("train", "lslo_stacked"), ("train", "peft"),
+     1.10, "<="),
     ("LSLo mixed-12 (segments kernel) train step / PEFT step", ("train", "lslo_segments"), ("train", "peft"),
      1.10, "<="),
     ("LSLo one-direction train step / PEFT step", ("train", "lslo_one"), ("train", "peft"), 1.05, "<="),
@@ -435,9 +456,9 @@ def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict
         t = med[("train", name)]
         lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('train', 'peft')]:.3f} | "
                      f"{t / med[('train', 'floor')]:.3f} | {train_tokens / t:.0f} | {mem(('train', name))} |")
-    out_tokens = n_sentences * args.new_tokens
-    lines += ["", f"Beam-{args.beams} decoding, {args.new_tokens} new tokens per sentence (min = max), "
-              f"median of {args.decode_steps}:", "",
+    out_tokens = args.decode_sentences * args.new_tokens
+    lines += ["", f"Beam-{args.beams} decoding of {args.decode_sentences} sentences (12 source languages, mixed "
+              f"targets), {args.new_tokens} new tokens per sentence (min = max), median of {args.decode_steps}:", "",
               "| system | median ms | x PEFT mixed | x base | output tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|"]
     for name in DECODE_SYSTEMS:
         if ("decode", name) not in med:
@@ -455,6 +476,25 @@ def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict
         ratio = med[num] / med[den]
         ok = ratio <= bound if op == "<=" else ratio >= bound
         lines.append(f"| {label} | {ratio:.3f} | {op} {bound:.2f} | {'PASS' if ok else 'MISS'} |")
+    return lines + [""]
+
+
+def run_sweep(args, device) -> list:
+    """Training-step ratios of SWEEP_SYSTEMS at the other (shape, batch) points of SWEEP: where the fixed
+    per-language costs of LSLo weigh most (small batches) and where the output layer does (M2M100's vocabulary)."""
+    lines = [f"### Training step at other shapes and batch sizes (median of {args.sweep_steps} after "
+             f"{args.warmup} warm-up, interleaved)", "",
+             "| shape | vocab | batch (source tokens) | PEFT ms | one-direction / PEFT | mixed-12 / PEFT | "
+             "mixed-12 / full | floor / full |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape_name, tokens in SWEEP:
+        shape, languages = SHAPES[shape_name], list(LANG12)
+        print(f"[sweep {shape_name}, {tokens} tokens] training ...", file=sys.stderr, flush=True)
+        batch = make_batch(shape, languages, max(tokens // SENTENCE_LEN, 1), SENTENCE_LEN, device)
+        med = medians(bench_training(shape, languages, LANG12, batch, args, device, SWEEP_SYSTEMS,
+                                     args.sweep_steps))
+        lines.append(f"| {shape_name} | {shape.vocab} | {tokens} | {1000 * med['peft']:.0f} | "
+                     f"{med['lslo_one'] / med['peft']:.3f} | {med['lslo_mixed'] / med['peft']:.3f} | "
+                     f"{med['lslo_mixed'] / med['full']:.3f} | {med['floor'] / med['full']:.3f} |")
     return lines + [""]
 
 
@@ -482,11 +522,17 @@ DEFINITIONS = f"""Definitions
   the encoder target-indexed (paper §4.1), the rest of the encoder source-indexed, the decoder target-indexed.
   lslo_one routes the whole batch as one direction ({ONE_DIRECTION[0]}->{ONE_DIRECTION[1]}); lslo_mixed routes
   each sentence by its own direction (all 12 languages as sources in every batch) with the default kernel
-  ("auto": stacked here, all present languages' A/B concatenated with a per-row routing scale, since their
-  ranks sum to 48); lslo_segments does the same with the segments kernel (rows sorted by language, one LoRA
-  per language, rows unsorted).
-- full: every parameter trainable. All trained systems: Adam (betas 0.9/0.98), lr 3e-3 (adapters) or 1e-4 (full),
-  zero_grad(set_to_none=True) each step, model dropout 0.1, adapter dropout 0.
+  ("auto", which takes "gathered" for training: each sentence's A/B gathered and zero-padded to rank 8, two
+  batched matmuls); lslo_stacked and lslo_segments force the other kernels (all present languages' A/B
+  concatenated with a per-row routing scale: 48 rank columns for every row; rows sorted by language, one
+  LoRA per language, rows unsorted).
+- full: every parameter trainable. All trained systems: Adam (betas 0.9/0.98, torch's fused kernel, as
+  `lslo.train.make_adam`), lr 3e-3 (adapters) or 1e-4 (full), zero_grad(set_to_none=True) each step, model
+  dropout 0.1, adapter dropout 0.
+- batches: 32-token sentences; training batches cycle the 12 languages as sources, with random other targets.
+- CPU allocator: glibc malloc keeps freed memory (`keep_freed_memory`: no mmap, no trim), as torch's caching
+  allocator does on CUDA; otherwise page faults on fresh activations cost up to half a step on this machine and
+  made each system's time depend on the system timed before it.
 - decoding: beam search, min_new_tokens = max_new_tokens so every system emits the same number of tokens;
   decoder prompt [eos, target-language token] per sentence. peft_mixed: one PEFT adapter per language (ranks
   as LSLo), `adapter_names` = each sentence's target language (PEFT routes a sample to one adapter in every
@@ -507,7 +553,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed training repetitions per system")
     p.add_argument("--decode-steps", type=int, default=5, help="timed decoding repetitions per system")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch-tokens", type=int, default=512, help=f"source tokens per batch ({SENTENCE_LEN} per sentence)")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help=f"source tokens per training batch ({SENTENCE_LEN} per sentence)")
+    p.add_argument("--decode-sentences", type=int, default=16, help="sentences per decoding batch")
+    p.add_argument("--sweep-steps", type=int, default=5, help="timed repetitions per point of the training sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the training sweep over shapes and batch sizes")
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--sentences-per-direction", type=int, default=4)
@@ -522,6 +572,7 @@ def parse_args(argv=None):
     if args.quick:
         args.shape, args.steps, args.decode_steps, args.warmup = "tiny", 2, 1, 1
         args.new_tokens, args.direction_tokens, args.sentences_per_direction, args.no_memory = 4, 3, 2, True
+        args.batch_tokens, args.decode_sentences, args.no_sweep = 512, 4, True
     if args.out is None and not args.quick:
         args.out = str(REPO / "benchmarks" / "RESULTS.md")
     return args
@@ -534,7 +585,8 @@ def run_shape(shape: Shape, args, device) -> list:
     print(f"[{shape.name}] training ...", file=sys.stderr, flush=True)
     train = bench_training(shape, languages, LANG12, batch, args, device)
     print(f"[{shape.name}] decoding ...", file=sys.stderr, flush=True)
-    decode = bench_decoding(shape, languages, LANG12, batch, args, device)
+    decode_batch = make_batch(shape, languages, args.decode_sentences, SENTENCE_LEN, device)
+    decode = bench_decoding(shape, languages, LANG12, decode_batch, args, device)
     memory = {}
     if not args.no_memory:
         print(f"[{shape.name}] memory (one process per system) ...", file=sys.stderr, flush=True)
@@ -550,7 +602,8 @@ def main(argv=None) -> str:
     if args.memory_of:
         kind, name = args.memory_of.split(":")
         shape = SHAPES[args.shape]
-        batch = make_batch(shape, list(LANG12), max(args.batch_tokens // SENTENCE_LEN, 1), SENTENCE_LEN, device)
+        n = max(args.batch_tokens // SENTENCE_LEN, 1) if kind == "train" else args.decode_sentences
+        batch = make_batch(shape, list(LANG12), n, SENTENCE_LEN, device)
         print(json.dumps(measure_memory(kind, name, shape, list(LANG12), LANG12, batch, args, device)))
         return ""
     names = [args.shape] if args.shape != "auto" else (["cpu", "m2m124-615m"] if device.type == "cuda" else ["cpu"])
@@ -560,6 +613,8 @@ def main(argv=None) -> str:
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
     for name in names:
         lines += run_shape(SHAPES[name], args, device)
+    if not args.no_sweep and device.type == "cpu":
+        lines += run_sweep(args, device)
     if not args.no_directions:
         print("directions sweep ...", file=sys.stderr, flush=True)
         lines += directions_report(bench_directions(args, device), args)
@@ -574,4 +629,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # process-wide, so only when run as a script (and in its memory subprocesses)
     main()

@@ -115,12 +115,13 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
     from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
 
     from lslo.data import TemperatureSampler, epoch_batches
+    from lslo.train import make_adam
 
     if max_steps is None and max_minutes is None:
         raise LsloError("pretraining needs max_steps or max_minutes")
     torch.manual_seed(seed)
     sampler = TemperatureSampler(corpus.sizes(), temperature=temperature, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    optimizer = make_adam(model.parameters(), lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_lr(s + 1, warmup))
     pad, start_id = tokenizer.pad_token_id, model.config.decoder_start_token_id
     start, step, epoch, losses = time.monotonic(), 0, 0, []

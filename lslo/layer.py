@@ -64,10 +64,12 @@ class BufferDict(nn.Module):
         return self._buffers.items()
 
 
-# Stacking costs sum(r_l) columns for every row, segments cost one row gather/scatter per layer: on a 2-core CPU
-# with lang12 ranks 2;2;8 (sum 48) a mixed training step took 1.53 s stacked vs 1.75 s in segments (PEFT r=8:
-# 1.22 s; benchmarks/RESULTS.md); past a few dozen rank columns the gather is the cheaper side.
-STACKED_MAX_RANK = 64
+MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
+# Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
+# max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. Training and encoding (T ~ 30) gather; one-token
+# decoding steps stack unless one language's rank dwarfs the others' sum (on a 2-core CPU, lang12 2;2;8 beam
+# search: stacked 1.63 s, gathered 1.66 s; benchmarks/bench.py).
+GATHER_COST = 8
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -124,9 +126,9 @@ class LoRABank(nn.Module):
         self.A_mask = BufferDict()
         self.B_mask = BufferDict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Mixed-batch kernel: "segments" (sort, per-language matmuls, unsort), "stacked" (see _delta_stacked),
-        # or "auto" = stacked while the present languages' ranks sum to at most STACKED_MAX_RANK, else segments.
-        # Both compute the same eq. 3.
+        # Mixed-batch kernel (all compute the same eq. 3): "gathered" (each sample's A/B gathered, padded to the
+        # largest rank, batched matmuls), "stacked" (all languages' A/B stacked, per-sample routing scale),
+        # "segments" (rows sorted by language, one LoRA per language), or "auto" (see GATHER_COST).
         self.mixed_path = "auto"
         self.reset_parameters()
 
@@ -165,32 +167,82 @@ class LoRABank(nn.Module):
         h = F.linear(self.dropout(x), self.effective_A(lang))
         return F.linear(h, self.effective_B(lang)) * self.scaling[lang]
 
-    def delta(self, x: torch.Tensor, routing_segments: "Grouping") -> torch.Tensor:
-        """B_l A_l x per segment of samples sharing a language (dim 0 of x is the batch)."""
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, g: "Grouping", weight=None) -> torch.Tensor:
+        """out + weight · s_l B_l A_l x, each sample with its own language l (dim 0 of x is the batch).
+
+        The last matmul adds into ``out`` (addmm, with s_l as its alpha), so the LoRA costs no separate
+        scaling or addition pass over the [rows, out] activations."""
         if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.A[self.languages[0]].dtype)
-        g = routing_segments
         if g.single is not None:
-            return self.lora(x, g.single)
-        if self.mixed_path == "stacked" or (
-                self.mixed_path == "auto" and sum(self.ranks[lang] for lang, _, _ in g.segments) <= STACKED_MAX_RANK):
-            return self._delta_stacked(x, g)
+            h = F.linear(self.dropout(x), self.effective_A(g.single))
+            b, scale = self.effective_B(g.single), self.scaling[g.single]
+        elif (kernel := self.mixed_kernel(g, x)) == "gathered":
+            h, b = self._gathered_hidden(x, g)
+            if weight is not None:
+                h = h * weight
+            if not torch.is_autocast_enabled(out.device.type):
+                h, b = h.to(out.dtype), b.to(out.dtype)
+            return torch.baddbmm(out.view(h.shape[0], -1, out.shape[-1]), h, b).view(out.shape)
+        elif kernel == "stacked":
+            h, b = self._stacked_hidden(x, g)
+            scale = 1.0
+        else:
+            delta = self._delta_segments(x, g)
+            return out + (delta if weight is None else delta * weight).to(out.dtype)
+        if weight is not None:  # eq. 5's layer-shared weight, applied on the small [rows, r] side
+            h = h * weight
+        if not torch.is_autocast_enabled(out.device.type):
+            h, b = h.to(out.dtype), b.to(out.dtype)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+        return flat.view(out.shape)
+
+    def mixed_kernel(self, g: "Grouping", x: torch.Tensor) -> str:
+        if self.mixed_path != "auto":
+            return self.mixed_path
+        ranks = [self.ranks[lang] for lang, _, _ in g.segments]
+        tokens = x[0].numel() // x.shape[-1]  # per sample
+        return "gathered" if max(ranks) * (tokens + GATHER_COST) < tokens * sum(ranks) else "stacked"
+
+    def _gathered_hidden(self, x: torch.Tensor, g: "Grouping") -> tuple:
+        """Mixed batch at one LoRA's cost: each sample's A and B are gathered from the present languages' stacked
+        matrices, zero-padded to the largest rank r, and applied with batched matmuls: FLOPs of a single rank-r
+        LoRA, no copy of the activations. -> (s_l A_l x as [B, T, r], B_l^T as [B, r, out])."""
+        present = [lang for lang, _, _ in g.segments]
+        index, scale = g.gather_index([(self.ranks[lang], self.scaling[lang]) for lang in present])
+        a, b = g.stacked_weights(self, "gathered", lambda: (
+            torch.cat([self.effective_A(lang) for lang in present] + [self._zero_row(self.in_features)]),
+            torch.cat([self.effective_B(lang).t() for lang in present] + [self._zero_row(self.out_features)])))
+        rows = index.shape[1]
+        a_per_sample = a.index_select(0, index.view(-1)).view(-1, rows, self.in_features)
+        b_per_sample = b.index_select(0, index.view(-1)).view(-1, rows, self.out_features)
+        h = torch.bmm(self.dropout(x).reshape(x.shape[0], -1, self.in_features), a_per_sample.transpose(1, 2))
+        return (h if scale is None else h * scale), b_per_sample
+
+    def _zero_row(self, width: int) -> torch.Tensor:
+        # the padding row that every sample whose rank is below the largest points at
+        return self.A[self.languages[0]].new_zeros(1, width)
+
+    def _delta_segments(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
+        """Rows sorted by language, one LoRA per language, rows unsorted."""
         # split (not slicing: a slice's backward materialises a full-size zero gradient per segment)
         chunks = permute_rows(x, g.perm, g.inv_perm).split([end - start for _, start, end in g.segments])
         parts = [self.lora(chunk, lang) for chunk, (lang, _, _) in zip(chunks, g.segments)]
         return permute_rows(torch.cat(parts, dim=0), g.inv_perm, g.perm)
 
-    def _delta_stacked(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
+    def _stacked_hidden(self, x: torch.Tensor, g: "Grouping") -> tuple:
         """Mixed batch without moving activations: the present languages' A (and B) are stacked into one
         [sum r_l, in] matrix, and a per-sample routing scale (s_l on the sample's own rank columns, 0 elsewhere)
-        selects each sample's LoRA. Low-rank matmuls are memory-bound on GPUs, so this costs about one LoRA
-        while avoiding the gather/scatter copies of full activations; absent languages still get no gradient."""
+        selects each sample's LoRA. -> (routed A x, stacked B). Low-rank matmuls are memory-bound on GPUs, so this
+        costs about one LoRA while avoiding the gather/scatter copies of full activations; absent languages still
+        get no gradient."""
         present = [lang for lang, _, _ in g.segments]
-        a = torch.cat([self.effective_A(lang) for lang in present], dim=0)
-        b = torch.cat([self.effective_B(lang) for lang in present], dim=1)
+        a, b = g.stacked_weights(self, "stacked", lambda: (
+            torch.cat([self.effective_A(lang) for lang in present], dim=0),
+            torch.cat([self.effective_B(lang) for lang in present], dim=1)))
         h = F.linear(self.dropout(x), a)
         route = g.route_scale([(self.ranks[lang], self.scaling[lang]) for lang in present], h.dtype)
-        return F.linear(h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b)
+        return h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b
 
 
 @dataclass(eq=False)
@@ -217,6 +269,34 @@ class Grouping:
                 route[self.host_perm[start:end], offset:offset + r] = s
                 offset += r
             self._routes[key] = route.to(device=self.device, dtype=dtype, non_blocking=True)
+        return self._routes[key]
+
+    def stacked_weights(self, bank: "LoRABank", kernel: str, stack) -> tuple:
+        """``stack()``, the bank's stacked A/B for this batch; kept for the rest of the batch when no gradient is
+        recorded, since weights cannot change during one generate call (every beam step reuses them)."""
+        if torch.is_grad_enabled():
+            return stack()
+        key = ("weights", id(bank), kernel)
+        if key not in self._routes:
+            self._routes[key] = stack()
+        return self._routes[key]
+
+    def gather_index(self, rank_scaling: list) -> tuple:
+        """([rows, max r_l] indexes into the stacked A (segment order) plus one trailing zero row, which pads the
+        shorter ranks; [rows, 1, 1] per-row scaling s_l, or None when every s_l is 1). Cached like route_scale."""
+        key = ("gather", tuple(rank_scaling))
+        if key not in self._routes:
+            total, width = sum(r for r, _ in rank_scaling), max(r for r, _ in rank_scaling)
+            index = torch.full((self.ids.numel(), width), total, dtype=torch.long)
+            scale = torch.ones(self.ids.numel())
+            offset = 0
+            for (lang, start, end), (r, s) in zip(self.segments, rank_scaling):
+                rows = self.host_perm[start:end]
+                index[rows, :r] = torch.arange(offset, offset + r)
+                scale[rows] = s
+                offset += r
+            scale = None if bool((scale == 1).all()) else scale.view(-1, 1, 1).to(self.device, non_blocking=True)
+            self._routes[key] = (index.to(self.device, non_blocking=True), scale)
         return self._routes[key]
 
 
@@ -335,10 +415,8 @@ class LSLoLinear(nn.Module):
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():
             grouping = self.routing.grouping(index, batch_size, x.device)
-            delta = self.banks[index].delta(x, grouping)
-            if self.index == "learn":  # eq. 5: layer-shared softmax weight
-                delta = delta * w
-            out = out + delta.to(out.dtype)
+            # eq. 5 weighs each bank by its layer-shared softmax weight; eq. 3 has one bank, unweighted
+            out = self.banks[index].add_delta(out, x, grouping, w if self.index == "learn" else None)
         return out
 
     def extra_repr(self) -> str:

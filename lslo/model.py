@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lslo.errors import LsloError
-from lslo.layer import INDEXES, IndexWeights, LoRABank, LSLoLinear, Routing
+from lslo.layer import INDEXES, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -252,10 +252,10 @@ class LSLoModel(nn.Module):
         return {m.site: m for m in self.base.modules() if isinstance(m, LSLoLinear)}
 
     def set_mixed_path(self, path: str) -> None:
-        """Mixed-batch kernel of every bank: "auto" (stacked up to layer.STACKED_MAX_RANK
-        summed rank of the batch's languages, segments beyond), "segments", "stacked"."""
-        if path not in ("auto", "segments", "stacked"):
-            raise LsloError(f"mixed path must be 'auto', 'segments' or 'stacked', got {path!r}")
+        """Mixed-batch kernel of every bank: one of layer.MIXED_PATHS ("auto" chooses per call, see
+        layer.GATHER_COST)."""
+        if path not in MIXED_PATHS:
+            raise LsloError(f"mixed path must be one of {', '.join(MIXED_PATHS)}; got {path!r}")
         for module in self.lslo_modules().values():
             for bank in module.banks.values():
                 bank.mixed_path = path

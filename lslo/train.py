@@ -199,6 +199,16 @@ def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
     return label_smoothed_nll_loss(logits, labels, epsilon)[0]
 
 
+def make_adam(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-8, weight_decay: float = 0.0):
+    """Adam with torch's fused kernel where every parameter is a CPU or CUDA float tensor: one kernel over all
+    tensors instead of a Python loop per tensor (an LSLo model has two tensors per language and site, e.g. 1,872
+    for lang12 on a 6+6-layer M2M100, where the loop costs as much as a tenth of a CPU training step)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                            fused=fused or None)
+
+
 def train_update(model, optimizer, micro_batches: list[dict], options: TrainOptions, lr: float, device,
                  scaler=None, autocast=contextlib.nullcontext, world_size: int = 1) -> tuple[float, int]:
     """One optimizer update over `micro_batches` (gradient accumulation): returns (summed loss, target tokens).
@@ -491,8 +501,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LsloError("the model has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=options.lr, betas=tuple(options.adam_betas),
-                                 weight_decay=options.weight_decay)
+    optimizer = make_adam(params, options.lr, options.adam_betas, weight_decay=options.weight_decay)
     autocast, scaler = amp_setup(options, device)
     ddp_model = model
     if world_size > 1:

@@ -48,7 +48,7 @@ def test_init_like_peft_and_shapes():
     assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
 @pytest.mark.parametrize("index", ["src", "tgt"])
 def test_mixed_batch_equals_per_sample_formula(index, mixed_path):
     layer, routing = make_layer(index, alpha=3, mixed_path=mixed_path)
@@ -70,7 +70,7 @@ def test_single_language_fast_path_and_alpha():
     torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
 def test_masks_zero_entries_and_block_their_gradient(mixed_path):
     layer, routing = make_layer("src", mixed_path=mixed_path)
     bank = layer.banks["src"]
@@ -94,7 +94,7 @@ def test_masks_zero_entries_and_block_their_gradient(mixed_path):
     assert {"banks.src.A_mask.fr", "banks.src.B_mask.fr", "banks.src.A.fr", "base.weight"} <= keys
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
 def test_weight_learning_mixes_both_banks(mixed_path):
     layer, routing = make_layer("learn", mixed_path=mixed_path)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_weight_learning_mixes_both_banks(mixed_path):
     assert "index_weights.logits" not in layer.state_dict()  # registered once at model level
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
 def test_routing_beams_repeat_interleave_and_cache(mixed_path):
     layer, routing = make_layer("tgt", mixed_path=mixed_path)
     tgt = ["fr", "oc", "en"]
@@ -148,7 +148,7 @@ def test_buffer_dict():
     assert dict(d.items()).keys() == {"en"} and list(d.state_dict()) == ["en"]
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
 def test_mixed_batch_gradients_equal_per_sample_formula(mixed_path):
     layer, routing = make_layer("src", mixed_path=mixed_path)
     src = ["oc", "en", "oc", "fr", "en"]
@@ -161,3 +161,34 @@ def test_mixed_batch_gradients_equal_per_sample_formula(mixed_path):
     expected = torch.autograd.grad((by_hand(layer, x, src, "src") * weights).sum(), params)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_kernel_compares_stacked_and_gathered_costs():
+    """auto: gathered when max(r)·(T + GATHER_COST) < T·sum(r) for T tokens per sample (ranks 1..4 here)."""
+    from lslo.layer import GATHER_COST
+
+    layer, routing = make_layer("src", mixed_path="auto")
+    routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+    bank, grouping = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
+    for tokens in (1, 2, 30):
+        expected = "gathered" if 4 * (tokens + GATHER_COST) < tokens * 10 else "stacked"
+        assert bank.mixed_kernel(grouping, torch.zeros(4, tokens, 8)) == expected
+    assert bank.mixed_kernel(grouping, torch.zeros(4, 30, 8)) == "gathered"
+    assert bank.mixed_kernel(grouping, torch.zeros(4, 1, 8)) == "stacked"
+
+
+@pytest.mark.parametrize("mixed_path", ["stacked", "gathered"])
+def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path):
+    """Without autograd the stacked weights are built once per batch (every beam step reuses them); a new batch
+    (routing.set) sees weights changed in between."""
+    layer, routing = make_layer("src", mixed_path=mixed_path)
+    src = ["fr", "en", "oc", "de"]
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([0, 0, 0, 0]))
+        first = layer(x)
+        torch.testing.assert_close(layer(x), first)
+        layer.banks["src"].B["oc"].mul_(3)
+        routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([0, 0, 0, 0]))
+        torch.testing.assert_close(layer(x), by_hand(layer, x, src, "src"), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first[2], layer(x)[2].detach())

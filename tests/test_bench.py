@@ -1,0 +1,32 @@
+"""benchmarks/bench.py runs end to end (tiny shape) and reports every system and target."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_report_has_every_system_and_target(bench, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    report = bench.main(["--quick", "--no-directions", "--out", str(out)])
+    assert out.read_text(encoding="utf-8") == report
+    for name in bench.TRAIN_SYSTEMS + bench.DECODE_SYSTEMS:
+        assert re.search(rf"^\| {name} \| \d+\.\d ", report, re.M), name
+    verdicts = re.findall(r"^\| (LSLo|merged)[^|]*\| (\d+\.\d+) \| (<=|>=) (\d+\.\d+) \| (PASS|MISS) \|$", report, re.M)
+    assert len(verdicts) == len(bench.TARGETS)
+    for _, ratio, op, bound, verdict in verdicts:  # the verdict follows from the printed ratio and bound
+        ok = float(ratio) <= float(bound) if op == "<=" else float(ratio) >= float(bound)
+        assert verdict == ("PASS" if ok else "MISS")
