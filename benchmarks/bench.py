@@ -298,8 +298,10 @@ def bench_decoding(shape, languages, groups, batch, args, device) -> dict:
 
 # ---- evaluation cost against the number of directions -------------------------------------------------------
 def bench_directions(args, device) -> list:
-    """Decode ``args.sentences_per_direction`` sentences for every direction, one generate call per direction
-    (as the evaluate stage does), with LSLo on a demo-sized random model; 12 vs 30 languages."""
+    """Decode ``args.sentences_per_direction`` sentences in every direction as the evaluate stage does: all
+    directions' sentences in mixed-direction generate calls of at most ``args.direction_max_tokens`` source
+    tokens (``lslo.evaluate.make_decoding_batches``), LSLo on a demo-sized random model; 12 vs 30 languages."""
+    from lslo.evaluate import make_decoding_batches
     from lslo.languages import read_language_table, select
 
     table = read_language_table(REPO / "config" / "languages.tsv")
@@ -312,7 +314,9 @@ def bench_directions(args, device) -> list:
         groups = {c: table.loc[c, "resource"] for c in languages}
         model = build_lslo(shape, languages, groups, device).eval()
         pairs = [(s, t) for s in range(len(languages)) for t in range(len(languages)) if s != t]
-        batches = [direction_batch(shape, s, t, args.sentences_per_direction, device) for s, t in pairs]
+        samples = [(s, t, i) for s, t in pairs for i in range(args.sentences_per_direction)]
+        batches = [directions_batch(shape, [samples[j] for j in indices], device) for indices in
+                   make_decoding_batches([DIRECTION_LEN] * len(samples), args.direction_max_tokens)]
         decode = lambda b: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
                                           **generation_kwargs(b, args.direction_tokens, args.beams))
         decode(batches[0])  # warm-up
@@ -323,17 +327,23 @@ def bench_directions(args, device) -> list:
         sync(device)
         seconds = time.perf_counter() - start
         rows.append({"languages": subset if not args.quick else f"{subset}[:{len(languages)}]",
-                     "n_languages": len(languages), "directions": len(pairs), "seconds": seconds,
-                     "ms_per_direction": 1000 * seconds / len(pairs)})
+                     "n_languages": len(languages), "directions": len(pairs), "generate_calls": len(batches),
+                     "seconds": seconds, "ms_per_direction": 1000 * seconds / len(pairs)})
     return rows
 
 
-def direction_batch(shape: Shape, src: int, tgt: int, n: int, device, length: int = 16) -> dict:
-    g = torch.Generator().manual_seed(1)  # the same sentences in every direction
-    input_ids = torch.randint(3, shape.vocab, (n, length), generator=g)
-    input_ids[:, 0], input_ids[:, -1] = lang_token(shape, src), EOS
-    src_lang, tgt_lang = torch.full((n,), src), torch.full((n,), tgt)
-    start = torch.stack([torch.full((n,), EOS), torch.full((n,), lang_token(shape, tgt))], dim=1)
+DIRECTION_LEN = 16  # source tokens per sentence in the directions sweep
+
+
+def directions_batch(shape: Shape, samples: list, device) -> dict:
+    """[(src, tgt, sentence index)] -> one mixed-direction batch; sentence i is the same text in every direction."""
+    sentences = torch.randint(3, shape.vocab, (max(i for _, _, i in samples) + 1, DIRECTION_LEN),
+                              generator=torch.Generator().manual_seed(1))
+    src_lang = torch.tensor([s for s, _, _ in samples])
+    tgt_lang = torch.tensor([t for _, t, _ in samples])
+    input_ids = sentences[[i for _, _, i in samples]]
+    input_ids[:, 0], input_ids[:, -1] = shape.vocab + src_lang, EOS
+    start = torch.stack([torch.full_like(tgt_lang, EOS), shape.vocab + tgt_lang], dim=1)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "src_lang": src_lang,
              "tgt_lang": tgt_lang, "decoder_start": start}
     return {k: v.to(device) for k, v in batch.items()}
@@ -499,12 +509,13 @@ def run_sweep(args, device) -> list:
 
 
 def directions_report(rows: list, args) -> list:
-    lines = [f"### Evaluation cost against the number of directions (LSLo, one generate per direction, "
-             f"{args.sentences_per_direction} sentences x 16 tokens, beam {args.beams}, "
+    lines = [f"### Evaluation cost against the number of directions (LSLo, mixed-direction generate calls of at "
+             f"most {args.direction_max_tokens} source tokens as in the evaluate stage, "
+             f"{args.sentences_per_direction} sentences x {DIRECTION_LEN} tokens per direction, beam {args.beams}, "
              f"{args.direction_tokens} new tokens, `{'tiny' if args.quick else 'demo'}` shape)", "",
-             "| languages | directions | seconds | ms / direction |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['languages']} | {r['directions']} | {r['seconds']:.1f} | {r['ms_per_direction']:.1f} |"
-              for r in rows]
+             "| languages | directions | generate calls | seconds | ms / direction |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['languages']} | {r['directions']} | {r['generate_calls']} | {r['seconds']:.1f} | "
+              f"{r['ms_per_direction']:.1f} |" for r in rows]
     if len(rows) == 2:
         a, b = rows
         lines += ["", f"time ratio {b['seconds'] / a['seconds']:.2f} for a direction ratio "
@@ -562,6 +573,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--sentences-per-direction", type=int, default=4)
     p.add_argument("--direction-tokens", type=int, default=10)
+    p.add_argument("--direction-max-tokens", type=int, default=4000,
+                   help="source tokens per generate call in the directions sweep (config eval.max_tokens)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the per-system memory subprocesses")
     p.add_argument("--no-directions", action="store_true", help="skip the 12 vs 30 languages decoding sweep")
@@ -572,6 +585,7 @@ def parse_args(argv=None):
     if args.quick:
         args.shape, args.steps, args.decode_steps, args.warmup = "tiny", 2, 1, 1
         args.new_tokens, args.direction_tokens, args.sentences_per_direction, args.no_memory = 4, 3, 2, True
+        args.direction_max_tokens = 64
         args.batch_tokens, args.decode_sentences, args.no_sweep = 512, 4, True
     if args.out is None and not args.quick:
         args.out = str(REPO / "benchmarks" / "RESULTS.md")
