@@ -66,10 +66,11 @@ class BufferDict(nn.Module):
 
 MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
 # Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
-# max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. Training and encoding (T ~ 30) gather; one-token
-# decoding steps stack unless one language's rank dwarfs the others' sum (on a 2-core CPU, lang12 2;2;8 beam
-# search: stacked 1.63 s, gathered 1.66 s; benchmarks/bench.py).
-GATHER_COST = 8
+# max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. A gathered weight is a memory copy per row and
+# step, a stacked rank column a multiply-add per token: training and encoding (T ~ 30) gather, one-token decoding
+# steps stack. On a 2-core CPU, decoding all 870 lang30 directions took 11.3 s with 8 here (its decoder steps
+# then gathered) and 9.5 s with 64; lang12 was unchanged (1.46 / 1.43 s).
+GATHER_COST = 64
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -194,6 +195,10 @@ class LoRABank(nn.Module):
             h = h * weight
         if not torch.is_autocast_enabled(out.device.type):
             h, b = h.to(out.dtype), b.to(out.dtype)
+        if not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == out.dtype:
+            # decoding: add into the frozen layer's fresh output in place (no autograd needs it)
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+            return out
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
         return flat.view(out.shape)
 
@@ -411,6 +416,10 @@ class LSLoLinear(nn.Module):
         return {"src": w[0], "tgt": w[1]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self.index != "learn":
+            merged = self._merged_inference(x)
+            if merged is not None:
+                return merged
         out = self.base(x)
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():
@@ -418,6 +427,16 @@ class LSLoLinear(nn.Module):
             # eq. 5 weighs each bank by its layer-shared softmax weight; eq. 3 has one bank, unweighted
             out = self.banks[index].add_delta(out, x, grouping, w if self.index == "learn" else None)
         return out
+
+    def _merged_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Without autograd (decoding), a batch of one language runs as a merged layer W + s_l B_l A_l, built once
+        per batch (what merge_direction does for a whole model). None for mixed batches."""
+        g = self.routing.grouping(self.index, x.shape[0], x.device)
+        if g.single is None:
+            return None
+        weight, bank = self.base.weight, self.banks[self.index]
+        merged = g.stacked_weights(bank, "merged", lambda: (weight + bank.delta_weight(g.single).to(weight.dtype),))
+        return F.linear(x, merged[0], self.base.bias)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, index={self.index}"

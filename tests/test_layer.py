@@ -170,10 +170,10 @@ def test_auto_kernel_compares_stacked_and_gathered_costs():
     layer, routing = make_layer("src", mixed_path="auto")
     routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
     bank, grouping = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
-    for tokens in (1, 2, 30):
+    for tokens in (1, 2, 30, 100, 500):
         expected = "gathered" if 4 * (tokens + GATHER_COST) < tokens * 10 else "stacked"
         assert bank.mixed_kernel(grouping, torch.zeros(4, tokens, 8)) == expected
-    assert bank.mixed_kernel(grouping, torch.zeros(4, 30, 8)) == "gathered"
+    assert bank.mixed_kernel(grouping, torch.zeros(4, 500, 8)) == "gathered"
     assert bank.mixed_kernel(grouping, torch.zeros(4, 1, 8)) == "stacked"
 
 
@@ -192,3 +192,18 @@ def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path):
         routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([0, 0, 0, 0]))
         torch.testing.assert_close(layer(x), by_hand(layer, x, src, "src"), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(first[2], layer(x)[2].detach())
+
+
+@pytest.mark.parametrize("mixed_path", ["auto", "stacked", "gathered", "segments"])
+@pytest.mark.parametrize("langs", [["fr", "en", "oc", "de", "fr"], ["oc", "oc", "oc", "oc", "oc"]])
+def test_inference_equals_training_forward(mixed_path, langs):
+    """Without autograd a one-language batch runs as a merged layer and stacked batches add in place: the same
+    outputs as the autograd path, one token or many per sample."""
+    layer, routing = make_layer("tgt", alpha=3, mixed_path=mixed_path)
+    routing.set(torch.zeros(5, dtype=torch.long), torch.tensor([LANGS.index(c) for c in langs]))
+    for tokens in (1, 4):
+        x = torch.randn(5, tokens, 8)
+        with torch.no_grad():
+            fast = layer(x)
+        torch.testing.assert_close(fast, layer(x).detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast, by_hand(layer, x, langs, "tgt"), atol=1e-5, rtol=1e-5)
