@@ -16,6 +16,10 @@ Structure (other modules rely on these names):
 - ``Routing``: the per-batch language routing shared by every layer. The grouping (single-language fast path, or
   a stable sort permutation, its inverse and the (lang, start, end) segments) is computed once per batch and per
   (index, batch size), with one host sync per batch, never per layer.
+- Mixed batches (``LoRABank.mixed_path``): "gathered" (each sample's A/B gathered and zero-padded to the largest
+  rank, batched matmuls; training and encoding), "stacked" (all present languages' A/B stacked, per-sample routing
+  scale; one-token decoding steps), "segments" (rows sorted by language). Without autograd a one-language batch
+  runs as a merged layer W + s_l B_l A_l.
 
 State-dict keys of one site (relative to the wrapped module): ``base.weight``, ``base.bias``,
 ``banks.{src|tgt}.A.{lang}``, ``banks.{src|tgt}.B.{lang}``, ``banks.{src|tgt}.A_mask.{lang}``,
@@ -195,7 +199,7 @@ class LoRABank(nn.Module):
             h = h * weight
         if not torch.is_autocast_enabled(out.device.type):
             h, b = h.to(out.dtype), b.to(out.dtype)
-        if not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == out.dtype:
+        if not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == b.dtype == out.dtype:
             # decoding: add into the frozen layer's fresh output in place (no autograd needs it)
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
             return out

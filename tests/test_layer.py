@@ -207,3 +207,19 @@ def test_inference_equals_training_forward(mixed_path, langs):
             fast = layer(x)
         torch.testing.assert_close(fast, layer(x).detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fast, by_hand(layer, x, langs, "tgt"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tgt", [[0, 1, 2, 3], [2, 2, 2, 2]])
+@pytest.mark.parametrize("mixed_path", ["stacked", "gathered"])
+def test_inference_under_autocast_matches_float32(mixed_path, tgt):
+    """Decoding under autocast (bf16 on CPU here; fp16/bf16 on GPUs): the in-place and merged fast paths must
+    not mix dtypes."""
+    layer, routing = make_layer("tgt", mixed_path=mixed_path)
+    routing.set(torch.zeros(4, dtype=torch.long), torch.tensor(tgt))
+    x = torch.randn(4, 1, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, atol=5e-2, rtol=5e-2)
