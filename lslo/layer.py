@@ -420,7 +420,7 @@ class LSLoLinear(nn.Module):
         return {"src": w[0], "tgt": w[1]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.index != "learn":
+        if not (torch.is_grad_enabled() or self.training) and self.index != "learn":
             merged = self._merged_inference(x)
             if merged is not None:
                 return merged
@@ -433,8 +433,9 @@ class LSLoLinear(nn.Module):
         return out
 
     def _merged_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Without autograd (decoding), a batch of one language runs as a merged layer W + s_l B_l A_l, built once
-        per batch (what merge_direction does for a whole model). None for mixed batches."""
+        """Evaluation without autograd (decoding): a batch of one language runs as a merged layer W + s_l B_l A_l,
+        built once per batch (what merge_direction does for a whole model; adapter dropout is off in eval mode).
+        None for mixed batches."""
         g = self.routing.grouping(self.index, x.shape[0], x.device)
         if g.single is None:
             return None

@@ -182,6 +182,7 @@ def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path):
     """Without autograd the stacked weights are built once per batch (every beam step reuses them); a new batch
     (routing.set) sees weights changed in between."""
     layer, routing = make_layer("src", mixed_path=mixed_path)
+    layer.eval()
     src = ["fr", "en", "oc", "de"]
     x = torch.randn(4, 3, 8)
     with torch.no_grad():
@@ -200,6 +201,7 @@ def test_inference_equals_training_forward(mixed_path, langs):
     """Without autograd a one-language batch runs as a merged layer and stacked batches add in place: the same
     outputs as the autograd path, one token or many per sample."""
     layer, routing = make_layer("tgt", alpha=3, mixed_path=mixed_path)
+    layer.eval()
     routing.set(torch.zeros(5, dtype=torch.long), torch.tensor([LANGS.index(c) for c in langs]))
     for tokens in (1, 4):
         x = torch.randn(5, tokens, 8)
@@ -215,6 +217,7 @@ def test_inference_under_autocast_matches_float32(mixed_path, tgt):
     """Decoding under autocast (bf16 on CPU here; fp16/bf16 on GPUs): the in-place and merged fast paths must
     not mix dtypes."""
     layer, routing = make_layer("tgt", mixed_path=mixed_path)
+    layer.eval()
     routing.set(torch.zeros(4, dtype=torch.long), torch.tensor(tgt))
     x = torch.randn(4, 1, 8)
     with torch.no_grad():
@@ -223,3 +226,19 @@ def test_inference_under_autocast_matches_float32(mixed_path, tgt):
             low = layer(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_no_grad_in_train_mode_keeps_adapter_dropout():
+    """The merged fast path is for evaluation only: under no_grad in train mode the adapter dropout still applies."""
+    layer, routing = make_layer("src")
+    layer.banks["src"].dropout = nn.Dropout(0.5)
+    routing.set(torch.full((3,), LANGS.index("de")), torch.zeros(3, dtype=torch.long))
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_no_grad = layer(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(train_no_grad, layer(x).detach())
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
