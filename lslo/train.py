@@ -194,7 +194,9 @@ def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
     kwargs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                   decoder_input_ids=shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id))
     if is_lslo(model):
-        kwargs.update(src_lang=batch["src_lang"].to(device), tgt_lang=batch["tgt_lang"].to(device))
+        # host lists: the routing groups rows on the host, and a device tensor (DDP moves tensor arguments to
+        # the GPU) would cost a device-to-host sync in every forward
+        kwargs.update(src_lang=batch["src_lang"].tolist(), tgt_lang=batch["tgt_lang"].tolist())
     logits = model(**kwargs).logits
     return label_smoothed_nll_loss(logits, labels, epsilon)[0]
 
@@ -227,7 +229,7 @@ def train_update(model, optimizer, micro_batches: list[dict], options: TrainOpti
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync per update, not per micro-batch
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if (world_size > 1 and not last) else contextlib.nullcontext()
@@ -237,7 +239,7 @@ def train_update(model, optimizer, micro_batches: list[dict], options: TrainOpti
             # DDP averages gradients over ranks; scale by world_size so the result is a sum over the update.
             scaled = loss * (world_size / n_tokens_global)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach().float()
     if scaler is not None:
         scaler.unscale_(optimizer)
     if options.clip_norm > 0:
@@ -247,7 +249,7 @@ def train_update(model, optimizer, micro_batches: list[dict], options: TrainOpti
         scaler.update()
     else:
         optimizer.step()
-    return loss_sum, n_tokens
+    return float(loss_sum), n_tokens
 
 
 # ---------------------------------------------------------------------------------------------- data
