@@ -94,8 +94,9 @@ def build_base(shape: Shape, languages: list, device, seed: int = 1, dropout: fl
     return M2M100ForConditionalGeneration(config).to(device)
 
 
-def lang_token(shape: Shape, index: int) -> int:
-    return shape.vocab + index
+def sentences_in(tokens: int) -> int:
+    """Sentences of SENTENCE_LEN tokens in a batch of ``tokens`` source tokens (at least one)."""
+    return max(tokens // SENTENCE_LEN, 1)
 
 
 def make_batch(shape: Shape, languages: list, n_sentences: int, length: int, device, seed: int = 1) -> dict:
@@ -499,7 +500,7 @@ def run_sweep(args, device) -> list:
     for shape_name, tokens in SWEEP:
         shape, languages = SHAPES[shape_name], list(LANG12)
         print(f"[sweep {shape_name}, {tokens} tokens] training ...", file=sys.stderr, flush=True)
-        batch = make_batch(shape, languages, max(tokens // SENTENCE_LEN, 1), SENTENCE_LEN, device)
+        batch = make_batch(shape, languages, sentences_in(tokens), SENTENCE_LEN, device)
         med = medians(bench_training(shape, languages, LANG12, batch, args, device, SWEEP_SYSTEMS,
                                      args.sweep_steps))
         lines.append(f"| {shape_name} | {shape.vocab} | {tokens} | {1000 * med['peft']:.0f} | "
@@ -594,7 +595,7 @@ def parse_args(argv=None):
 
 def run_shape(shape: Shape, args, device) -> list:
     languages = list(LANG12)
-    n_sentences = max(args.batch_tokens // SENTENCE_LEN, 1)
+    n_sentences = sentences_in(args.batch_tokens)
     batch = make_batch(shape, languages, n_sentences, SENTENCE_LEN, device)
     print(f"[{shape.name}] training ...", file=sys.stderr, flush=True)
     train = bench_training(shape, languages, LANG12, batch, args, device)
@@ -616,7 +617,7 @@ def main(argv=None) -> str:
     if args.memory_of:
         kind, name = args.memory_of.split(":")
         shape = SHAPES[args.shape]
-        n = max(args.batch_tokens // SENTENCE_LEN, 1) if kind == "train" else args.decode_sentences
+        n = sentences_in(args.batch_tokens) if kind == "train" else args.decode_sentences
         batch = make_batch(shape, list(LANG12), n, SENTENCE_LEN, device)
         print(json.dumps(measure_memory(kind, name, shape, list(LANG12), LANG12, batch, args, device)))
         return ""

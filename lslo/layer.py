@@ -72,8 +72,8 @@ MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
 # Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
 # max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. A gathered weight is a memory copy per row and
 # step, a stacked rank column a multiply-add per token: training and encoding (T ~ 30) gather, one-token decoding
-# steps stack. On a 2-core CPU, decoding all 870 lang30 directions took 11.3 s with 8 here (its decoder steps
-# then gathered) and 9.5 s with 64; lang12 was unchanged (1.46 / 1.43 s).
+# steps stack. On a 2-core CPU, the directions sweep of benchmarks/bench.py decoded all 870 lang30 directions in
+# 11.3 s with this set to 8 (its decoder steps then gathered) and 9.5 s with 64; lang12 took 1.46 / 1.43 s.
 GATHER_COST = 64
 
 
@@ -179,26 +179,22 @@ class LoRABank(nn.Module):
         scaling or addition pass over the [rows, out] activations."""
         if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.A[self.languages[0]].dtype)
-        if g.single is not None:
-            h = F.linear(self.dropout(x), self.effective_A(g.single))
-            b, scale = self.effective_B(g.single), self.scaling[g.single]
-        elif (kernel := self.mixed_kernel(g, x)) == "gathered":
-            h, b = self._gathered_hidden(x, g)
-            if weight is not None:
-                h = h * weight
-            if not torch.is_autocast_enabled(out.device.type):
-                h, b = h.to(out.dtype), b.to(out.dtype)
-            return torch.baddbmm(out.view(h.shape[0], -1, out.shape[-1]), h, b).view(out.shape)
-        elif kernel == "stacked":
-            h, b = self._stacked_hidden(x, g)
-            scale = 1.0
-        else:
+        kernel = "single" if g.single is not None else self.mixed_kernel(g, x)
+        if kernel == "segments":
             delta = self._delta_segments(x, g)
             return out + (delta if weight is None else delta * weight).to(out.dtype)
+        if kernel == "single":
+            h = F.linear(self.dropout(x), self.effective_A(g.single))
+            b, scale = self.effective_B(g.single), self.scaling[g.single]
+        else:
+            h, b = self._gathered_hidden(x, g) if kernel == "gathered" else self._stacked_hidden(x, g)
+            scale = 1.0
         if weight is not None:  # eq. 5's layer-shared weight, applied on the small [rows, r] side
             h = h * weight
         if not torch.is_autocast_enabled(out.device.type):
             h, b = h.to(out.dtype), b.to(out.dtype)
+        if kernel == "gathered":  # per-sample B: [B, r, out]
+            return torch.baddbmm(out.view(h.shape[0], -1, out.shape[-1]), h, b).view(out.shape)
         if not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == b.dtype == out.dtype:
             # decoding: add into the frozen layer's fresh output in place (no autograd needs it)
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
@@ -209,19 +205,21 @@ class LoRABank(nn.Module):
     def mixed_kernel(self, g: "Grouping", x: torch.Tensor) -> str:
         if self.mixed_path != "auto":
             return self.mixed_path
-        ranks = [self.ranks[lang] for lang, _, _ in g.segments]
-        tokens = x[0].numel() // x.shape[-1]  # per sample
+        ranks = [self.ranks[lang] for lang in g.languages]
+        tokens = math.prod(x.shape[1:-1])  # per sample
         return "gathered" if max(ranks) * (tokens + GATHER_COST) < tokens * sum(ranks) else "stacked"
+
+    def _rank_scaling(self, g: "Grouping") -> list:
+        return [(self.ranks[lang], self.scaling[lang]) for lang in g.languages]
 
     def _gathered_hidden(self, x: torch.Tensor, g: "Grouping") -> tuple:
         """Mixed batch at one LoRA's cost: each sample's A and B are gathered from the present languages' stacked
         matrices, zero-padded to the largest rank r, and applied with batched matmuls: FLOPs of a single rank-r
         LoRA, no copy of the activations. -> (s_l A_l x as [B, T, r], B_l^T as [B, r, out])."""
-        present = [lang for lang, _, _ in g.segments]
-        index, scale = g.gather_index([(self.ranks[lang], self.scaling[lang]) for lang in present])
-        a, b = g.stacked_weights(self, "gathered", lambda: (
-            torch.cat([self.effective_A(lang) for lang in present] + [self._zero_row(self.in_features)]),
-            torch.cat([self.effective_B(lang).t() for lang in present] + [self._zero_row(self.out_features)])))
+        index, scale = g.gather_index(self._rank_scaling(g))
+        a, b = g.batch_cached(self, "gathered", lambda: (
+            torch.cat([self.effective_A(lang) for lang in g.languages] + [self._zero_row(self.in_features)]),
+            torch.cat([self.effective_B(lang).t() for lang in g.languages] + [self._zero_row(self.out_features)])))
         rows = index.shape[1]
         a_per_sample = a.index_select(0, index.view(-1)).view(-1, rows, self.in_features)
         b_per_sample = b.index_select(0, index.view(-1)).view(-1, rows, self.out_features)
@@ -245,12 +243,11 @@ class LoRABank(nn.Module):
         selects each sample's LoRA. -> (routed A x, stacked B). Low-rank matmuls are memory-bound on GPUs, so this
         costs about one LoRA while avoiding the gather/scatter copies of full activations; absent languages still
         get no gradient."""
-        present = [lang for lang, _, _ in g.segments]
-        a, b = g.stacked_weights(self, "stacked", lambda: (
-            torch.cat([self.effective_A(lang) for lang in present], dim=0),
-            torch.cat([self.effective_B(lang) for lang in present], dim=1)))
+        a, b = g.batch_cached(self, "stacked", lambda: (
+            torch.cat([self.effective_A(lang) for lang in g.languages], dim=0),
+            torch.cat([self.effective_B(lang) for lang in g.languages], dim=1)))
         h = F.linear(self.dropout(x), a)
-        route = g.route_scale([(self.ranks[lang], self.scaling[lang]) for lang in present], h.dtype)
+        route = g.route_scale(self._rank_scaling(g), h.dtype)
         return h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b
 
 
@@ -280,14 +277,20 @@ class Grouping:
             self._routes[key] = route.to(device=self.device, dtype=dtype, non_blocking=True)
         return self._routes[key]
 
-    def stacked_weights(self, bank: "LoRABank", kernel: str, stack) -> tuple:
-        """``stack()``, the bank's stacked A/B for this batch; kept for the rest of the batch when no gradient is
-        recorded, since weights cannot change during one generate call (every beam step reuses them)."""
+    @property
+    def languages(self) -> list:
+        """The languages present in the batch, in segment (= stacking) order."""
+        return [lang for lang, _, _ in self.segments]
+
+    def batch_cached(self, bank: "LoRABank", kind: str, build):
+        """``build()``: weights a bank derives for this batch (stacked A/B, a merged W). Kept for the rest of the
+        batch when no gradient is recorded, since weights cannot change during one generate call (every beam step
+        reuses them); rebuilt on every call otherwise, so autograd sees the parameters."""
         if torch.is_grad_enabled():
-            return stack()
-        key = ("weights", id(bank), kernel)
+            return build()
+        key = ("weights", id(bank), kind)
         if key not in self._routes:
-            self._routes[key] = stack()
+            self._routes[key] = build()
         return self._routes[key]
 
     def gather_index(self, rank_scaling: list) -> tuple:
@@ -421,9 +424,9 @@ class LSLoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() or self.training) and self.index != "learn":
-            merged = self._merged_inference(x)
-            if merged is not None:
-                return merged
+            g = self.routing.grouping(self.index, x.shape[0], x.device)
+            if g.single is not None:
+                return self._merged_inference(x, g)
         out = self.base(x)
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():
@@ -432,16 +435,12 @@ class LSLoLinear(nn.Module):
             out = self.banks[index].add_delta(out, x, grouping, w if self.index == "learn" else None)
         return out
 
-    def _merged_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Evaluation without autograd (decoding): a batch of one language runs as a merged layer W + s_l B_l A_l,
-        built once per batch (what merge_direction does for a whole model; adapter dropout is off in eval mode).
-        None for mixed batches."""
-        g = self.routing.grouping(self.index, x.shape[0], x.device)
-        if g.single is None:
-            return None
+    def _merged_inference(self, x: torch.Tensor, g: Grouping) -> torch.Tensor:
+        """Evaluation without autograd (decoding) of a one-language batch: a merged layer W + s_l B_l A_l, built once
+        per batch (what merge_direction does for a whole model; adapter dropout is off in eval mode)."""
         weight, bank = self.base.weight, self.banks[self.index]
-        merged = g.stacked_weights(bank, "merged", lambda: (weight + bank.delta_weight(g.single).to(weight.dtype),))
-        return F.linear(x, merged[0], self.base.bias)
+        merged = g.batch_cached(bank, "merged", lambda: weight + bank.delta_weight(g.single).to(weight.dtype))
+        return F.linear(x, merged, self.base.bias)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, index={self.index}"

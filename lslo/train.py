@@ -406,7 +406,7 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
     scored with the model's own SentencePiece model. All directions are decoded together in mixed-direction
     batches (one generate call per batch, not per direction)."""
-    from lslo.evaluate import Translator, spbleu
+    from lslo.evaluate import Translator, make_decoding_batches, spbleu
 
     scores = {"dev_H2H": float("nan"), "dev_V2V": float("nan")}
     if dev_table is None or not groups or options.dev_sentences == 0:
@@ -421,14 +421,13 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     translator = Translator(model=unwrap(model), tokenizer=tokenizer, languages=languages,
                             is_lslo=is_lslo(model), device=str(device))
     encoded = [translator.encode(rows[s].iloc[i], s) for s, _, i in jobs]
-    order = sorted(range(len(jobs)), key=lambda j: len(encoded[j]))
+    lengths = [len(ids) for ids in encoded]
     hyps = [""] * len(jobs)
     was_training = unwrap(model).training
     unwrap(model).eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(encoded[j]) for j in chunk)
+    try:  # batches of batch_size sentences sorted by length (the token budget never binds here)
+        for chunk in make_decoding_batches(lengths, batch_size * max(lengths), batch_size):
+            width = max(lengths[j] for j in chunk)
             out = translator.translate([encoded[j] for j in chunk], [jobs[j][0] for j in chunk],
                                        [jobs[j][1] for j in chunk], beam=options.dev_beam,
                                        max_new_tokens=2 * width + 10)
