@@ -76,6 +76,7 @@ TRAIN_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "lslo_stacked", "lsl
 SWEEP_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "full")
 SWEEP = (("cpu", 512), ("cpu-m2m100-vocab", 512))  # (shape, source tokens per batch) for the training-only sweep
 DECODE_SYSTEMS = ("base", "lslo_mixed", "peft_mixed", "merged")
+DECODE_LOOPS = ("lslo", "hf")  # beam loops, see generation_kwargs
 
 
 # ---- models and batch --------------------------------------------------------------------------------------
@@ -206,33 +207,43 @@ def build_train_system(name: str, shape: Shape, languages: list, groups: dict, d
 
 
 # ---- decoding systems ---------------------------------------------------------------------------------------
-def generation_kwargs(batch, new_tokens: int, beams: int) -> dict:
+def generation_kwargs(batch, new_tokens: int, beams: int, model, loop: str = "lslo") -> dict:
+    """Beam-search arguments shared by every system. ``loop``: "lslo" = the cache that lslo's evaluation uses
+    (lslo.beam: cross-attention cache left in place), "hf" = HF's default cache (reordered in full every step)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from lslo.beam import BeamSearchCache
+
+    config = getattr(model, "base", model).config.get_text_config(decoder=True)  # LSLoModel wraps the HF model
+    cache = (BeamSearchCache if loop == "lslo" else EncoderDecoderCache)(DynamicCache(config=config),
+                                                                         DynamicCache(config=config))
     # min_new_tokens = max_new_tokens: a random model would otherwise stop at different lengths per system.
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "decoder_input_ids": batch["decoder_start"], "num_beams": beams, "max_new_tokens": new_tokens,
-            "min_new_tokens": new_tokens, "do_sample": False}
+            "min_new_tokens": new_tokens, "do_sample": False, "past_key_values": cache}
 
 
 def build_decode_system(name: str, shape: Shape, languages: list, groups: dict, device):
-    """-> (model, decode(batch, new_tokens, beams) -> output ids) for one decoding system."""
-    if name == "base":
-        model = build_base(shape, languages, device).eval()
-        return model, lambda b, n, k: model.generate(**generation_kwargs(b, n, k))
+    """-> (model, decode(batch, new_tokens, beams, loop) -> output ids) for one decoding system."""
+    if name in ("base", "merged"):
+        if name == "base":
+            model = build_base(shape, languages, device).eval()
+        else:
+            from lslo.adapters import merge_direction
+
+            model = merge_direction(build_lslo(shape, languages, groups, device), *ONE_DIRECTION).eval()
+        return model, lambda b, n, k, loop: model.generate(**generation_kwargs(b, n, k, model, loop))
     if name == "lslo_mixed":
         model = build_lslo(shape, languages, groups, device).eval()
-        return model, lambda b, n, k: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
-                                                     **generation_kwargs(b, n, k))
+        return model, lambda b, n, k, loop: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
+                                                           **generation_kwargs(b, n, k, model, loop))
     if name == "peft_mixed":
         # PEFT routes a sample to one adapter in every layer, so an adapter per target language is the closest
         # PEFT can express; beam search repeats adapter_names per beam in the decoder only (PEFT >= 0.15).
         model = build_peft(shape, languages, groups, device, per_language=True).eval()
-        return model, lambda b, n, k: model.generate(
-            adapter_names=[peft_adapter(languages[i]) for i in b["tgt_lang"].tolist()], **generation_kwargs(b, n, k))
-    if name == "merged":
-        from lslo.adapters import merge_direction
-
-        model = merge_direction(build_lslo(shape, languages, groups, device), *ONE_DIRECTION).eval()
-        return model, lambda b, n, k: model.generate(**generation_kwargs(b, n, k))
+        return model, lambda b, n, k, loop: model.generate(
+            adapter_names=[peft_adapter(languages[i]) for i in b["tgt_lang"].tolist()],
+            **generation_kwargs(b, n, k, model.get_base_model(), loop))
     raise ValueError(f"unknown decoding system {name!r}; expected one of {DECODE_SYSTEMS}")
 
 
@@ -282,26 +293,31 @@ def bench_training(shape, languages, groups, batch, args, device, systems=TRAIN_
 
 
 def bench_decoding(shape, languages, groups, batch, args, device) -> dict:
-    decoders, lengths = {}, {}
+    """(loop, system) -> seconds, every system under both beam loops (see generation_kwargs)."""
+    decoders, outputs = {}, {}
     for name in DECODE_SYSTEMS:
         try:
             _, decode = build_decode_system(name, shape, languages, groups, device)
         except ImportError as err:  # a checkout without lslo.adapters: report the row as missing
             print(f"decoding system {name} skipped: {err}", file=sys.stderr)
             continue
-        out = decode(batch, args.new_tokens, args.beams)  # also checks that every system produces the same length
-        lengths[name] = out.shape[1]
-        decoders[name] = (lambda d: lambda: d(batch, args.new_tokens, args.beams))(decode)
-    if len(set(lengths.values())) != 1:
-        raise RuntimeError(f"decoded lengths differ across systems: {lengths}")
+        for loop in DECODE_LOOPS:
+            outputs[loop, name] = decode(batch, args.new_tokens, args.beams, loop)
+            decoders[loop, name] = (lambda d, lp: lambda: d(batch, args.new_tokens, args.beams, lp))(decode, loop)
+    if len({out.shape[1] for out in outputs.values()}) != 1:
+        raise RuntimeError(f"decoded lengths differ across systems: { {k: v.shape for k, v in outputs.items()} }")
+    for name in {name for _, name in outputs}:  # the loops must not change a system's translations
+        if not torch.equal(*(outputs[loop, name] for loop in DECODE_LOOPS)):
+            raise RuntimeError(f"{name}: the two beam loops decoded different tokens")
     return time_interleaved(decoders, min(args.warmup, 1), args.decode_steps, device)
 
 
 # ---- evaluation cost against the number of directions -------------------------------------------------------
 def bench_directions(args, device) -> list:
-    """Decode ``args.sentences_per_direction`` sentences in every direction as the evaluate stage does: all
-    directions' sentences in mixed-direction generate calls of at most ``args.direction_max_tokens`` source
-    tokens (``lslo.evaluate.make_decoding_batches``), LSLo on a demo-sized random model; 12 vs 30 languages."""
+    """Decode ``args.sentences_per_direction`` sentences in every direction as the evaluate stage does: generate
+    calls of at most ``args.direction_max_tokens`` source tokens, each with one target language and every source
+    language into it (``lslo.evaluate.make_decoding_batches`` keyed by target), LSLo on a demo-sized random
+    model; 12 vs 30 languages."""
     from lslo.evaluate import make_decoding_batches
     from lslo.languages import read_language_table, select
 
@@ -317,9 +333,10 @@ def bench_directions(args, device) -> list:
         pairs = [(s, t) for s in range(len(languages)) for t in range(len(languages)) if s != t]
         samples = [(s, t, i) for s, t in pairs for i in range(args.sentences_per_direction)]
         batches = [directions_batch(shape, [samples[j] for j in indices], device) for indices in
-                   make_decoding_batches([DIRECTION_LEN] * len(samples), args.direction_max_tokens)]
+                   make_decoding_batches([DIRECTION_LEN] * len(samples), args.direction_max_tokens,
+                                         keys=[t for _, t, _ in samples])]
         decode = lambda b: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
-                                          **generation_kwargs(b, args.direction_tokens, args.beams))
+                                          **generation_kwargs(b, args.direction_tokens, args.beams, model))
         decode(batches[0])  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -383,7 +400,7 @@ def measure_memory(kind: str, name: str, shape, languages, groups, batch, args, 
         run = lambda: step(batch)
     else:
         _, decode = build_decode_system(name, shape, languages, groups, device)
-        run = lambda: decode(batch, args.new_tokens, args.beams)
+        run = lambda: decode(batch, args.new_tokens, args.beams, "lslo")
     run()
     gc.collect()
     if device.type == "cuda":
@@ -424,9 +441,11 @@ TARGETS = (  # (label, numerator, denominator, bound, "<=" | ">="); ratios of me
      1.10, "<="),
     ("LSLo one-direction train step / PEFT step", ("train", "lslo_one"), ("train", "peft"), 1.05, "<="),
     ("LSLo mixed-12 train step / full FT step", ("train", "lslo_mixed"), ("train", "full"), 0.60, "<="),
-    ("LSLo mixed beam throughput / PEFT adapter_names throughput", ("decode", "peft_mixed"),
-     ("decode", "lslo_mixed"), 1.50, ">="),
-    ("merged one-direction decode time / base decode time", ("decode", "merged"), ("decode", "base"), 1.05, "<="),
+    ("LSLo mixed beam throughput / PEFT adapter_names throughput", ("lslo", "peft_mixed"),
+     ("lslo", "lslo_mixed"), 1.50, ">="),
+    ("LSLo mixed beam throughput / PEFT adapter_names throughput (HF's beam loop)", ("hf", "peft_mixed"),
+     ("hf", "lslo_mixed"), 1.50, ">="),
+    ("merged one-direction decode time / base decode time", ("lslo", "merged"), ("lslo", "base"), 1.05, "<="),
 )
 
 
@@ -455,7 +474,7 @@ def medians(times: dict) -> dict:
 
 
 def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict, memory: dict) -> list:
-    med = {("train", k): v for k, v in medians(train).items()} | {("decode", k): v for k, v in medians(decode).items()}
+    med = {("train", k): v for k, v in medians(train).items()} | medians(decode)  # decode keys: (loop, system)
     mem = lambda key: f"{memory[key]['peak_mb']:.0f}" if key in memory else "-"
     train_tokens = 2 * n_sentences * SENTENCE_LEN  # source + target tokens of the batch
     lines = [f"### Shape `{shape.name}`: d_model {shape.d_model}, {shape.layers}+{shape.layers} layers, "
@@ -469,15 +488,18 @@ def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict
                      f"{t / med[('train', 'floor')]:.3f} | {train_tokens / t:.0f} | {mem(('train', name))} |")
     out_tokens = args.decode_sentences * args.new_tokens
     lines += ["", f"Beam-{args.beams} decoding of {args.decode_sentences} sentences (12 source languages, mixed "
-              f"targets), {args.new_tokens} new tokens per sentence (min = max), median of {args.decode_steps}:", "",
-              "| system | median ms | x PEFT mixed | x base | output tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+              f"targets), {args.new_tokens} new tokens per sentence (min = max), median of {args.decode_steps}; "
+              "every system under lslo's beam loop (the evaluate stage's) and under HF's default one:", "",
+              "| system | median ms | x PEFT mixed | x base | output tokens/s | HF loop ms | HF loop x PEFT mixed "
+              "| peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in DECODE_SYSTEMS:
-        if ("decode", name) not in med:
-            lines.append(f"| {name} | not run | | | | |")
+        if ("lslo", name) not in med:
+            lines.append(f"| {name} | not run | | | | | | |")
             continue
-        t = med[("decode", name)]
-        lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('decode', 'peft_mixed')]:.3f} | "
-                     f"{t / med[('decode', 'base')]:.3f} | {out_tokens / t:.1f} | {mem(('decode', name))} |")
+        t, t_hf = med[("lslo", name)], med[("hf", name)]
+        lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('lslo', 'peft_mixed')]:.3f} | "
+                     f"{t / med[('lslo', 'base')]:.3f} | {out_tokens / t:.1f} | {1000 * t_hf:.1f} | "
+                     f"{t_hf / med[('hf', 'peft_mixed')]:.3f} | {mem(('decode', name))} |")
     lines += ["", "Targets (ratios of medians from this run):", "", "| target | ratio | bound | result |",
               "|---|---:|---:|---|"]
     for label, num, den, bound, op in TARGETS:
@@ -510,8 +532,9 @@ def run_sweep(args, device) -> list:
 
 
 def directions_report(rows: list, args) -> list:
-    lines = [f"### Evaluation cost against the number of directions (LSLo, mixed-direction generate calls of at "
-             f"most {args.direction_max_tokens} source tokens as in the evaluate stage, "
+    lines = [f"### Evaluation cost against the number of directions (LSLo, generate calls of at most "
+             f"{args.direction_max_tokens} source tokens, one target language and mixed sources each, as in the "
+             "evaluate stage, "
              f"{args.sentences_per_direction} sentences x {DIRECTION_LEN} tokens per direction, beam {args.beams}, "
              f"{args.direction_tokens} new tokens, `{'tiny' if args.quick else 'demo'}` shape)", "",
              "| languages | directions | generate calls | seconds | ms / direction |", "|---|---:|---:|---:|---:|"]
@@ -550,6 +573,11 @@ DEFINITIONS = f"""Definitions
   as LSLo), `adapter_names` = each sentence's target language (PEFT routes a sample to one adapter in every
   layer; in beam search PEFT repeats the names per beam in the decoder only). merged:
   `lslo.adapters.merge_direction(model, {ONE_DIRECTION[0]!r}, {ONE_DIRECTION[1]!r})`, a plain HF model.
+  Beam loops: "lslo" passes every system an `lslo.beam.BeamSearchCache`, which reorders only the self-attention
+  cache between steps (what `LSLoModel.generate` and the evaluate stage use for every method); "HF" passes HF's
+  `EncoderDecoderCache`, which also copies the beam-invariant cross-attention cache every step. Both loops must
+  decode the same tokens (checked). The throughput target is read under the lslo loop, where the shared base cost
+  is lower and the adapters' own cost weighs more; the HF-loop ratio is printed beside it.
 - peak MB: each system alone in a fresh process, 1 warm-up step then 2 measured steps. CPU: peak resident set
   (VmHWM, reset after the warm-up) minus the resident set of the bare process (imports only): weights,
   gradients, Adam state, activations and allocator slack. CUDA: torch.cuda.max_memory_allocated.

@@ -255,6 +255,10 @@ class Translator:
         if self.is_lslo:
             kwargs["src_lang"] = self._lang_ids(srcs)
             kwargs["tgt_lang"] = self._lang_ids(tgts)
+        else:  # the same beam loop as LSLoModel.generate, so every method is decoded alike
+            from lslo.beam import with_beam_cache
+
+            kwargs = with_beam_cache(self.model, kwargs)
         with torch.inference_mode():
             out = self.model.generate(**kwargs)
         return self.tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
@@ -311,14 +315,19 @@ def _missing(variant_json, key, method):
     raise LsloError(f"{variant_json}: method '{method}' needs field '{key}'")
 
 
-def make_decoding_batches(lengths: list[int], max_tokens: int, max_sentences: int | None = None) -> list[list[int]]:
-    """Sample indices sorted by source length, cut into batches with n * longest <= max_tokens (fairseq)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+def make_decoding_batches(lengths: list[int], max_tokens: int, max_sentences: int | None = None,
+                          keys: list | None = None) -> list[list[int]]:
+    """Sample indices sorted by source length, cut into batches with n * longest <= max_tokens (fairseq).
+    With ``keys`` (one per sample) a batch never mixes keys: samples are ordered by key, then by length."""
+    if keys is not None and len(keys) != len(lengths):
+        raise LsloError(f"make_decoding_batches: {len(keys)} keys for {len(lengths)} samples")
+    key = (lambda i: (lengths[i], i)) if keys is None else (lambda i: (keys[i], lengths[i], i))
     batches, current, longest = [], [], 0
-    for i in order:
+    for i in sorted(range(len(lengths)), key=key):
         new_longest = max(longest, lengths[i])
         full = max_sentences is not None and len(current) >= max_sentences
-        if current and (new_longest * (len(current) + 1) > max_tokens or full):
+        new_key = keys is not None and current and keys[current[-1]] != keys[i]
+        if current and (new_longest * (len(current) + 1) > max_tokens or full or new_key):
             batches.append(current)
             current, new_longest = [], lengths[i]
         current.append(i)
@@ -333,7 +342,9 @@ def decode_shard(variant_json, test_tsv, directions, out_hyps, beam: int = 5, ma
                  device: str | None = None, translator: Translator | None = None) -> pd.DataFrame:
     """Translate the test sentences of `directions` ([[src, tgt], ...]) and write the hyps TSV atomically.
 
-    Batches mix directions and are sorted by source length. Each batch generates at most
+    Each batch holds one target language and mixes the source languages into it, sorted by source length: an
+    LSLo model's target-indexed sites (the whole decoder in the paper's index plans) then run as merged layers
+    W + s·BA, and only source-indexed sites route sample by sample. Each batch generates at most
     max_len_a * longest_source + max_len_b new tokens (fairseq's max_len_a/b); with max_len_a = 0 a sentence's
     hypothesis does not depend on which batch it lands in.
     """
@@ -353,7 +364,8 @@ def decode_shard(variant_json, test_tsv, directions, out_hyps, beam: int = 5, ma
         for sent_id, text in test[src].items():
             samples.append((src, tgt, sent_id, translator.encode(text, src)))
     hyps = [""] * len(samples)
-    batches = make_decoding_batches([len(s[3]) for s in samples], max_tokens, max_sentences)
+    batches = make_decoding_batches([len(s[3]) for s in samples], max_tokens, max_sentences,
+                                    keys=[s[1] for s in samples])
     for batch in tqdm(batches, desc=f"decoding {Path(out_hyps).stem}", disable=None):
         longest = max(len(samples[i][3]) for i in batch)
         outputs = translator.translate([samples[i][3] for i in batch], [samples[i][0] for i in batch],

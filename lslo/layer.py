@@ -177,6 +177,14 @@ class LoRABank(nn.Module):
 
         The last matmul adds into ``out`` (addmm, with s_l as its alpha), so the LoRA costs no separate
         scaling or addition pass over the [rows, out] activations."""
+        if g.single is None and weight is None and not torch.is_grad_enabled():
+            step = g.batch_cached(self, ("decode", x.dtype, out.dtype, math.prod(x.shape[1:-1])),
+                                  lambda: self._stacked_step(g, x, out))
+            if step is not None:  # one-token beam steps: no autograd, stacked weights and routing built once
+                a_t, route, b_t = step
+                h = torch.mm(x.reshape(-1, self.in_features), a_t).mul_(route)
+                out.view(-1, self.out_features).addmm_(h, b_t)
+                return out
         if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.A[self.languages[0]].dtype)
         kernel = "single" if g.single is not None else self.mixed_kernel(g, x)
@@ -193,14 +201,28 @@ class LoRABank(nn.Module):
             h = h * weight
         if not torch.is_autocast_enabled(out.device.type):
             h, b = h.to(out.dtype), b.to(out.dtype)
+        in_place = not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == b.dtype == out.dtype
         if kernel == "gathered":  # per-sample B: [B, r, out]
-            return torch.baddbmm(out.view(h.shape[0], -1, out.shape[-1]), h, b).view(out.shape)
-        if not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == b.dtype == out.dtype:
-            # decoding: add into the frozen layer's fresh output in place (no autograd needs it)
+            per_sample = out.view(h.shape[0], -1, out.shape[-1])
+            if in_place:
+                per_sample.baddbmm_(h, b)
+                return out
+            return torch.baddbmm(per_sample, h, b).view(out.shape)
+        if in_place:  # decoding: add into the frozen layer's fresh output (no autograd needs it)
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
             return out
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
         return flat.view(out.shape)
+
+    def _stacked_step(self, g: "Grouping", x: torch.Tensor, out: torch.Tensor):
+        """(A^T, routing scale, B^T) of the stacked kernel in the dtype of ``out``, for no-grad calls with
+        one token per sample that add in place; None where the general path applies."""
+        dtype = self.A[self.languages[0]].dtype
+        if (math.prod(x.shape[1:-1]) != 1 or self.mixed_kernel(g, x) != "stacked" or not out.is_contiguous()
+                or torch.is_autocast_enabled(x.device.type) or not x.dtype == out.dtype == dtype):
+            return None
+        a, b = self._stacked_weights(g)
+        return a.t(), g.route_scale(self._rank_scaling(g), dtype), b.t()
 
     def mixed_kernel(self, g: "Grouping", x: torch.Tensor) -> str:
         if self.mixed_path != "auto":
@@ -237,15 +259,18 @@ class LoRABank(nn.Module):
         parts = [self.lora(chunk, lang) for chunk, (lang, _, _) in zip(chunks, g.segments)]
         return permute_rows(torch.cat(parts, dim=0), g.inv_perm, g.perm)
 
+    def _stacked_weights(self, g: "Grouping") -> tuple:
+        return g.batch_cached(self, "stacked", lambda: (
+            torch.cat([self.effective_A(lang) for lang in g.languages], dim=0),
+            torch.cat([self.effective_B(lang) for lang in g.languages], dim=1)))
+
     def _stacked_hidden(self, x: torch.Tensor, g: "Grouping") -> tuple:
         """Mixed batch without moving activations: the present languages' A (and B) are stacked into one
         [sum r_l, in] matrix, and a per-sample routing scale (s_l on the sample's own rank columns, 0 elsewhere)
         selects each sample's LoRA. -> (routed A x, stacked B). Low-rank matmuls are memory-bound on GPUs, so this
         costs about one LoRA while avoiding the gather/scatter copies of full activations; absent languages still
         get no gradient."""
-        a, b = g.batch_cached(self, "stacked", lambda: (
-            torch.cat([self.effective_A(lang) for lang in g.languages], dim=0),
-            torch.cat([self.effective_B(lang) for lang in g.languages], dim=1)))
+        a, b = self._stacked_weights(g)
         h = F.linear(self.dropout(x), a)
         route = g.route_scale(self._rank_scaling(g), h.dtype)
         return h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b
@@ -427,6 +452,7 @@ class LSLoLinear(nn.Module):
             g = self.routing.grouping(self.index, x.shape[0], x.device)
             if g.single is not None:
                 return self._merged_inference(x, g)
+            return self.banks[self.index].add_delta(F.linear(x, self.base.weight, self.base.bias), x, g)
         out = self.base(x)
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():

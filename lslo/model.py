@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
 from lslo.layer import INDEXES, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
 
@@ -239,10 +240,12 @@ class LSLoModel(nn.Module):
     def generate(self, input_ids=None, attention_mask=None, src_lang=None, tgt_lang=None, **gen_kwargs):
         """HF generate with per-sample routing. Beam search repeats each sample num_beams times consecutively;
         decoder layers then see B·num_beams rows and the routing repeat_interleaves the ids. Force each sample's
-        target language token with decoder_input_ids=[[decoder_start, tgt_lang_token], ...]."""
+        target language token with decoder_input_ids=[[decoder_start, tgt_lang_token], ...]. Beam search keeps the
+        cross-attention cache in place (lslo.beam)."""
         self._set_routing(input_ids, gen_kwargs, src_lang, tgt_lang)
         try:
-            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      **with_beam_cache(self.base, gen_kwargs))
         finally:
             self.routing.clear()
 

@@ -404,8 +404,8 @@ def resume(checkpoint_dir, model, optimizer, scaler, options: TrainOptions, lang
 def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
                options: TrainOptions, device, batch_size: int = 64) -> dict:
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
-    scored with the model's own SentencePiece model. All directions are decoded together in mixed-direction
-    batches (one generate call per batch, not per direction)."""
+    scored with the model's own SentencePiece model. Directions are decoded together, one target language and
+    mixed sources per batch (one generate call per batch, not per direction; see evaluate.decode_shard)."""
     from lslo.evaluate import Translator, make_decoding_batches, spbleu
 
     scores = {"dev_H2H": float("nan"), "dev_V2V": float("nan")}
@@ -426,7 +426,8 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     was_training = unwrap(model).training
     unwrap(model).eval()
     try:  # batches of batch_size sentences sorted by length (the token budget never binds here)
-        for chunk in make_decoding_batches(lengths, batch_size * max(lengths), batch_size):
+        for chunk in make_decoding_batches(lengths, batch_size * max(lengths), batch_size,
+                                           keys=[t for _, t, _ in jobs]):
             width = max(lengths[j] for j in chunk)
             out = translator.translate([encoded[j] for j in chunk], [jobs[j][0] for j in chunk],
                                        [jobs[j][1] for j in chunk], beam=options.dev_beam,

@@ -238,3 +238,22 @@ def test_decode_shard_lslo_variant(tmp_path, pretrain_variant, lslo_variant):
     plain = evaluate.decode_shard(pretrain_variant, tmp_path / "test.tsv", directions, tmp_path / "p.tsv",
                                   beam=5, max_tokens=150, max_len_b=6, device="cpu")
     assert plain.hyp.tolist() != mixed.hyp.tolist()  # the adapters change the translations
+
+
+def test_make_decoding_batches_keeps_keys_apart():
+    """With keys (the evaluate stage passes target languages) no batch mixes two keys, every sample is decoded
+    once, and within a key the budget and the length order still hold."""
+    lengths = [5, 9, 3, 12, 7, 7, 2, 30, 4, 4, 6]
+    keys = ["fr", "de", "fr", "de", "oc", "fr", "de", "fr", "oc", "oc", "de"]
+    batches = evaluate.make_decoding_batches(lengths, max_tokens=24, keys=keys)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len({keys[i] for i in batch}) == 1
+        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 24
+    for key in set(keys):
+        flat = [lengths[i] for b in batches for i in b if keys[i] == key]
+        assert flat == sorted(flat)
+    # without the key, 8 of these samples would share batches across languages
+    assert any(len({keys[i] for i in b}) > 1 for b in evaluate.make_decoding_batches(lengths, max_tokens=24))
+    with pytest.raises(LsloError, match="2 keys for 11 samples"):
+        evaluate.make_decoding_batches(lengths, 24, keys=["fr", "de"])

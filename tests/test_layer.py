@@ -178,14 +178,15 @@ def test_auto_kernel_compares_stacked_and_gathered_costs():
     assert all(kernels[t] == "gathered" for t in range(first_gathered, 20 * GATHER_COST))
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("mixed_path", ["stacked", "gathered"])
-def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path):
+def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path, tokens):
     """Without autograd the stacked weights are kept for the batch: repeated calls agree with the per-sample
     formula, and a new batch (routing.set) sees weights changed in between."""
     layer, routing = make_layer("src", mixed_path=mixed_path)
     layer.eval()
     src = ["fr", "en", "oc", "de"]
-    x = torch.randn(4, 3, 8)
+    x = torch.randn(4, tokens, 8)
     with torch.no_grad():
         routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([0, 0, 0, 0]))
         first = layer(x)
@@ -203,6 +204,9 @@ def test_inference_equals_training_forward(mixed_path, langs):
     outputs as the autograd path, one token or many per sample."""
     layer, routing = make_layer("tgt", alpha=3, mixed_path=mixed_path)
     layer.eval()
+    bank = layer.banks["tgt"]
+    bank.set_mask("B", "oc", (torch.rand_like(bank.B["oc"]) > 0.5).float())
+    bank.set_mask("A", "fr", (torch.rand_like(bank.A["fr"]) > 0.5).float())
     routing.set(torch.zeros(5, dtype=torch.long), torch.tensor([LANGS.index(c) for c in langs]))
     for tokens in (1, 4):
         x = torch.randn(5, tokens, 8)
