@@ -74,6 +74,7 @@ SHAPES = {
 
 TRAIN_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "lslo_stacked", "lslo_segments", "full")
 SWEEP_SYSTEMS = ("floor", "peft", "lslo_one", "lslo_mixed", "full")
+PHASE_SYSTEMS = ("floor", "peft", "lslo_mixed", "full")
 SWEEP = (("cpu", 512), ("cpu-m2m100-vocab", 512))  # (shape, source tokens per batch) for the training-only sweep
 DECODE_SYSTEMS = ("base", "lslo_mixed", "peft_mixed", "merged")
 DECODE_LOOPS = ("lslo", "hf")  # beam loops, see generation_kwargs
@@ -163,20 +164,19 @@ def adam(params, lr):
     return make_adam(params, lr)
 
 
-def floor_step(model, batch) -> None:
-    """Floor: forward + backward of the frozen model with the input embeddings as the only leaf requiring a
-    gradient. Backward then computes the activation gradients through every layer (what any adapter method must
-    compute) and no weight gradient; there is no optimizer step."""
+def floor_loss(model, batch):
+    """Floor: forward of the frozen model with the input embeddings as the only leaf requiring a gradient.
+    Backward then computes the activation gradients through every layer (what any adapter method must compute)
+    and no weight gradient; there is no optimizer step."""
     embeds = model.model.encoder.embed_tokens(batch["input_ids"]).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-    out.loss.backward()
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def build_train_system(name: str, shape: Shape, languages: list, groups: dict, device):
-    """-> (model, step(batch)) for one training system; the step includes zero_grad, backward and Adam."""
+def build_train_parts(name: str, shape: Shape, languages: list, groups: dict, device):
+    """-> (model, loss(batch), optimizer or None) for one training system."""
     if name == "floor":
         model = build_base(shape, languages, device).requires_grad_(False).train()
-        return model, lambda batch: floor_step(model, batch)
+        return model, lambda batch: floor_loss(model, batch), None
     forward = None
     if name == "full":
         model = build_base(shape, languages, device).train()
@@ -197,13 +197,45 @@ def build_train_system(name: str, shape: Shape, languages: list, groups: dict, d
         raise ValueError(f"unknown training system {name!r}; expected one of {TRAIN_SYSTEMS}")
     if forward is None:
         forward = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    return model, lambda batch: forward(batch).loss, optimizer
+
+
+def build_train_system(name: str, shape: Shape, languages: list, groups: dict, device):
+    """-> (model, step(batch)) for one training system; the step includes zero_grad, backward and Adam."""
+    model, loss_of, optimizer = build_train_parts(name, shape, languages, groups, device)
 
     def step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        forward(batch).loss.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        loss_of(batch).backward()
+        if optimizer is not None:
+            optimizer.step()
 
     return model, step
+
+
+def train_phases(name: str, shape: Shape, languages: list, groups: dict, batch, args, device) -> dict:
+    """Median seconds of each phase of one system's training step: zero_grad + forward, backward, Adam step."""
+    _, loss_of, optimizer = build_train_parts(name, shape, languages, groups, device)
+    times = {"forward": [], "backward": [], "optimizer": []}
+    for rep in range(args.warmup + args.sweep_steps):
+        marks = [time.perf_counter()]
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(batch)
+        sync(device)
+        marks.append(time.perf_counter())
+        loss.backward()
+        sync(device)
+        marks.append(time.perf_counter())
+        if optimizer is not None:
+            optimizer.step()
+        sync(device)
+        marks.append(time.perf_counter())
+        if rep >= args.warmup:
+            for phase, start, end in zip(times, marks, marks[1:]):
+                times[phase].append(end - start)
+    return {phase: statistics.median(values) for phase, values in times.items()}
 
 
 # ---- decoding systems ---------------------------------------------------------------------------------------
@@ -512,6 +544,21 @@ def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict
     return lines + [""]
 
 
+def phases_report(phases: dict, args) -> list:
+    full, floor = phases["full"], phases["floor"]
+    total = {name: sum(p.values()) for name, p in phases.items()}
+    lines = [f"Where a training step's time goes (each system alone, median of {args.sweep_steps} after "
+             f"{args.warmup} warm-up; forward includes zero_grad):", "",
+             "| system | forward ms | backward ms | optimizer ms | total ms | x full |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['optimizer']:.1f} | "
+              f"{1000 * total[name]:.1f} | {total[name] / total['full']:.3f} |" for name, p in phases.items()]
+    lines += ["", f"Full fine-tuning's step is the floor plus the weight gradients "
+              f"({1000 * (full['backward'] - floor['backward']):.0f} ms more backward) and Adam "
+              f"({1000 * full['optimizer']:.0f} ms); the floor, the least any adapter method's step can cost, is "
+              f"{total['floor'] / total['full']:.3f} of it here.", ""]
+    return lines
+
+
 def run_sweep(args, device) -> list:
     """Training-step ratios of SWEEP_SYSTEMS at the other (shape, batch) points of SWEEP: where the fixed
     per-language costs of LSLo weigh most (small batches) and where the output layer does (M2M100's vocabulary)."""
@@ -627,6 +674,8 @@ def run_shape(shape: Shape, args, device) -> list:
     batch = make_batch(shape, languages, n_sentences, SENTENCE_LEN, device)
     print(f"[{shape.name}] training ...", file=sys.stderr, flush=True)
     train = bench_training(shape, languages, LANG12, batch, args, device)
+    print(f"[{shape.name}] training phases ...", file=sys.stderr, flush=True)
+    phases = {name: train_phases(name, shape, languages, LANG12, batch, args, device) for name in PHASE_SYSTEMS}
     print(f"[{shape.name}] decoding ...", file=sys.stderr, flush=True)
     decode_batch = make_batch(shape, languages, args.decode_sentences, SENTENCE_LEN, device)
     decode = bench_decoding(shape, languages, LANG12, decode_batch, args, device)
@@ -634,7 +683,7 @@ def run_shape(shape: Shape, args, device) -> list:
     if not args.no_memory:
         print(f"[{shape.name}] memory (one process per system) ...", file=sys.stderr, flush=True)
         memory = memory_in_subprocesses(shape.name, args)
-    return shape_report(shape, n_sentences, args, train, decode, memory)
+    return shape_report(shape, n_sentences, args, train, decode, memory) + phases_report(phases, args)
 
 
 def main(argv=None) -> str:
