@@ -3,12 +3,13 @@
 What it measures, all on the same random-weight M2M100 and the same token batch (fixed seed):
 
 - training step (forward + backward + Adam step) of: floor, PEFT LoRA (one adapter), LSLo with one direction
-  per batch, LSLo with the 12 languages mixed in every batch, full fine-tuning;
+  per batch, LSLo with the 12 languages mixed in every batch, full fine-tuning; and the step's phases;
 - beam-5 decoding of the same sentences with a fixed output length (min_new_tokens = max_new_tokens, so a random
   model produces as many tokens under every system): base model, LSLo mixed directions, PEFT mixed adapters
-  (``adapter_names``, one adapter per language), a merged one-direction model (``lslo.adapters.merge_direction``);
-- evaluation cost against the number of directions: one LSLo decode per direction for the 132 directions of
-  12 languages and the 870 of 30 languages on a small model;
+  (``adapter_names``, one adapter per language), a merged one-direction model (``lslo.adapters.merge_direction``),
+  each under lslo's beam loop (``lslo.beam``) and HF's default one;
+- evaluation cost against the number of directions: the 132 directions of 12 languages and the 870 of 30
+  languages decoded as the evaluate stage does (one target language per generate call) on a small model;
 - peak memory of each system in its own subprocess (see ``measure_memory``).
 
 Systems are interleaved inside every repetition (the order rotates), and the median of the repetitions is
@@ -549,7 +550,8 @@ def phases_report(phases: dict, args) -> list:
     total = {name: sum(p.values()) for name, p in phases.items()}
     lines = [f"Where a training step's time goes (each system alone, median of {args.sweep_steps} after "
              f"{args.warmup} warm-up; forward includes zero_grad):", "",
-             "| system | forward ms | backward ms | optimizer ms | total ms | x full |", "|---|---:|---:|---:|---:|---:|"]
+             "| system | forward ms | backward ms | optimizer ms | total ms | x full |",
+             "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['optimizer']:.1f} | "
               f"{1000 * total[name]:.1f} | {total[name] / total['full']:.3f} |" for name, p in phases.items()]
     lines += ["", f"Full fine-tuning's step is the floor plus the weight gradients "

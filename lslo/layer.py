@@ -177,14 +177,8 @@ class LoRABank(nn.Module):
 
         The last matmul adds into ``out`` (addmm, with s_l as its alpha), so the LoRA costs no separate
         scaling or addition pass over the [rows, out] activations."""
-        if g.single is None and weight is None and not torch.is_grad_enabled():
-            step = g.batch_cached(self, ("decode", x.dtype, out.dtype, math.prod(x.shape[1:-1])),
-                                  lambda: self._stacked_step(g, x, out))
-            if step is not None:  # one-token beam steps: no autograd, stacked weights and routing built once
-                a_t, route, b_t = step
-                h = torch.mm(x.reshape(-1, self.in_features), a_t).mul_(route)
-                out.view(-1, self.out_features).addmm_(h, b_t)
-                return out
+        if weight is None and self._add_decode_step(out, x, g):
+            return out
         if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.A[self.languages[0]].dtype)
         kernel = "single" if g.single is not None else self.mixed_kernel(g, x)
@@ -214,12 +208,24 @@ class LoRABank(nn.Module):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
         return flat.view(out.shape)
 
-    def _stacked_step(self, g: "Grouping", x: torch.Tensor, out: torch.Tensor):
-        """(A^T, routing scale, B^T) of the stacked kernel in the dtype of ``out``, for no-grad calls with
-        one token per sample that add in place; None where the general path applies."""
+    def _add_decode_step(self, out: torch.Tensor, x: torch.Tensor, g: "Grouping") -> bool:
+        """A beam-search step of a mixed batch (eval mode, no autograd, one token per sample, stacked kernel):
+        out += routed stacked LoRA, in place, with the stacked A^T, B^T and routing scale built once per batch.
+        False, with ``out`` untouched, where the general path applies."""
+        if (g.single is not None or torch.is_grad_enabled() or self.training or not out.is_contiguous()
+                or math.prod(x.shape[1:-1]) != 1 or torch.is_autocast_enabled(x.device.type)):
+            return False
+        step = g.batch_cached(self, ("decode step", x.dtype, out.dtype), lambda: self._decode_step_weights(g, x, out))
+        if step is None:
+            return False
+        a_t, route, b_t = step
+        h = torch.mm(x.reshape(-1, self.in_features), a_t).mul_(route)
+        out.view(-1, self.out_features).addmm_(h, b_t)
+        return True
+
+    def _decode_step_weights(self, g: "Grouping", x: torch.Tensor, out: torch.Tensor):
         dtype = self.A[self.languages[0]].dtype
-        if (math.prod(x.shape[1:-1]) != 1 or self.mixed_kernel(g, x) != "stacked" or not out.is_contiguous()
-                or torch.is_autocast_enabled(x.device.type) or not x.dtype == out.dtype == dtype):
+        if self.mixed_kernel(g, x) != "stacked" or not x.dtype == out.dtype == dtype:
             return None
         a, b = self._stacked_weights(g)
         return a.t(), g.route_scale(self._rank_scaling(g), dtype), b.t()
