@@ -204,15 +204,30 @@ def build_train_parts(name: str, shape: Shape, languages: list, groups: dict, de
 def build_train_system(name: str, shape: Shape, languages: list, groups: dict, device):
     """-> (model, step(batch)) for one training system; the step includes zero_grad, backward and Adam."""
     model, loss_of, optimizer = build_train_parts(name, shape, languages, groups, device)
+    return model, lambda batch: run_step(loss_of, optimizer, batch)
 
-    def step(batch):
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        loss_of(batch).backward()
-        if optimizer is not None:
-            optimizer.step()
 
-    return model, step
+def run_step(loss_of, optimizer, batch, device=None) -> list:
+    """One training step: zero_grad + forward, backward, Adam step. With ``device``: the perf_counter times
+    before the step and after each phase (device synchronised), else []."""
+    marks = []
+
+    def mark():
+        if device is not None:
+            sync(device)
+            marks.append(time.perf_counter())
+
+    mark()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    loss = loss_of(batch)
+    mark()
+    loss.backward()
+    mark()
+    if optimizer is not None:
+        optimizer.step()
+    mark()
+    return marks
 
 
 def train_phases(name: str, shape: Shape, languages: list, groups: dict, batch, args, device) -> dict:
@@ -220,19 +235,7 @@ def train_phases(name: str, shape: Shape, languages: list, groups: dict, batch, 
     _, loss_of, optimizer = build_train_parts(name, shape, languages, groups, device)
     times = {"forward": [], "backward": [], "optimizer": []}
     for rep in range(args.warmup + args.sweep_steps):
-        marks = [time.perf_counter()]
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(batch)
-        sync(device)
-        marks.append(time.perf_counter())
-        loss.backward()
-        sync(device)
-        marks.append(time.perf_counter())
-        if optimizer is not None:
-            optimizer.step()
-        sync(device)
-        marks.append(time.perf_counter())
+        marks = run_step(loss_of, optimizer, batch, device)
         if rep >= args.warmup:
             for phase, start, end in zip(times, marks, marks[1:]):
                 times[phase].append(end - start)

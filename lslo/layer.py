@@ -72,8 +72,9 @@ MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
 # Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
 # max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. A gathered weight is a memory copy per row and
 # step, a stacked rank column a multiply-add per token: training and encoding (T ~ 30) gather, one-token decoding
-# steps stack. On a 2-core CPU, the directions sweep of benchmarks/bench.py decoded all 870 lang30 directions in
-# 11.3 s with this set to 8 (its decoder steps then gathered) and 9.5 s with 64; lang12 took 1.46 / 1.43 s.
+# steps stack. On a 2-core CPU, the directions sweep of benchmarks/bench.py at 2866c9e (then with mixed-target
+# generate calls) decoded all 870 lang30 directions in 11.3 s with this set to 8 (its decoder steps then
+# gathered) and 9.5 s with 64; lang12 took 1.46 / 1.43 s.
 GATHER_COST = 64
 
 
