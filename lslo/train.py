@@ -62,7 +62,9 @@ class TrainOptions:
     lr: float = 3e-3  # paper §5: 3e-3 for LSLo, 1e-4 for full fine-tuning
     epochs: int = 15  # T
     max_tokens: int = 4096  # token budget per batch, padding included (fairseq --max-tokens)
-    update_freq: int = 1  # gradient accumulation
+    update_freq: int = 1  # gradient accumulation (micro-batches per update and process); see tokens_per_update
+    tokens_per_update: int | None = None  # effective batch: max_tokens x update_freq x processes (fairseq); when
+    # set, update_freq is derived from the process count so the batch does not depend on how many GPUs run it
     temperature: float = 5.0  # direction sampling temperature
     seed: int = 1
     label_smoothing: float = 0.2
@@ -109,12 +111,30 @@ class TrainOptions:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number >= 0")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise LsloError(f"{path}.adam_betas is {self.adam_betas!r}, expected two numbers in [0, 1)")
-        for key in ("max_steps", "max_epoch_examples"):
+        for key in ("max_steps", "max_epoch_examples", "tokens_per_update"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected null or a whole number >= 1")
+        if self.tokens_per_update is not None and self.update_freq != 1:
+            raise LsloError(f"{path}: set tokens_per_update or update_freq, not both (update_freq is derived from "
+                            "tokens_per_update, max_tokens and the number of processes)")
+
+    def update_freq_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer update in each of `world_size` processes.
+
+        With tokens_per_update set: tokens_per_update / (max_tokens x world_size), which must be a whole number, so
+        that 1, 2 or 4 GPUs train with the same effective batch (fairseq's max_tokens x update_freq x GPUs).
+        """
+        if self.tokens_per_update is None:
+            return self.update_freq
+        per_update = self.max_tokens * world_size
+        if self.tokens_per_update % per_update:
+            raise LsloError(f"options.tokens_per_update ({self.tokens_per_update}) is not a multiple of max_tokens "
+                            f"({self.max_tokens}) x {world_size} process(es); choose a process count or max_tokens "
+                            "that divides it")
+        return self.tokens_per_update // per_update
 
 
-_OPTIONAL_INT = {"max_steps", "max_epoch_examples"}
+_OPTIONAL_INT = {"max_steps", "max_epoch_examples", "tokens_per_update"}
 
 
 def _check_type(path: str, value, default, key: str):
@@ -489,6 +509,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     options = TrainOptions.from_dict(options) if not isinstance(options, TrainOptions) else options
     options.validate()
     rank, world_size, device = distributed_setup()
+    update_freq = options.update_freq_for(world_size)
     checkpoint_dir = Path(checkpoint_dir)
 
     # ---- data: tokenized once; each epoch's batches come from (seed, epoch)
@@ -522,7 +543,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
             epoch_hook(epoch)
         model.train()
         batches = shard(epoch_plan(corpus, options, epoch), rank, world_size)
-        updates = [batches[i:i + options.update_freq] for i in range(0, len(batches), options.update_freq)]
+        updates = [batches[i:i + update_freq] for i in range(0, len(batches), update_freq)]
         loss_sum, token_sum = 0.0, 0
         bar = tqdm(updates, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False)
         for group in bar:

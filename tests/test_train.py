@@ -284,3 +284,19 @@ def test_resume_after_sigkill_is_bit_identical(world, tmp_path):
     metrics = pd.read_csv(run / "metrics.tsv", sep="\t")
     assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["pruning_ratio"].iloc[-1] > 0
     assert metrics["dev_H2H"].notna().all()
+
+
+@pytest.mark.parametrize("world_size, expected", [(1, 4), (2, 2), (4, 1)])
+def test_tokens_per_update_derives_update_freq_from_the_process_count(world_size, expected):
+    options = TrainOptions.from_dict({"max_tokens": 4000, "tokens_per_update": 16000})
+    freq = options.update_freq_for(world_size)
+    assert freq == expected
+    assert freq * options.max_tokens * world_size == 16000
+
+
+def test_tokens_per_update_refuses_an_uneven_split_and_a_second_update_freq():
+    with pytest.raises(LsloError, match="not a multiple of max_tokens"):
+        TrainOptions.from_dict({"max_tokens": 4000, "tokens_per_update": 16000}).update_freq_for(3)
+    with pytest.raises(LsloError, match="not both"):
+        TrainOptions.from_dict({"tokens_per_update": 16000, "update_freq": 2})
+    assert TrainOptions.from_dict({"update_freq": 3}).update_freq_for(4) == 3
