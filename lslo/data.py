@@ -6,6 +6,7 @@ languages is a training direction (n(n-1) directions), sampled with temperature 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import logging
 import os
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from lslo.errors import LsloError
-from lslo.io import write_tsv
+from lslo.io import atomic_write_all, write_tsv
 from lslo.languages import read_language_table, select
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,32 @@ def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFra
 
 
 def _read_lines(path: Path, language: str) -> list[str]:
+    """One sentence per line. Lines end at "\n" only: universal-newline reading would also end a line at a lone
+    "\r" (and str.splitlines at U+2028 and other separators) and so shift every later sentence against its
+    translations. CRLF endings and a leading UTF-8 byte order mark are accepted; a CR anywhere else is refused,
+    since FLORES sentences hold no control characters and TSV readers would split the row there."""
     if not path.is_file():
         raise LsloError(f"{path}: FLORES file for language '{language}' not found")
-    # split on "\n" only: str.splitlines would also split on U+2028 and other separators inside sentences
-    lines = path.read_text(encoding="utf-8").split("\n")
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise LsloError(f"{path}: line {line}: byte 0x{data[offset]:02x} at offset {offset} is not UTF-8 "
+                        f"(language '{language}'); FLORES files must be UTF-8") from None
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lines = [line.rstrip("\r") for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     if not lines:
         raise LsloError(f"{path}: FLORES file for language '{language}' has no lines; expected one sentence per line")
     for number, line in enumerate(lines, start=1):
+        if "\r" in line:
+            column = line.index("\r") + 1
+            raise LsloError(f"{path}: line {number}: carriage return (CR) inside the sentence at character {column} "
+                            f"(language '{language}'); lines must end with LF or CRLF only")
         if not line.strip():
             raise LsloError(f"{path}: line {number} is empty (language '{language}')")
     return lines
@@ -111,17 +128,22 @@ def read_parallel(path: str | os.PathLike, languages: list[str] | None = None) -
 
 
 def prepare_data(flores_root: str | os.PathLike, layout: str, language_table_path: str | os.PathLike,
-                 languages: str | list[str], out_train: str | os.PathLike, out_test: str | os.PathLike) -> None:
+                 languages: str | list[str], out_train: str | os.PathLike, out_test: str | os.PathLike,
+                 test_sentences: int | None = None) -> None:
     """The data stage: FLORES dev/devtest -> results/data/{train,test}.tsv. Both splits are read and checked
-    before anything is written, so bad input leaves no output."""
+    before anything is written, so bad input leaves no output, and the two tables are published together, so a
+    failed write (a full disk) leaves neither. test_sentences keeps only the first N devtest sentences."""
     table = read_language_table(language_table_path)
     codes = select(table, languages)
     if layout == "auto":
         layout = detect_layout(flores_root, table, codes[0])
     train = read_flores(flores_root, codes, table, "train", layout)
     test = read_flores(flores_root, codes, table, "test", layout)
-    write_parallel(train, out_train)
-    write_parallel(test, out_test)
+    if test_sentences:  # eval.max_sentences: evaluate on the first N devtest sentences (demo, smoke runs)
+        test = test.head(test_sentences)
+    with atomic_write_all([out_train, out_test]) as (tmp_train, tmp_test):  # both tables or neither
+        write_parallel(train, tmp_train)
+        write_parallel(test, tmp_test)
     log.info("wrote %d train and %d test sentences in %d languages (%s layout)", len(train), len(test),
              len(codes), layout)
 

