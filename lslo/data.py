@@ -235,6 +235,24 @@ class Corpus:
     def sizes(self) -> dict[Direction, int]:
         return {d: len(src_ids) for d, (src_ids, _) in self.pairs.items()}
 
+    def check_lengths(self, max_tokens: int) -> None:
+        """Refuse a sentence that no batch could hold (fairseq --max-tokens), before training starts: make_batches
+        would only meet it when the sampler first draws it, possibly epochs later with checkpoints written."""
+        too_long, checked = [], set()
+        for (src, tgt), sides in self.pairs.items():
+            for language, token_lists in zip((src, tgt), sides):
+                if id(token_lists) in checked:  # multi-parallel corpora share one list per language
+                    continue
+                checked.add(id(token_lists))
+                too_long += [(language, f"{src}-{tgt}", index, len(ids) + 2)  # + language token and </s>
+                             for index, ids in enumerate(token_lists) if len(ids) + 2 > max_tokens]
+        if too_long:
+            language, direction, index, length = too_long[0]
+            more = f"; {len(too_long) - 1} more sentence(s) are too long" if len(too_long) > 1 else ""
+            raise LsloError(f"training sentence {index} of language '{language}' (direction {direction}) has {length} "
+                            f"tokens with its language token and </s>, more than max_tokens={max_tokens}{more}; "
+                            "raise max_tokens or remove the sentence")
+
     def lengths(self, example: Example) -> tuple[int, int]:
         """Encoder and label lengths with the language token and </s> (M2M100: [lang] + ids + [eos])."""
         src_ids, tgt_ids = self.pairs[(example.src, example.tgt)]

@@ -514,6 +514,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
 
     # ---- data: tokenized once; each epoch's batches come from (seed, epoch)
     corpus = Corpus.multiparallel(train_table, list(languages), tokenizer)
+    corpus.check_lengths(options.max_tokens)
 
     # ---- model and optimizer
     random.seed(options.seed)

@@ -115,3 +115,31 @@ def test_data_stage_cuts_the_test_table_in_the_same_publish(tmp_path):
     prepare(root, tmp_path / "out", test_sentences=2)
     assert read_parallel(tmp_path / "out" / "test.tsv")["en"].tolist() == sentences("en")[:2]
     assert len(read_parallel(tmp_path / "out" / "train.tsv")) == 4
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+def test_a_training_sentence_longer_than_max_tokens_stops_training_before_it_starts(tmp_path):
+    from test_train import LANGUAGES, make_world
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.tokenizer import load_tokenizer
+    from lslo.train import train
+
+    model_dir, table, _ = make_world(tmp_path / "world", n_sentences=12)
+    tokenizer = load_tokenizer(model_dir)
+    table = table.copy()
+    table.loc[7, "oc"] = " ".join([table.loc[7, "oc"]] * 30)  # one long sentence in one language
+
+    def length(text):  # encoder/label length with the language token and </s> (M2M100: [lang] + ids + [eos])
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 2
+
+    long = length(table.loc[7, "oc"])
+    rest = max(length(table.loc[i, lang]) for i in range(len(table)) for lang in LANGUAGES if (i, lang) != (7, "oc"))
+    assert rest < long
+    options = dict(epochs=2, max_tokens=rest, max_epoch_examples=4, seed=0, dev_sentences=2)
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir)
+    raises(train, "training sentence 7 of language 'oc'", f"has {long} tokens", f"max_tokens={rest}",
+           model=model, tokenizer=tokenizer, train_table=table, languages=LANGUAGES, options=options,
+           checkpoint_dir=tmp_path / "ckpt", metrics_path=tmp_path / "metrics.tsv")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics.tsv").exists()
