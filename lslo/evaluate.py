@@ -32,7 +32,7 @@ import sentencepiece
 from tqdm.auto import tqdm
 
 from lslo.errors import LsloError
-from lslo.io import atomic_write, read_json, write_json, write_tsv
+from lslo.io import atomic_write, atomic_write_all, read_json, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -163,28 +163,27 @@ def _language_table(language_table) -> pd.DataFrame:
 
 
 def score_directions(hyps: pd.DataFrame, test: pd.DataFrame, table: pd.DataFrame, spm_model,
-                     directions=None) -> pd.DataFrame:
+                     directions=None, languages=None) -> pd.DataFrame:
     """Per-direction spBLEU and chrF++. `test` is indexed by sentence id, one column per language.
 
-    directions: the expected (src, tgt) list; default: every ordered pair of the languages in `hyps`.
+    directions: the expected (src, tgt) list; default: every ordered pair of `languages`, whose default is the
+    test table's language columns (the data stage's language list). The hyps must cover exactly these directions,
+    each with exactly the test table's sentence ids: a missing direction would drop its cells from the group
+    means and from AVG (Table 1 averages over all directions), so it is an error, as is anything extra.
     """
-    languages = list(dict.fromkeys(list(hyps["src"]) + list(hyps["tgt"])))
+    languages = list(test.columns) if languages is None else list(languages)
     expected = [tuple(d) for d in directions] if directions is not None else \
         [(s, t) for s in languages for t in languages if s != t]
+    for lang in dict.fromkeys(lang for direction in expected for lang in direction):
+        if lang not in table.index:
+            raise LsloError(f"language '{lang}' of the scored directions is not in the language table")
+        if lang not in test.columns:
+            raise LsloError(f"language '{lang}' of the scored directions has no column in the test table")
     by_direction = dict(tuple(hyps.groupby(["src", "tgt"], sort=False)))
+    _check_coverage(by_direction, expected, test, languages if directions is None else None)
     rows = []
     for src, tgt in tqdm(expected, desc="scoring", disable=None):
-        for lang in (src, tgt):
-            if lang not in table.index:
-                raise LsloError(f"language '{lang}' of direction {src}-{tgt} is not in the language table")
-            if lang not in test.columns:
-                raise LsloError(f"language '{lang}' of direction {src}-{tgt} has no column in the test table")
-        if (src, tgt) not in by_direction:
-            raise LsloError(f"no hypotheses for direction {src}-{tgt} in the hyps files")
         sub = by_direction[(src, tgt)]
-        if len(sub) != len(test) or not set(sub["id"]) == set(test.index):
-            raise LsloError(f"direction {src}-{tgt}: {len(sub)} hypotheses for {len(test)} test sentences "
-                            "(ids must match the test table one to one)")
         refs = test.loc[sub["id"], tgt].tolist()
         hyp_lines = sub["hyp"].tolist()
         src_group, tgt_group = table.loc[src, "resource"], table.loc[tgt, "resource"]
@@ -194,16 +193,58 @@ def score_directions(hyps: pd.DataFrame, test: pd.DataFrame, table: pd.DataFrame
     return pd.DataFrame(rows, columns=DIRECTION_COLUMNS)
 
 
+def _first(items, n: int = 5) -> str:
+    """The first n items and how many more: 'en-wo, fr-wo and 2 more'."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _check_coverage(by_direction: dict, expected: list, test: pd.DataFrame, languages: list | None) -> None:
+    """The hyps hold exactly the expected directions, each with exactly the test sentence ids."""
+    of = f"of languages {languages}" if languages is not None else "given"
+    missing = [f"{s}-{t}" for s, t in expected if (s, t) not in by_direction]
+    if missing:
+        raise LsloError(f"no hypotheses for direction {_first(missing)} ({len(missing)} of the {len(expected)} "
+                        f"directions {of} are missing from the hyps files)")
+    extra = [f"{s}-{t}" for s, t in by_direction if (s, t) not in set(expected)]
+    if extra:
+        raise LsloError(f"hypotheses for direction {_first(extra)}, which are not among the {len(expected)} "
+                        f"directions {of} ({len(extra)} unexpected direction(s) in the hyps files)")
+    ids = set(test.index)
+    for (src, tgt) in expected:
+        found = by_direction[(src, tgt)]["id"]
+        if len(found) != len(test) or set(found) != ids:
+            absent = sorted(ids - set(found), key=_id_order)
+            unknown = sorted(set(found) - ids, key=_id_order)
+            raise LsloError(f"direction {src}-{tgt}: {len(found)} hypotheses for {len(test)} test sentences "
+                            f"(ids must match the test table one to one); missing id(s): {_first(absent) or 'none'}; "
+                            f"id(s) not in the test table: {_first(unknown) or 'none'}")
+
+
+def _id_order(sentence_id: str):
+    return (0, int(sentence_id), "") if sentence_id.isdigit() else (1, 0, sentence_id)
+
+
 def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions, out_groups, label=None,
-                  directions=None) -> pd.DataFrame:
-    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar."""
+                  directions=None, languages=None) -> pd.DataFrame:
+    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar.
+
+    languages (a list or subset name; default: the test table's columns) defines the n(n-1) expected directions."""
     load_spm(spm_model)  # fail before any work when the spm file is missing
     table = _language_table(language_table)
-    by_direction = score_directions(read_hyps(hyp_tsvs), _read_test(test_tsv), table, spm_model, directions)
+    if isinstance(languages, str):
+        from lslo.languages import select
+
+        languages = select(table, languages)
+    by_direction = score_directions(read_hyps(hyp_tsvs), _read_test(test_tsv), table, spm_model, directions,
+                                    languages)
     groups = aggregate(by_direction)
-    write_tsv(by_direction, out_directions, float_format="%.4f")
-    write_tsv(groups, out_groups, float_format="%.4f")
-    write_json({"label": label, **signatures(spm_model)}, signature_path(out_groups))
+    # three outputs, published together: a failed write (a full disk) leaves none of them
+    with atomic_write_all([out_directions, out_groups, signature_path(out_groups)]) as (tmp_directions, tmp_groups,
+                                                                                     tmp_signature):
+        write_tsv(by_direction, tmp_directions, float_format="%.4f")
+        write_tsv(groups, tmp_groups, float_format="%.4f")
+        write_json({"label": label, **signatures(spm_model)}, tmp_signature)
     avg = groups.iloc[-1]
     log.info("%s: spBLEU AVG %.2f, chrF++ AVG %.2f over %d directions", label or out_groups, avg.spbleu,
              avg.chrf, avg.n_directions)

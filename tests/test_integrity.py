@@ -143,3 +143,82 @@ def test_a_training_sentence_longer_than_max_tokens_stops_training_before_it_sta
            model=model, tokenizer=tokenizer, train_table=table, languages=LANGUAGES, options=options,
            checkpoint_dir=tmp_path / "ckpt", metrics_path=tmp_path / "metrics.tsv")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics.tsv").exists()
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+SCORE_LANGS = ["en", "fr", "oc", "wo"]
+SCORE_TABLE = pd.DataFrame({"code": SCORE_LANGS, "resource": ["H", "H", "V", "V"]}).set_index("code", drop=False)
+
+
+@pytest.fixture(scope="module")
+def scoring_world(tmp_path_factory):
+    """A 4-language test table, hyps for all 12 directions, and a SentencePiece model for spBLEU."""
+    import sentencepiece
+
+    from lslo.data import write_parallel
+
+    root = tmp_path_factory.mktemp("scoring")
+    words = "maison chat chien rouge grand petit Haus Katze Hund rot Stadt Fluss".split()
+    base = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 5)) for i in range(8)]
+    test = pd.DataFrame({"id": range(len(base)), **{lang: [f"{lang} {s}" for s in base] for lang in SCORE_LANGS}})
+    write_parallel(test, root / "test.tsv")
+    (root / "corpus.txt").write_text("\n".join(base * 20) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "spm"),
+                                             vocab_size=40, hard_vocab_limit=False, minloglevel=2)
+    rows = [(s, t, str(i), f"{t} {sentence}") for s in SCORE_LANGS for t in SCORE_LANGS if s != t
+            for i, sentence in zip(test["id"], reversed(base))]
+    hyps = pd.DataFrame(rows, columns=["src", "tgt", "id", "hyp"])
+    return root, hyps
+
+
+def score(root, hyps: pd.DataFrame, out: Path, **kwargs):
+    from lslo import evaluate
+
+    hyps.to_csv(root / "hyps.tsv", index=False, **evaluate._TSV)
+    return evaluate.score_variant([root / "hyps.tsv"], root / "test.tsv", SCORE_TABLE, root / "spm.model",
+                                  out / "directions.tsv", out / "groups.tsv", **kwargs)
+
+
+def assert_no_scores(out: Path) -> None:
+    for name in ("directions.tsv", "groups.tsv", "groups.signature.json"):
+        assert not (out / name).exists()
+    assert_no_output(out)
+
+
+def test_scoring_needs_every_direction_of_the_language_list(scoring_world, tmp_path):
+    root, hyps = scoring_world
+    groups = score(root, hyps, tmp_path / "complete")
+    assert groups.set_index("pair").loc["AVG", "n_directions"] == 12  # n(n-1) for the 4 test-table languages
+    # the issue's case: every direction of one language missing (its V2V cell would vanish and AVG change)
+    without_wo = hyps[(hyps.src != "wo") & (hyps.tgt != "wo")]
+    raises(score, "no hypotheses for direction en-wo, fr-wo, oc-wo, wo-en, wo-fr and 1 more",
+           "6 of the 12 directions of languages ['en', 'fr', 'oc', 'wo']", root=root, hyps=without_wo,
+           out=tmp_path / "out")
+    assert_no_scores(tmp_path / "out")
+
+
+def test_scoring_refuses_extra_directions_and_sentence_ids(scoring_world, tmp_path):
+    root, hyps = scoring_world
+    raises(score, "hypotheses for direction en-wo, fr-wo, oc-wo, wo-en, wo-fr and 1 more",
+           "not among the 6 directions of languages ['en', 'fr', 'oc']", root=root, hyps=hyps,
+           out=tmp_path / "out", languages=["en", "fr", "oc"])
+    moved = hyps.copy()
+    moved.loc[(moved.src == "fr") & (moved.tgt == "oc") & (moved.id == "3"), "id"] = "99"
+    raises(score, "direction fr-oc: 8 hypotheses for 8 test sentences", "missing id(s): 3",
+           "id(s) not in the test table: 99", root=root, hyps=moved, out=tmp_path / "out")
+    assert_no_scores(tmp_path / "out")
+
+
+def test_scoring_outputs_appear_together_or_not_at_all(scoring_world, tmp_path, monkeypatch):
+    from lslo import evaluate
+
+    root, hyps = scoring_world
+
+    def disk_full(spm_model):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "signatures", disk_full)  # fails after both TSVs are complete
+    with pytest.raises(OSError, match="No space left"):
+        score(root, hyps, tmp_path / "out")
+    assert_no_scores(tmp_path / "out")
