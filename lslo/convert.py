@@ -10,8 +10,11 @@ every weight must be used and every model parameter filled.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # fairseq bookkeeping entries that carry no weights
 _IGNORED_SUFFIXES = ("version", "_float_tensor")
+_UNREADABLE = "the file is truncated, corrupt or not written by torch.save"
 _EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
 
 
@@ -34,13 +38,9 @@ def convert_fairseq_m2m(checkpoint: str | os.PathLike, dict_txt: str | os.PathLi
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise LsloError(f"{checkpoint}: fairseq checkpoint not found")
-    # fairseq checkpoints pickle argparse/omegaconf objects, so weights_only loading cannot read them;
-    # the file is the user's own local checkpoint.
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise LsloError(f"{checkpoint}: not a fairseq checkpoint (no 'model' state dict)")
+    saved = load_fairseq_checkpoint(checkpoint)
     args = _model_args(saved, checkpoint)
-    languages = list(languages) if languages is not None else _checkpoint_languages(saved)
+    languages = list(languages) if languages is not None else _checkpoint_languages(saved, checkpoint)
     vocab = read_fairseq_dict(dict_txt, languages)
     state = {k: v for k, v in saved["model"].items() if not k.endswith(_IGNORED_SUFFIXES)}
     embedding = _shared_embedding(state, checkpoint)
@@ -58,29 +58,102 @@ def convert_fairseq_m2m(checkpoint: str | os.PathLike, dict_txt: str | os.PathLi
     return Path(out_dir)
 
 
+def _fairseq_safe_globals() -> list:
+    """What fairseq checkpoints pickle besides tensors and containers: argparse.Namespace (args, and cfg.model /
+    cfg.task of legacy architectures) and numpy scalars with their dtypes (meter values and losses in
+    extra_state / optimizer_history). None of these runs code when unpickled."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+    return [argparse.Namespace, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
+
+
+def load_fairseq_checkpoint(path: Path) -> dict:
+    """A fairseq checkpoint (model.pt) read with torch.load(weights_only=True): pickled code is refused, never run.
+
+    Anything that is not a readable torch checkpoint, or whose structure is not {"model": state dict, "args" /
+    "cfg": arguments}, is one LsloError naming the file."""
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        raise LsloError(f"{path}: a safetensors file, not a fairseq checkpoint; lslo convert reads the model.pt "
+                        "that fairseq writes with torch.save")
+    safe = _fairseq_safe_globals()
+    try:
+        with torch.serialization.safe_globals(safe):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path, safe, err)
+        if unsafe:
+            raise LsloError(f"{path}: refused to unpickle {unsafe}: a fairseq checkpoint holds only tensors, "
+                            "numbers, strings and argparse.Namespace, and unpickling these could run code") from None
+        raise LsloError(f"{path}: not a readable torch checkpoint ({_unpickler_reason(err)}); {_UNREADABLE}") from None
+    except Exception as err:  # the unpickler and zip reader raise many types for bytes that are not a checkpoint
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise LsloError(f"{path}: not a readable torch checkpoint ({reason}); {_UNREADABLE}") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise LsloError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")
+    state = saved["model"]
+    if not isinstance(state, dict):
+        raise LsloError(f"{path}: field 'model' is a {type(state).__name__}, expected a state dict of tensors")
+    bad = [name for name, value in state.items() if not isinstance(name, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise LsloError(f"{path}: field 'model' holds entries that are not named tensors: {bad[:5]}"
+                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return saved
+
+
+def _unsafe_globals(path: Path, safe: list, err: Exception) -> list[str]:
+    """Names of the pickled globals outside the allowlist (read from the pickle, nothing imported or run)."""
+    allowed = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
+               for entry in safe for name in ([entry[1]] if isinstance(entry, tuple) else [entry])}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:  # not a zip checkpoint: the unpickler's message names the first one
+        return re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))[:1]
+
+
+def _unpickler_reason(err: Exception) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(err))
+    return found.group(1) if found else str(err).splitlines()[0][:200]
+
+
 def _model_args(saved: dict, source: Path) -> dict:
     """Model hyper-parameters from cfg.model (fairseq >= 0.10) or args (older checkpoints)."""
-    cfg = _as_dict(saved.get("cfg"))
-    args = _as_dict(cfg.get("model")) if cfg and cfg.get("model") is not None else _as_dict(saved.get("args"))
+    cfg = _as_dict(saved.get("cfg"), "cfg", source)
+    args = (_as_dict(cfg["model"], "cfg.model", source) if cfg.get("model") is not None
+            else _as_dict(saved.get("args"), "args", source))
     if not args:
         raise LsloError(f"{source}: no model arguments (neither cfg.model nor args)")
     return args
 
 
-def _as_dict(obj) -> dict:
+def _as_dict(obj, field: str, source: Path) -> dict:
     if obj is None:
         return {}
     if isinstance(obj, dict):
         return dict(obj)
-    if hasattr(obj, "items"):  # omegaconf DictConfig
-        return {k: v for k, v in obj.items()}
-    return dict(vars(obj))  # argparse.Namespace
+    if isinstance(obj, argparse.Namespace):
+        return dict(vars(obj))
+    raise LsloError(f"{source}: field '{field}' is a {type(obj).__name__}, expected a dict or argparse.Namespace")
 
 
-def _checkpoint_languages(saved: dict) -> list[str]:
+def _checkpoint_languages(saved: dict, source: Path) -> list[str]:
     """fairseq's MultilingualDatasetManager.load_langs: `langs` if given, else sorted languages of lang_pairs."""
-    cfg = _as_dict(saved.get("cfg"))
-    task = _as_dict(cfg.get("task")) if cfg else _as_dict(saved.get("args"))
+    cfg = _as_dict(saved.get("cfg"), "cfg", source)
+    task = (_as_dict(cfg.get("task"), "cfg.task", source) if cfg
+            else _as_dict(saved.get("args"), "args", source))
+    for field in ("langs", "lang_pairs"):
+        value = task.get(field)
+        if value and not (isinstance(value, str) or
+                          (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+            raise LsloError(f"{source}: task field '{field}' is {value!r}, expected a comma-separated string or a "
+                            "list of strings")
     langs, pairs = task.get("langs"), task.get("lang_pairs")
     if langs:
         return langs.split(",") if isinstance(langs, str) else list(langs)
@@ -132,7 +205,10 @@ def hf_config(args: dict, vocab_size: int, source: Path | str = "checkpoint") ->
     def need(name):
         if args.get(name) is None:
             raise LsloError(f"{source}: model argument '{name}' missing")
-        return args[name]
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LsloError(f"{source}: model argument '{name}' is {value!r}, expected a whole number >= 1")
+        return value
 
     for name in ("encoder_normalize_before", "decoder_normalize_before"):
         if not args.get(name, False):

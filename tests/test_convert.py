@@ -1,6 +1,7 @@
 """fairseq M2M100-architecture checkpoint -> HF directory: logits equal an independent forward of the same weights."""
 
 import argparse
+import io
 import math
 import os
 import random
@@ -224,3 +225,102 @@ def test_convert_command_writes_the_same_checkpoint(fake, spm_model, tmp_path):
     assert main(["convert", "--checkpoint", str(tmp_path / "nothing.pt"), "--dict", str(directory / "dict.txt"),
                  "--spm", str(spm_model), "--out", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- safe loading (weights_only) and bad files
+
+class _OpensAFile:
+    """A pickle payload: unpickling it calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_fairseq_training_state_with_numpy_scalars_loads(fake, spm_model, tmp_path):
+    import numpy as np
+
+    directory, checkpoint = fake
+    full = {**checkpoint, "extra_state": {"val_loss": np.float64(3.25), "train_iterator": {"epoch": np.int64(4)}},
+            "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                                   "lr_scheduler_state": {"best": np.float32(2.5)}, "num_updates": 1000}],
+            "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}}}
+    torch.save(full, tmp_path / "full.pt")
+    out = convert_fairseq_m2m(tmp_path / "full.pt", directory / "dict.txt", spm_model, tmp_path / "hf")
+    model = M2M100ForConditionalGeneration.from_pretrained(str(out))
+    assert torch.equal(model.model.shared.weight, checkpoint["model"]["encoder.embed_tokens.weight"])
+
+
+def test_a_crafted_pickle_payload_is_refused_and_never_runs(fake, spm_model, tmp_path):
+    from lslo.cli import main
+
+    directory, checkpoint = fake
+    marker = tmp_path / "payload-ran"
+    torch.save({**checkpoint, "extra_state": {"hook": _OpensAFile(marker)}}, tmp_path / "crafted.pt")
+    torch.load(tmp_path / "crafted.pt", weights_only=False)  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(LsloError, match=r"crafted\.pt: refused to unpickle \['io\.open'\]"):
+        convert_fairseq_m2m(tmp_path / "crafted.pt", directory / "dict.txt", spm_model, tmp_path / "out")
+    assert main(["convert", "--checkpoint", str(tmp_path / "crafted.pt"), "--dict", str(directory / "dict.txt"),
+                 "--spm", str(spm_model), "--out", str(tmp_path / "out")]) == 2
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _bad_checkpoint(kind, path, checkpoint):
+    state, args = dict(checkpoint["model"]), checkpoint["args"]
+    if kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone() for k, v in state.items()}, str(path))
+    elif kind == "list":
+        torch.save([state], path)
+    elif kind == "model-not-dict":
+        torch.save({"args": args, "model": "weights"}, path)
+    elif kind == "model-not-tensors":
+        torch.save({"args": args, "model": {**state, "encoder.layers.0.fc1.weight": [1.0, 2.0]}}, path)
+    elif kind == "args-not-namespace":
+        torch.save({"args": "--arch transformer", "model": state}, path)
+    elif kind == "layers-not-int":
+        torch.save({"args": argparse.Namespace(**{**vars(args), "encoder_layers": "2"}), "model": state}, path)
+    elif kind == "langs-not-strings":
+        torch.save({"args": argparse.Namespace(**{**vars(args), "langs": 3}), "model": state}, path)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("garbage", "not a readable torch checkpoint"),
+    ("text", "not a readable torch checkpoint"),
+    ("empty", "not a readable torch checkpoint"),
+    ("truncated", "not a readable torch checkpoint"),
+    ("safetensors", "a safetensors file, not a fairseq checkpoint"),
+    ("list", "not a fairseq checkpoint (no 'model' state dict)"),
+    ("model-not-dict", "field 'model' is a str, expected a state dict of tensors"),
+    ("model-not-tensors", "not named tensors: ['encoder.layers.0.fc1.weight']"),
+    ("args-not-namespace", "field 'args' is a str, expected a dict or argparse.Namespace"),
+    ("layers-not-int", "model argument 'encoder_layers' is '2', expected a whole number >= 1"),
+    ("langs-not-strings", "task field 'langs' is 3"),
+])
+def test_files_that_are_not_fairseq_checkpoints_give_one_error(fake, spm_model, tmp_path, kind, message):
+    from lslo.cli import main
+
+    directory, checkpoint = fake
+    _bad_checkpoint(kind, tmp_path / "model.pt", checkpoint)
+    with pytest.raises(LsloError) as err:
+        convert_fairseq_m2m(tmp_path / "model.pt", directory / "dict.txt", spm_model, tmp_path / "out")
+    assert str(err.value).startswith(f"{tmp_path / 'model.pt'}: ") and message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    assert main(["convert", "--checkpoint", str(tmp_path / "model.pt"), "--dict", str(directory / "dict.txt"),
+                 "--spm", str(spm_model), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
