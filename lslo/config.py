@@ -69,7 +69,12 @@ def _key_path(error) -> str:
     return ".".join(str(part) for part in error.absolute_path)
 
 
-def _describe(error) -> str:
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(error, what: str = "config key") -> str:
     """One line: the key path, its value and what the schema expects."""
     path = _key_path(error)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
@@ -77,8 +82,21 @@ def _describe(error) -> str:
         extra = sorted(set(error.instance) - set(allowed)) if allowed else []
         if extra:
             keys = ", ".join(repr(".".join(filter(None, [path, str(k)]))) for k in extra)
-            return f"config key {keys}: unknown key; expected one of {allowed}"
-    return f"config key '{path or '<top level>'}': {error.message}"
+            return f"{what} {keys}: unknown key; expected one of {allowed}"
+    if error.validator == "type":  # jsonschema's message repeats the whole value (a list, a dict)
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"{what} '{path or '<top level>'}': {_short(error.instance)} is not of type " + \
+            ", ".join(repr(t) for t in types)
+    return f"{what} '{path or '<top level>'}': {error.message}"
+
+
+def schema_errors(instance, schema: dict, what: str = "config key") -> list[str]:
+    """Every violation of the JSON `schema` by `instance`, one line each, in key order."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return list(dict.fromkeys(_describe(e, what) for e in errors))
 
 
 def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
@@ -86,12 +104,6 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
 
     Defaults are not filled in here (snakemake.utils.validate(..., set_default=True) does that afterwards).
     """
-    import jsonschema
-
-    schema = load_yaml(schema_path)
-    validator_class = jsonschema.validators.validator_for(schema)
-    validator = validator_class(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    if errors:
-        lines = list(dict.fromkeys(_describe(e) for e in errors))
+    lines = schema_errors(config, load_yaml(schema_path))
+    if lines:
         raise LsloError(f"invalid config (schema {schema_path}):\n  " + "\n  ".join(lines))

@@ -26,6 +26,7 @@ from lslo.errors import LsloError
 from lslo.io import atomic_write, read_json, write_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, validate_gps
+from lslo.ranks import validate_rank_plan
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
                         load_stage_data, train)
 
@@ -108,10 +109,8 @@ def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dic
     if not ranks_json:
         raise LsloError("method 'lslo' needs ranks_json (results/ranks/{variant}.json)")
     plan = read_json(ranks_json)
-    ranks, targets = plan.get("ranks") or {}, plan.get("prune") or {}
-    missing = [code for code in codes if code not in ranks]
-    if missing:
-        raise LsloError(f"{ranks_json}: field 'ranks' has no rank for language(s) {missing}")
+    validate_rank_plan(plan, codes, ranks_json)  # a hand-edited plan: one line per schema violation
+    ranks, targets = plan["ranks"], plan["prune"]
     targets = {code: float(targets.get(code, 0.0)) for code in codes}
     schedule = plan.get("gps")
     if any(targets.values()):

@@ -67,8 +67,42 @@ def assign_ranks(policy: str, language_table, languages, group_ranks: dict | Non
     if schedule is None:
         plan["prune"] = {code: 0.0 for code in codes}
     if out_json is not None:
+        validate_rank_plan(plan, codes, out_json)
         write_json(plan, out_json)
     return plan
+
+
+def rank_plan_schema(languages: list[str]) -> dict:
+    """JSON schema of results/ranks/{variant}.json for a run over `languages` (docs/formats.md): a rank for every
+    language, and no language outside the list."""
+    language_keys = {"propertyNames": {"enum": list(languages)}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["policy", "ranks", "prune", "gps", "groups"],
+        "properties": {
+            "policy": {"enum": list(POLICIES)},
+            "ranks": {"type": "object", **language_keys, "required": list(languages),
+                      "additionalProperties": {"type": "integer", "minimum": 1}},
+            "prune": {"type": "object", **language_keys,
+                      "additionalProperties": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
+            "gps": {"type": ["object", "null"], "additionalProperties": False, "required": ["start", "duration"],
+                    "properties": {"start": {"type": "integer", "minimum": 0},
+                                   "duration": {"type": "integer", "minimum": 1}}},
+            "groups": {"type": "object", **language_keys, "additionalProperties": {"enum": RESOURCE_GROUPS}},
+            "scores": {"type": ["object", "null"], **language_keys, "additionalProperties": {"type": "number"}},
+        },
+    }
+
+
+def validate_rank_plan(plan, languages: list[str], source) -> None:
+    """Check a rank plan (possibly edited by hand) against `rank_plan_schema`; one line per violation."""
+    from lslo.config import schema_errors
+
+    lines = schema_errors(plan, rank_plan_schema(languages), what="field")
+    if lines:
+        raise LsloError(f"{source}: invalid rank plan (languages {list(languages)}):\n  " + "\n  ".join(lines))
 
 
 def _check_schedule(gps: dict | None, epochs: int | None) -> dict | None:
@@ -102,6 +136,15 @@ def _resource_plan(groups: dict, group_ranks: dict | None, gps: dict | None) -> 
         unknown = [g for g in pruned_groups if g not in RESOURCE_GROUPS]
         if unknown:
             raise LsloError(f"gps.groups: unknown resource group(s) {unknown}, expected some of {RESOURCE_GROUPS}")
+        if not pruned_groups:
+            raise LsloError("gps.groups is empty, so GPS would prune nothing; list the resource groups to prune "
+                            "(paper §6.3: [H, M]) or set gps: null")
+        present = {g: [code for code, group in groups.items() if group == g] for g in RESOURCE_GROUPS}
+        empty = [g for g in pruned_groups if not present[g]]
+        if empty:
+            raise LsloError(f"gps.groups: resource group(s) {empty} have no language in this run, so GPS would "
+                            f"prune nothing there; the languages by group are "
+                            f"{ {g: codes for g, codes in present.items() if codes} }")
         ratio = check_ratio(gps.get("ratio"), "gps.ratio")
     return {
         "ranks": {code: int(group_ranks[g]) for code, g in groups.items()},

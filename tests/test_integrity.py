@@ -222,3 +222,78 @@ def test_scoring_outputs_appear_together_or_not_at_all(scoring_world, tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         score(root, hyps, tmp_path / "out")
     assert_no_scores(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------- rank plans
+
+GPS = {"groups": ["H"], "ratio": 0.9, "start": 2, "duration": 8}
+
+
+@pytest.fixture()
+def rank_plan(tmp_path):
+    """A rank plan written by the ranks stage for en, fr (H) and oc (V), GPS on H."""
+    import json
+
+    from lslo.ranks import assign_ranks
+
+    path = tmp_path / "plan.json"
+    assign_ranks("resource", TABLE, LANGS, {"H": 2, "V": 8}, GPS, out_json=path, epochs=15)
+    return path, json.loads(path.read_text())
+
+
+def read_plan(path, plan):
+    import json
+
+    from lslo.finetune import read_rank_plan
+
+    path.write_text(json.dumps(plan))
+    return read_rank_plan(path, LANGS, 15)
+
+
+def test_a_written_rank_plan_reads_back(rank_plan):
+    path, plan = rank_plan
+    ranks, targets, schedule = read_plan(path, plan)
+    assert ranks == {"en": 2, "fr": 2, "oc": 8} and targets == {"en": 0.9, "fr": 0.9, "oc": 0.0}
+    assert schedule == {"start": 2, "duration": 8}
+
+
+@pytest.mark.parametrize("edit,lines", [
+    (lambda p: p["gps"].pop("duration"), ["field 'gps': 'duration' is a required property"]),
+    (lambda p: p["ranks"].update(xx=4), ["field 'ranks': 'xx' is not one of ['en', 'fr', 'oc']"]),
+    (lambda p: p["ranks"].pop("oc"), ["field 'ranks': 'oc' is a required property"]),
+    (lambda p: (p["ranks"].update(fr=0), p["prune"].update(en=1.5), p["groups"].update(oc="Q")),
+     ["field 'groups.oc': 'Q' is not one of ['H', 'M', 'L', 'V']",
+      "field 'prune.en': 1.5 is greater than or equal to the maximum of 1",
+      "field 'ranks.fr': 0 is less than the minimum of 1"]),
+    (lambda p: p.update(ranks="2;2;8"), ["field 'ranks': '2;2;8' is not of type 'object'"]),
+])
+def test_a_hand_edited_rank_plan_reports_one_line_per_error(rank_plan, edit, lines):
+    path, plan = rank_plan
+    edit(plan)
+    message = raises(read_plan, str(path), "invalid rank plan", *lines, path=path, plan=plan)
+    assert len(message.splitlines()) == 1 + len(lines)
+
+
+def test_a_rank_plan_that_is_a_json_list_is_refused(rank_plan):
+    path, plan = rank_plan
+    message = raises(read_plan, "field '<top level>': [{'policy': 'resource', 'ranks'", "is not of type 'object'",
+                     path=path, plan=[plan])
+    assert len(message.splitlines()) == 2
+
+
+def test_gps_on_no_group_or_a_group_without_languages_is_refused(tmp_path):
+    from lslo.config import load_yaml, validate_config
+    from lslo.ranks import assign_ranks
+
+    out = tmp_path / "plan.json"
+    raises(assign_ranks, "gps.groups is empty, so GPS would prune nothing", policy="resource",
+           language_table=TABLE, languages=LANGS, group_ranks={"H": 2, "V": 8}, gps={**GPS, "groups": []},
+           out_json=out, epochs=15)
+    raises(assign_ranks, "gps.groups: resource group(s) ['M'] have no language in this run",
+           "{'H': ['en', 'fr'], 'V': ['oc']}", policy="resource", language_table=TABLE, languages=LANGS,
+           group_ranks={"H": 2, "V": 8}, gps={**GPS, "groups": ["H", "M"]}, out_json=out, epochs=15)
+    assert not out.exists()
+    config = load_yaml(REPO / "config" / "config.yaml")
+    config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"]["groups"] = []
+    raises(validate_config, "config key 'variants.lslo-2-2-8-wl-gps0.9.gps.groups': [] should be non-empty",
+           config=config, schema_path=REPO / "config" / "schema.yaml")
