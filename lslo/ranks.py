@@ -74,13 +74,14 @@ def assign_ranks(policy: str, language_table, languages, group_ranks: dict | Non
 
 def rank_plan_schema(languages: list[str]) -> dict:
     """JSON schema of results/ranks/{variant}.json for a run over `languages` (docs/formats.md): a rank for every
-    language, and no language outside the list."""
+    language, and no language outside the list. The ranks stage writes every field; a hand-written plan needs
+    ranks, prune and gps."""
     language_keys = {"propertyNames": {"enum": list(languages)}}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "type": "object",
         "additionalProperties": False,
-        "required": ["policy", "ranks", "prune", "gps", "groups"],
+        "required": ["ranks", "prune", "gps"],  # what fine-tuning reads; policy, groups, scores are the record
         "properties": {
             "policy": {"enum": list(POLICIES)},
             "ranks": {"type": "object", **language_keys, "required": list(languages),
