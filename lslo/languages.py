@@ -24,6 +24,7 @@ def read_language_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise LsloError(f"{path}: language table not found")
+    _check_field_counts(path)
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
@@ -36,6 +37,18 @@ def read_language_table(path: str | os.PathLike) -> pd.DataFrame:
         raise LsloError(f"{path}: duplicated language code(s) {duplicated}")
     table["bitext"] = pd.array([int(b) if b else None for b in table["bitext"]], dtype="Int64")
     return table.set_index("code", drop=False)
+
+
+def _check_field_counts(path: Path) -> None:
+    """Every row has the header's number of tab-separated fields. pandas would stop on a longer row with a
+    ParserError that names no file, and fill a shorter one with empty fields without a word."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    expected = lines[0].rstrip("\r").count("\t") + 1
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.rstrip("\r").count("\t") + 1
+        if line.strip() and fields != expected:
+            raise LsloError(f"{path}: line {number} has {fields} tab-separated fields, expected {expected} as in "
+                            "the header (a tab inside a field, or a missing one?)")
 
 
 def _check_row(path: Path, row: int, record: dict) -> None:

@@ -297,3 +297,18 @@ def test_gps_on_no_group_or_a_group_without_languages_is_refused(tmp_path):
     config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"]["groups"] = []
     raises(validate_config, "config key 'variants.lslo-2-2-8-wl-gps0.9.gps.groups': [] should be non-empty",
            config=config, schema_path=REPO / "config" / "schema.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- language table
+
+@pytest.mark.parametrize("change,fields", [("extra", 9), ("missing", 7)])
+def test_a_language_table_row_with_a_field_too_many_or_few_names_file_and_line(tmp_path, change, fields):
+    from lslo.languages import read_language_table
+
+    lines = TABLE.read_text(encoding="utf-8").splitlines()
+    assert lines[0].count("\t") + 1 == 8
+    lines[5] = lines[5] + "\tEuropean" if change == "extra" else lines[5].rsplit("\t", 1)[0]
+    bad = tmp_path / "languages.tsv"
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raises(read_language_table, f"{bad}: line 6 has {fields} tab-separated fields, expected 8 as in the header",
+           path=bad)
