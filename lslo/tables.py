@@ -110,25 +110,51 @@ def correlation_table(scores_tsv, language_table, side: str, out_tsv, out_md, ti
     kept = bitext.dropna()
     if len(kept) < 3:
         raise LsloError(f"{scores_tsv}: only {len(kept)} languages with a bitext count; Pearson r needs >= 3")
-    rows = []
+    x = kept.to_numpy()
+    rows, undefined = [], []
     for module in matrix.columns:
-        result = pearsonr(kept.to_numpy(), matrix.loc[kept.index, module].to_numpy(dtype=float))
-        rows.append({"module": module, "r": float(result.statistic), "p_value": float(result.pvalue),
-                     "n_languages": len(kept)})
+        y = matrix.loc[kept.index, module].to_numpy(dtype=float)
+        if np.all(x == x[0]) or np.all(y == y[0]):  # zero variance: r = cov / (σx σy) is 0/0
+            undefined.append(module)
+            r, p_value = np.nan, np.nan
+        else:
+            result = pearsonr(x, y)
+            r, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({"module": module, "r": r, "p_value": p_value, "n_languages": len(kept)})
     result = pd.DataFrame(rows)
     avg = {"module": "AVG", "r": result["r"].mean(), "p_value": result["p_value"].mean(), "n_languages": len(kept)}
     result = pd.concat([result, pd.DataFrame([avg])], ignore_index=True)
-    write_tsv(result, out_tsv, float_format="%.6f")
-    shown = pd.DataFrame({"Module": result["module"], "Correlation Coefficients": result["r"].map("{:.2f}".format),
-                          "P-value": result["p_value"].map("{:.3f}".format)})
+    write_tsv(result, out_tsv, float_format="%.6f")  # an undefined r or p is an empty field
+    shown = pd.DataFrame({"Module": result["module"], "Correlation Coefficients": result["r"].map(_number(2)),
+                          "P-value": result["p_value"].map(_number(3))})
     side_name = {"enc": "Encoder", "dec": "Decoder"}[side]
     title = title or f"The correlation coefficients in {side_name}."
     notes = [f"Pearson r between bitext with English and the eq. 6 score averaged over {side_name.lower()} "
              f"layers, over {len(kept)} languages.",
              f"Left out (no bitext with English): {', '.join(excluded) if excluded else 'none'}.",
-             "AVG is the mean of the module rows."]
+             *_undefined_notes(undefined, list(matrix.columns), constant_bitext=bool(np.all(x == x[0])))]
     _write_text(f"**{title}**\n\n{_markdown(shown)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", out_md)
     return result
+
+
+def _number(decimals: int):
+    return lambda value: "undefined" if pd.isna(value) else f"{value:.{decimals}f}"
+
+
+def _undefined_notes(undefined: list, modules: list, constant_bitext: bool) -> list[str]:
+    """Why a row reads "undefined": Pearson r needs both variables to vary across the languages."""
+    if not undefined:
+        return ["AVG is the mean of the module rows."]
+    if constant_bitext:
+        why = ("Pearson r is undefined for every module: the bitext counts are the same for every language "
+               "(zero variance).")
+    else:
+        why = (f"Pearson r is undefined for {', '.join(undefined)}: the score is the same for every language "
+               "(zero variance; ISE pruned that module alike in all languages), so there is nothing to correlate.")
+    defined = len(modules) - len(undefined)
+    avg = (f"AVG is the mean of the {defined} module rows with a defined r." if defined
+           else "AVG is undefined too.")
+    return [why, avg]
 
 
 def _language_table(language_table) -> pd.DataFrame:

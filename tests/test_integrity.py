@@ -312,3 +312,47 @@ def test_a_language_table_row_with_a_field_too_many_or_few_names_file_and_line(t
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     raises(read_language_table, f"{bad}: line 6 has {fields} tab-separated fields, expected 8 as in the header",
            path=bad)
+
+
+# ---------------------------------------------------------------------------------------------- Tables 9/10
+
+def test_tables_9_10_say_why_r_is_undefined_for_a_module_with_equal_scores(tmp_path):
+    import numpy as np
+
+    from lslo import tables
+    from test_figures import BITEXT, language_table, write_scores
+
+    scores = write_scores(tmp_path / "raw.tsv", seed=5)
+    scores.loc[(scores.side == "enc") & (scores.module == "k"), "score"] = -12.5  # equal in every language
+    scores.to_csv(tmp_path / "scores.tsv", sep="\t", index=False)
+    result = tables.correlation_table(tmp_path / "scores.tsv", language_table(), "enc", tmp_path / "t9.tsv",
+                                      tmp_path / "t9.md").set_index("module")
+    kept = [code for code, count in BITEXT.items() if count is not None]
+    x = np.array([BITEXT[code] for code in kept], dtype=float)
+    expected = {}
+    for module in ["q", "v", "fc1", "fc2"]:
+        y = scores[(scores.side == "enc") & (scores.module == module)].groupby("language").score.mean()[kept]
+        expected[module] = np.corrcoef(x, y.to_numpy())[0, 1]
+        assert result.loc[module, "r"] == pytest.approx(expected[module])
+    assert np.isnan(result.loc["k", "r"]) and np.isnan(result.loc["k", "p_value"])
+    assert result.loc["AVG", "r"] == pytest.approx(np.mean(list(expected.values())))
+    md = (tmp_path / "t9.md").read_text()
+    assert "nan" not in md
+    assert "| k | undefined | undefined |" in md
+    assert "Pearson r is undefined for k: the score is the same for every language (zero variance" in md
+    assert "AVG is the mean of the 4 module rows with a defined r." in md
+
+
+def test_tables_9_10_with_equal_bitext_counts_say_every_r_is_undefined(tmp_path):
+    from lslo import tables
+    from test_figures import language_table, write_scores
+
+    write_scores(tmp_path / "scores.tsv", seed=1)
+    table = language_table()
+    table["bitext"] = pd.array([None, 1000, 1000, 1000, 1000, 1000], dtype="Int64")
+    result = tables.correlation_table(tmp_path / "scores.tsv", table, "dec", tmp_path / "t10.tsv",
+                                      tmp_path / "t10.md")
+    assert result["r"].isna().all()
+    md = (tmp_path / "t10.md").read_text()
+    assert "nan" not in md and "| AVG | undefined | undefined |" in md
+    assert "the bitext counts are the same for every language" in md and "AVG is undefined too." in md
