@@ -91,7 +91,9 @@ def load_fairseq_checkpoint(path: Path) -> dict:
         unsafe = _unsafe_globals(path, safe, err)
         if unsafe:
             raise LsloError(f"{path}: refused to unpickle {unsafe}: a fairseq checkpoint holds only tensors, "
-                            "numbers, strings and argparse.Namespace, and unpickling these could run code") from None
+                            "numbers, strings and argparse.Namespace, and unpickling these could run code (a trusted "
+                            "checkpoint can be re-saved with its 'model' state dict and 'args'/'cfg' as plain "
+                            "dicts)") from None
         raise LsloError(f"{path}: not a readable torch checkpoint ({_unpickler_reason(err)}); {_UNREADABLE}") from None
     except Exception as err:  # the unpickler and zip reader raise many types for bytes that are not a checkpoint
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
