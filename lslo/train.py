@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lslo import __version__
-from lslo.checkpoint import (checkpoint_path, data_identity, find_resumable, last_checkpoint,  # noqa: F401
-                             mark_complete, plain, save_checkpoint, set_rng_state, write_epoch_metrics)
+from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain,
+                             save_checkpoint, set_rng_state, write_epoch_metrics)
 from lslo.data import Corpus, TemperatureSampler, collate, make_batches
 from lslo.errors import LsloError
 from lslo.io import write_tsv

@@ -221,7 +221,7 @@ def gps_run(model_dir, table, out: Path, hang_in_epoch: int = 0) -> dict:
 
     def update_then_hang(*args, **kwargs):
         result = real_update(*args, **kwargs)
-        if T.last_checkpoint(out / "ckpt") == T.checkpoint_path(out / "ckpt", hang_in_epoch - 1):
+        if last_checkpoint(out / "ckpt") == checkpoint_path(out / "ckpt", hang_in_epoch - 1):
             calls.append(1)
             if len(calls) == 2:
                 (out / "mid_epoch").write_text("x")
