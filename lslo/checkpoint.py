@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -259,9 +260,12 @@ def load_checkpoint(path) -> dict:
     """One epoch file, without running any pickled code; LsloError naming the file when it does not load."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, crafted pickle, anything torch refuses
+    except pickle.UnpicklingError:  # weights_only refused a global: the file would run code if unpickled
+        raise LsloError(f"{path}: unreadable checkpoint (it holds pickled objects other than plain data; not "
+                        "loaded, since unpickling them could run code)") from None
+    except Exception as err:  # truncated or corrupt zip, not a torch file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LsloError(f"{path}: unreadable checkpoint ({first[:200]})") from None
+        raise LsloError(f"{path}: unreadable checkpoint, truncated or corrupt ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise LsloError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT}")

@@ -167,7 +167,8 @@ def test_a_truncated_newest_checkpoint_falls_back_with_one_warning(tmp_path, cap
         state = C.find_resumable(ckpt, {"stage": "x"})
     assert state["epoch"] == 1 and torch.equal(state["trainable_state"]["w"], torch.ones(3))
     lines = [r for r in caplog.records if r.name == "lslo.checkpoint"]
-    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and str(newest) in lines[0].getMessage()
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert f"{newest}: unreadable checkpoint, truncated or corrupt" in lines[0].getMessage()
 
 
 def test_leftover_temporaries_are_removed(tmp_path):
@@ -244,7 +245,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_not_executed(tmp_path, caplog):
         state = C.find_resumable(ckpt, {"stage": "x"})
     assert not sentinel.exists()
     assert state["epoch"] == 1 and "epoch002.pt: unreadable checkpoint" in caplog.text
-    with pytest.raises(LsloError, match="epoch002.pt: unreadable checkpoint"):
+    with pytest.raises(LsloError, match=r"epoch002.pt: unreadable checkpoint \(it holds pickled objects"):
         C.load_checkpoint(C.checkpoint_path(ckpt, 2))
     assert not sentinel.exists()
     torch.load(C.checkpoint_path(ckpt, 2), weights_only=False)  # the payload is real: unsafe loading runs it

@@ -114,8 +114,22 @@ def snapshot(workdir: Path, variant: str) -> dict:
     return {str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
 
 
-def adapters(workdir: Path, variant: str = LSLO) -> bytes:
-    return (workdir / f"results/finetune/{variant}/adapters.safetensors").read_bytes()
+class Adapters:
+    """An adapter file's tensors and metadata; equal when every tensor is bit-identical and the metadata equal
+    (the file bytes are not compared: safetensors writes the metadata keys in an arbitrary order)."""
+
+    def __init__(self, path: Path):
+        from lslo.adapters import read_adapters
+
+        self.tensors, self.metadata = read_adapters(path)
+
+    def __eq__(self, other) -> bool:
+        return (self.metadata == other.metadata and self.tensors.keys() == other.tensors.keys()
+                and all(torch.equal(t, other.tensors[k]) for k, t in self.tensors.items()))
+
+
+def adapters(workdir: Path, variant: str = LSLO) -> Adapters:
+    return Adapters(workdir / f"results/finetune/{variant}/adapters.safetensors")
 
 
 def metrics(workdir: Path, variant: str = LSLO) -> bytes:
