@@ -5,7 +5,9 @@ Adapter file (safetensors): the LSLoModel state-dict entries of the LoRA banks, 
     base.model.{encoder|decoder}.layers.{i}.{path}.banks.{src|tgt}.{A_mask|B_mask}.{lang}   (pruned languages only)
     index_weights.{enc|dec}_{i}.logits                                                      (weight-learning mode)
 and string metadata (JSON values): format, lslo_version, base_model, languages, ranks, modules, layers,
-index_plan, alpha, dropout. The base model itself is not stored: load_adapters takes it.
+index_plan, alpha, dropout, and base_identity (lslo.checkpoint.model_identity of the base model directory, where
+the adapters were trained on one). The base model itself is not stored: load_adapters takes it, and refuses a base
+whose identity differs from base_identity.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ def adapter_tensors(model: LSLoModel) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_adapters(model: LSLoModel, path, base_model: str) -> Path:
-    """Write the adapters of ``model`` (trained on ``base_model``, a local path or hub id) to ``path``."""
+def save_adapters(model: LSLoModel, path, base_model: str, base_identity: str | None = None) -> Path:
+    """Write the adapters of ``model`` (trained on ``base_model``, a local path or hub id, whose content identity
+    is ``base_identity``, lslo.checkpoint.model_identity) to ``path``."""
     path = Path(path)
     metadata = {"format": FORMAT, "lslo_version": __version__, "base_model": str(base_model)}
+    if base_identity is not None:
+        metadata["base_identity"] = str(base_identity)
     metadata.update({k: json.dumps(v) for k, v in model.spec.to_dict().items()})
     with atomic_write(path) as tmp:
         save_file(adapter_tensors(model), str(tmp), metadata=metadata)
@@ -72,14 +77,22 @@ def read_adapters(path) -> tuple[dict, dict]:
     if metadata.get("format") != FORMAT:
         raise LsloError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {FORMAT!r}")
     decoded = {k: metadata[k] for k in ("format", "lslo_version", "base_model")}
+    decoded["base_identity"] = metadata.get("base_identity")
     decoded.update({k: json.loads(metadata[k]) for k in SPEC_FIELDS})
     return tensors, decoded
 
 
-def load_adapters(hf_model, path, languages=None) -> LSLoModel:
+def load_adapters(hf_model, path, languages=None, base_identity: str | None = None, base_model=None) -> LSLoModel:
     """Inject LSLo into ``hf_model`` as described by the file's metadata and load its tensors strictly.
-    ``languages``, if given, must equal the file's language list (same order: ids index into it)."""
+    ``languages``, if given, must equal the file's language list (same order: ids index into it).
+    ``base_identity``, if given (model_identity of ``base_model``, the directory ``hf_model`` came from), must equal
+    the identity of the base the adapters were trained on, where the file records one."""
     tensors, meta = read_adapters(path)
+    trained_on = meta["base_identity"]
+    if base_identity is not None and trained_on is not None and base_identity != trained_on:
+        raise LsloError(f"{path}: adapters were trained on base model {meta['base_model']} (identity "
+                        f"{trained_on[:12]}), not on {base_model or 'the given model'} (identity "
+                        f"{base_identity[:12]}); decode them with the base they were trained on")
     if languages is not None and list(languages) != meta["languages"]:
         raise LsloError(f"{path}: adapters are for languages {meta['languages']}, expected {list(languages)}")
     spec = LSLoSpec(**{k: meta[k] for k in SPEC_FIELDS})

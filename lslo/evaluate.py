@@ -346,7 +346,10 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
     if method == "lslo":
         from lslo.adapters import load_adapters
 
-        model = load_adapters(model, variant["adapters"], languages=languages or None)
+        from lslo.checkpoint import model_identity
+
+        model = load_adapters(model, variant["adapters"], languages=languages or None,
+                              base_identity=model_identity(model_dir), base_model=model_dir)
         languages = list(model.languages)
     model.to(device).eval()
     return Translator(model, tokenizer, languages, method == "lslo", device)

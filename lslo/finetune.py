@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, read_json, write_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
@@ -55,7 +56,8 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
     elif method == "full":
         hf_model.requires_grad_(True)
         train(hf_model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics,
-              dev_table=dev_table, groups=groups)
+              dev_table=dev_table, groups=groups, identity={"stage": "finetune", "method": method,
+                                                            "base_model": model_identity(model_dir)})
         if is_main_process():
             with atomic_write(out_dir / "model", is_dir=True) as tmp:
                 hf_model.save_pretrained(tmp)
@@ -75,8 +77,12 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
 
     ranks, targets, schedule = read_rank_plan(ranks_json, codes, options.epochs)
     torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway
-    spec = LSLoSpec(languages=codes, ranks=ranks, modules=modules, index_plan=resolve_index_plan(index_plan,
-                                                                                              plan_json))
+    plan = resolve_index_plan(index_plan, plan_json)
+    spec = LSLoSpec(languages=codes, ranks=ranks, modules=modules, index_plan=plan)
+    base_identity = model_identity(model_dir)
+    identity = {"stage": "finetune", "method": "lslo", "base_model": base_identity,
+                "settings": {"ranks": ranks, "prune": targets, "gps": schedule, "index_plan": plan,
+                             "modules": modules}}
     model = inject_lslo(hf_model, spec)
 
     def gps(epoch: int) -> None:  # eq. 4, per target ratio, each A and B matrix its own pool
@@ -86,12 +92,12 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
                 prune(model, ratio, [lang for lang in codes if targets[lang] == target], scope="matrix")
 
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
-          dev_table=dev_table, groups=groups)
+          dev_table=dev_table, groups=groups, identity=identity)
     gps(options.epochs)  # masks only grow: a no-op once the target is in force, it makes the end state sure
     path = out_dir / "adapters.safetensors"
     if not is_main_process():
         return path
-    return save_adapters(model, path, base_model=str(Path(model_dir).resolve()))
+    return save_adapters(model, path, base_model=str(Path(model_dir).resolve()), base_identity=base_identity)
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import read_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
@@ -49,8 +50,10 @@ def run_subspace(model_dir, train_tsv, dev_tsv, language_table, languages, plan,
             prune(model, ratio, codes, scope=SCOPES[mode], matrices=("B",))
 
     checkpoint_dir = Path(checkpoint_dir)
+    identity = {"stage": "subspace", "base_model": model_identity(model_dir),
+                "settings": {"mode": mode, "rank": int(rank), "target_ratio": target_ratio, "gps": gps, "plan": plan}}
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, checkpoint_dir / "metrics.tsv",
-          epoch_hook=prune_b, dev_table=dev_table, groups=groups)
+          epoch_hook=prune_b, dev_table=dev_table, groups=groups, identity=identity)
     prune_b(options.epochs)  # masks only grow: a no-op once the ratio is in force, it makes the end state sure
     scores = subspace_scores(model, target_ratio)
     scores.insert(1, "group", scores["language"].map(groups))

@@ -14,11 +14,8 @@ updates, dev spBLEU, metrics row, checkpoint. As in the paper's fairseq setup:
 Resume: the batch order of epoch e is a pure function of (seed, e), and each epoch checkpoint holds the trainable
 state (LoRA A/B, pruning masks, index weights; every parameter for full fine-tuning), optimizer, step, RNG states
 and the metrics rows, so rerunning with the same checkpoint_dir continues after the last complete epoch and ends,
-on CPU with a fixed seed, with bit-identical weights and the same metrics TSV as an uninterrupted run.
-
-Checkpoint layout: ``checkpoint_dir/epoch{e:03d}.pt`` (torch.save of a dict, written atomically; the two most
-recent are kept): format, epoch, step, options, languages, rank_plan, trainable_state, optimizer, scaler, rng
-{python, numpy, torch, cuda}, sampler {seed, epoch}, metrics (rows so far).
+on CPU with a fixed seed, with bit-identical weights and the same metrics TSV as an uninterrupted run. Which
+checkpoint may be resumed (identity), the file layout and durability: lslo.checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import logging
 import math
 import os
 import random
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -39,18 +35,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lslo import __version__
+from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain,
+                             save_checkpoint, set_rng_state, write_epoch_metrics)
 from lslo.data import Corpus, TemperatureSampler, collate, make_batches
 from lslo.errors import LsloError
-from lslo.io import atomic_write, write_tsv
+from lslo.io import write_tsv
 
 log = logging.getLogger(__name__)
 
 METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
                    "dev_H2H", "dev_V2V"]
-CHECKPOINT_FORMAT = 1
-KEEP_CHECKPOINTS = 2
-# Options that may change between a run and its resumption (they do not change what was already trained).
-RESUMABLE_CHANGES = {"epochs", "max_steps", "dev_sentences", "dev_beam", "amp"}
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -352,73 +347,6 @@ def count_trainable(model) -> tuple[int, int, float]:
     return n, n, 0.0
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def checkpoint_path(checkpoint_dir, epoch: int) -> Path:
-    return Path(checkpoint_dir) / f"epoch{epoch:03d}.pt"
-
-
-def last_checkpoint(checkpoint_dir) -> Path | None:
-    found = sorted(p for p in Path(checkpoint_dir).glob("epoch*.pt") if re.fullmatch(r"epoch\d{3,}\.pt", p.name))
-    return found[-1] if found else None
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(checkpoint_dir, epoch: int, step: int, model, optimizer, scaler, options: TrainOptions,
-                    languages: list[str], metrics: list[dict]) -> Path:
-    path = checkpoint_path(checkpoint_dir, epoch)
-    state = {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "options": asdict(options),
-        "languages": list(languages), "rank_plan": rank_plan(model), "trainable_state": trainable_state(model),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(), "sampler": {"seed": options.seed, "epoch": epoch}, "metrics": list(metrics),
-    }
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
-    for old in sorted(Path(checkpoint_dir).glob("epoch*.pt"))[:-KEEP_CHECKPOINTS]:
-        old.unlink()
-    return path
-
-
-def resume(checkpoint_dir, model, optimizer, scaler, options: TrainOptions, languages: list[str]) -> dict | None:
-    """Load the last complete epoch checkpoint into model/optimizer/RNGs; None when there is none."""
-    path = last_checkpoint(checkpoint_dir)
-    if path is None:
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise LsloError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    if state["languages"] != list(languages):
-        raise LsloError(f"{path}: checkpoint was trained for languages {state['languages']}, but this run has "
-                        f"{list(languages)}; use another checkpoint_dir or the same language list")
-    if state["rank_plan"] != rank_plan(model):
-        raise LsloError(f"{path}: checkpoint has a different rank plan (LSLo sites/ranks) than this model; use "
-                        "another checkpoint_dir or the same ranks and modules")
-    changed = sorted(k for k, v in asdict(options).items()
-                     if state["options"].get(k) != v and k not in RESUMABLE_CHANGES)
-    if changed:
-        log.warning("%s: resuming with changed option(s) %s", path, changed)
-    load_trainable_state(model, state["trainable_state"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-    return state
-
-
 # ---------------------------------------------------------------------------------------------- dev scores
 
 def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
@@ -499,12 +427,15 @@ def amp_setup(options: TrainOptions, device) -> tuple[Callable, object]:
 
 def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], options, checkpoint_dir,
           metrics_path, epoch_hook: Callable[[int], None] | None = None, dev_table: pd.DataFrame | None = None,
-          groups: dict | None = None):
+          groups: dict | None = None, identity: dict | None = None):
     """Train `model` (LSLoModel or a plain HF model) on every direction of `train_table`; returns the model.
 
     languages: the model's ordered language list (batch language ids index it). groups: {code: H/M/L/V}, for the
     dev H2H/V2V columns. epoch_hook(epoch) runs at each epoch boundary before the epoch's training (GPS pruning);
-    it must be deterministic given the model state, since resume relies on it.
+    it must be deterministic given the model state, since resume relies on it. identity: what the stage adds to
+    the checkpoint identity (stage, base_model = lslo.checkpoint.model_identity, settings: everything else it
+    passes in that changes the weights, e.g. the epoch_hook's plan); see run_identity. metrics_path is written
+    once, after the last epoch; the rows so far live beside the checkpoints.
     """
     options = TrainOptions.from_dict(options) if not isinstance(options, TrainOptions) else options
     options.validate()
@@ -532,8 +463,15 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    # ---- resume after the last complete epoch
-    state = resume(checkpoint_dir, model, optimizer, scaler, options, languages)
+    # ---- resume after the last complete epoch of a run with the same identity (rank 0 prepares the directory)
+    identity = run_identity(identity, model, options, languages, train_table, dev_table, world_size)
+    state = find_resumable(checkpoint_dir, identity) if rank == 0 else None
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            state = find_resumable(checkpoint_dir, identity, may_set_aside=False)
+    if state is not None:
+        resume(state, model, optimizer, scaler)
     first_epoch, step, metrics = (1, 0, []) if state is None else (state["epoch"] + 1, state["step"],
                                                                   state["metrics"])
 
@@ -568,14 +506,46 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
         metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch,
                                      step, loss_sum, token_sum, world_size, rank))
         if rank == 0:
-            write_tsv(pd.DataFrame(metrics, columns=METRICS_COLUMNS), metrics_path)
-            save_checkpoint(checkpoint_dir, epoch, step, model, optimizer, scaler, options, languages, metrics)
+            save_checkpoint(checkpoint_dir, epoch, step, identity, trainable_state(model), optimizer, scaler,
+                            metrics)
+            write_epoch_metrics(checkpoint_dir, pd.DataFrame(metrics, columns=METRICS_COLUMNS))
         log.info("epoch %d: %s", epoch, metrics[-1])
         if world_size > 1:
             torch.distributed.barrier()
-    if rank == 0 and state is not None and not Path(metrics_path).exists():
+    if rank == 0:
         write_tsv(pd.DataFrame(metrics, columns=METRICS_COLUMNS), metrics_path)
+        mark_complete(checkpoint_dir, len(metrics))
     return model
+
+
+def run_identity(stage_identity: dict | None, model, options: TrainOptions, languages: list[str], train_table,
+                 dev_table, world_size: int) -> dict:
+    """Everything a checkpoint must share with this run to be resumed (lslo.checkpoint): the stage's part, every
+    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data."""
+    options_dict = asdict(options)
+    dev_columns = [lang for lang in languages if dev_table is not None and lang in dev_table.columns]
+    return plain({
+        **(stage_identity or {}),
+        "options": options_dict,
+        # max_tokens x update_freq x processes: the process count may change on resume, the batch may not
+        "tokens_per_update": options.max_tokens * options.update_freq_for(world_size) * world_size,
+        "model": unwrap(model).spec.to_dict() if is_lslo(model) else {"full": True},
+        "rank_plan": rank_plan(model),
+        "languages": list(languages),
+        "train_data": data_identity(train_table, list(languages)),
+        "dev_data": (data_identity(dev_table.head(options.dev_sentences), dev_columns) if dev_columns else None),
+        "lslo_version": __version__,
+    })
+
+
+def resume(state: dict, model, optimizer, scaler) -> None:
+    """Load a checkpoint state (lslo.checkpoint.find_resumable) into model, optimizer, scaler and the RNGs."""
+    load_trainable_state(model, state["trainable_state"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    log.info("resumed from %s (epoch %d, step %d)", state.get("path", "a checkpoint"), state["epoch"], state["step"])
 
 
 def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch, step, loss_sum,

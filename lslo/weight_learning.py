@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lslo.checkpoint import model_identity
 from lslo.io import write_json, write_tsv
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.train import TrainOptions, is_main_process, load_base, load_stage_data, train
@@ -31,7 +32,8 @@ def run_weight_learning(model_dir, train_tsv, dev_tsv, language_table, languages
     model = inject_lslo(hf_model, spec)
     metrics = Path(log_dir or checkpoint_dir) / "metrics.tsv"
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, metrics, dev_table=dev_table,
-          groups=groups)
+          groups=groups, identity={"stage": "weight_learning", "base_model": model_identity(model_dir),
+                                   "settings": {"modules": modules, "rank": int(rank)}})
     weights = model.learned_index_weights()
     plan = model.argmax_index_plan()
     log.info("learned index plan: %s", plan)
