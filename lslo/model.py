@@ -42,6 +42,20 @@ PAPER_INDEX_PLAN = {"enc": ["src"] * 9 + ["tgt"] * 3, "dec": ["tgt"] * 12}
 SUPPORTED = "M2M100ForConditionalGeneration (M2M100, NLLB-200, converted M2M-124)"
 
 
+def fc_block(fc_lora: str, offset: int, width: int | None, d_model: int, ffn_dim: int) -> tuple | None:
+    """(start, end) of the ffn units a fc1/fc2 LoRA of layout ``fc_lora`` covers; None for "full"."""
+    if fc_lora not in FC_LAYOUTS:
+        raise LsloError(f"fc_lora must be one of {', '.join(FC_LAYOUTS)}; got {fc_lora!r}")
+    if fc_lora == "full":
+        return None
+    width = d_model if width is None else int(width)
+    start = int(offset)
+    if start < 0 or width < 1 or start + width > ffn_dim:
+        raise LsloError(f"fc_lora slice [{start}:{start + width}] does not fit the ffn dimension {ffn_dim} "
+                        f"(fc_lora_offset {start}, fc_lora_width {width})")
+    return start, start + width
+
+
 def site_key(side: str, layer: int, module: str) -> str:
     return f"{side}.{layer}.{module}"
 
@@ -102,14 +116,7 @@ class LSLoSpec:
 
     def fc_block(self, d_model: int, ffn_dim: int) -> tuple | None:
         """(start, end) of the ffn units a fc1/fc2 LoRA covers, or None for the full layout."""
-        if self.fc_lora == "full":
-            return None
-        width = d_model if self.fc_lora_width is None else int(self.fc_lora_width)
-        start = int(self.fc_lora_offset)
-        if start + width > ffn_dim:
-            raise LsloError(f"fc_lora slice [{start}:{start + width}] does not fit the ffn dimension {ffn_dim} "
-                            f"(fc_lora_offset {start} + fc_lora_width {width})")
-        return start, start + width
+        return fc_block(self.fc_lora, self.fc_lora_offset, self.fc_lora_width, d_model, ffn_dim)
 
     def module_list(self) -> list:
         modules = MODULE_SETS.get(self.modules) if isinstance(self.modules, str) else list(self.modules)
