@@ -13,9 +13,10 @@ Structure (other modules rely on these names):
 - ``LSLoLinear``: wraps the frozen ``nn.Linear`` as ``self.base``; ``in_slice`` / ``out_slice`` ((start, end) or
   None) name the block of W the LoRA covers: it reads input units x[start:end] and adds to output units
   h[start:end] (the authors' fc1/fc2 layout: a d_model × d_model LoRA on fc1's first d_model output units and on
-  fc2's first d_model input units; lslo.model.LSLoSpec ``fc_lora="slice"``); ``self.banks`` is an ``nn.ModuleDict`` keyed
-  "src" or "tgt" (normal mode, ``self.index`` = that key) or both (``self.index == "learn"``, eq. 5; the layer-shared
-  ``IndexWeights`` is registered once at the model level, only referenced here).
+  fc2's first d_model input units; lslo.model.LSLoSpec ``fc_lora="slice"``); ``self.banks`` is an
+  ``nn.ModuleDict`` keyed "src" or "tgt" (normal mode, ``self.index`` = that key) or both
+  (``self.index == "learn"``, eq. 5; the layer-shared ``IndexWeights`` is registered once at the model level,
+  only referenced here).
 - ``Routing``: the per-batch language routing shared by every layer. The grouping (single-language fast path, or
   a stable sort permutation, its inverse and the (lang, start, end) segments) is computed once per batch and per
   (index, batch size), with one host sync per batch, never per layer.
