@@ -3,6 +3,7 @@
   lslo params   exact trainable / effective parameter counts of an LSLo configuration from model shapes
                 (no weights needed), e.g.
                 lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
+                (--fc-lora slice, the default, is the authors' d_model x d_model fc1/fc2 LoRA; full: d x ffn)
   lslo convert  a fairseq M2M-124 checkpoint (model.pt + dict + SentencePiece model) to an HF checkpoint directory
 """
 
