@@ -5,9 +5,10 @@ Adapter file (safetensors): the LSLoModel state-dict entries of the LoRA banks, 
     base.model.{encoder|decoder}.layers.{i}.{path}.banks.{src|tgt}.{A_mask|B_mask}.{lang}   (pruned languages only)
     index_weights.{enc|dec}_{i}.logits                                                      (weight-learning mode)
 and string metadata (JSON values): format, lslo_version, base_model, languages, ranks, modules, layers,
-index_plan, alpha, dropout, and base_identity (lslo.checkpoint.model_identity of the base model directory, where
-the adapters were trained on one). The base model itself is not stored: load_adapters takes it, and refuses a base
-whose identity differs from base_identity.
+index_plan, alpha, dropout, fc_lora, fc_lora_offset, fc_lora_width, init, and base_identity
+(lslo.checkpoint.model_identity of the base model directory, where the adapters were trained on one). A file without
+the fc_lora fields was written before the fc layout option existed and is read as the full layout. The base model
+itself is not stored: load_adapters takes it, and refuses a base whose identity differs from base_identity.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from lslo.layer import BufferDict, LSLoLinear
 from lslo.model import LSLoModel, LSLoSpec, inject_lslo
 
 FORMAT = "lslo-adapters/1"
-SPEC_FIELDS = ("languages", "ranks", "modules", "layers", "index_plan", "alpha", "dropout")
+SPEC_FIELDS = ("languages", "ranks", "modules", "layers", "index_plan", "alpha", "dropout", "fc_lora",
+               "fc_lora_offset", "fc_lora_width", "init")
+# Spec fields added after the first files were written, with the value those files mean.
+LAYOUT_DEFAULTS = {"fc_lora": "full", "fc_lora_offset": 0, "fc_lora_width": None, "init": "peft"}
 
 
 def adapter_tensors(model: LSLoModel) -> dict:
@@ -78,7 +82,10 @@ def read_adapters(path) -> tuple[dict, dict]:
         raise LsloError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {FORMAT!r}")
     decoded = {k: metadata[k] for k in ("format", "lslo_version", "base_model")}
     decoded["base_identity"] = metadata.get("base_identity")
-    decoded.update({k: json.loads(metadata[k]) for k in SPEC_FIELDS})
+    missing = [k for k in SPEC_FIELDS if k not in metadata and k not in LAYOUT_DEFAULTS]
+    if missing:
+        raise LsloError(f"{path}: metadata lacks field(s) {missing}")
+    decoded.update({k: json.loads(metadata[k]) if k in metadata else LAYOUT_DEFAULTS[k] for k in SPEC_FIELDS})
     return tensors, decoded
 
 
@@ -129,7 +136,7 @@ def _install_masks(model: LSLoModel, tensors: dict, path) -> None:
 def _direction_delta(module: LSLoLinear, src: str, tgt: str) -> torch.Tensor:
     """Dense ΔW of one site for one direction: s·B_l A_l (l by the index plan), or eq. 5's weighted sum."""
     langs = {"src": src, "tgt": tgt}
-    return sum(w * module.banks[index].delta_weight(langs[index]) for index, w in module.bank_weights().items())
+    return sum(w * module.delta_weight(index, langs[index]) for index, w in module.bank_weights().items())
 
 
 @torch.no_grad()

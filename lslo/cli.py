@@ -3,6 +3,7 @@
   lslo params   exact trainable / effective parameter counts of an LSLo configuration from model shapes
                 (no weights needed), e.g.
                 lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
+                (--fc-lora slice, the default, is the authors' d_model x d_model fc1/fc2 LoRA; full: d x ffn)
   lslo convert  a fairseq M2M-124 checkpoint (model.pt + dict + SentencePiece model) to an HF checkpoint directory
 """
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lslo.errors import LsloError
+from lslo.model import FC_LAYOUTS
 from lslo.params import INDEX_MODES, count_from_shape, load_config
 
 _M2M100 = {"d_model": 1024, "encoder_attention_heads": 16, "decoder_attention_heads": 16, "tie_word_embeddings": True}
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--prune", default="", help='pruning ratios "H=0.9,M=0.9" (groups or languages)')
     params.add_argument("--index", default="single", choices=INDEX_MODES,
                         help="single: one bank per site (learned/src/tgt plan); learn: src and tgt banks (eq. 5)")
+    params.add_argument("--fc-lora", default="slice", choices=FC_LAYOUTS,
+                        help="fc1/fc2 LoRA layout: slice (the authors': d_model x d_model blocks) or full (d x ffn)")
     params.add_argument("--json", action="store_true", help="print the counts as JSON")
     params.set_defaults(func=run_params)
 
@@ -90,7 +94,7 @@ def run_params(args) -> int:
     ranks = {lang: int(r) for lang, r in _per_language(args.ranks, languages, groups, "--ranks", _rank).items()}
     prune = _per_language(args.prune, languages, groups, "--prune", _ratio)
     counts = count_from_shape(model_config, languages, ranks, modules=args.modules, index_mode=args.index,
-                              prune=prune, groups=groups or None)
+                              prune=prune, groups=groups or None, fc_lora=args.fc_lora)
     print(json.dumps(counts, indent=2) if args.json else format_counts(counts))
     return 0
 
@@ -134,7 +138,13 @@ def parse_groups(text: str) -> dict[str, list[str]]:
         name, sep, members = part.partition("=")
         if not sep or not name.strip() or not _split(members, ","):
             raise LsloError(f"--groups: '{part}' not understood; expected GROUP=lang,lang,... parts joined by ';'")
+        if name.strip() in groups:
+            raise LsloError(f"--groups: group '{name.strip()}' given twice; list each group's languages once")
         groups[name.strip()] = _split(members, ",")
+    listed = [lang for langs in groups.values() for lang in langs]
+    twice = sorted({lang for lang in listed if listed.count(lang) > 1})
+    if twice:
+        raise LsloError(f"--groups: language(s) {twice} listed more than once")
     return groups
 
 

@@ -291,8 +291,10 @@ class Translator:
         attention_mask = (input_ids != pad).long()
         start = getattr(self.model, "base", self.model).config.decoder_start_token_id  # LSLoModel wraps HF
         prefix = torch.tensor([[start, self.tokenizer.get_lang_id(t)] for t in tgts], device=self.device)
+        # length_penalty 1: fairseq-generate's --lenpen 1, as the authors decode (whatever the checkpoint's
+        # generation_config says)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=prefix,
-                      num_beams=beam, max_new_tokens=max_new_tokens)
+                      num_beams=beam, max_new_tokens=max_new_tokens, length_penalty=1.0)
         if self.is_lslo:
             kwargs["src_lang"] = self._lang_ids(srcs)
             kwargs["tgt_lang"] = self._lang_ids(tgts)

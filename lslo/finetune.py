@@ -8,7 +8,9 @@
                      {"ranks": {lang: r}, "prune": {lang: P}, "gps": {"start": E, "duration": k} | null};
                      writes out_dir/adapters.safetensors (lslo.adapters.save_adapters).
 Index plans: "learned" = the weight-learning plan (plan_json); "src" / "tgt" = every *encoder* layer source- /
-target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as in the learned plans.
+target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as in the learned plans;
+"paper" = the plan the paper learned on lang12 (encoder src×9, tgt×3; decoder tgt×12), which the authors also
+use for lang30; a path ending in .json = another run's plan.json.
 GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
 gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
 Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}.
@@ -25,7 +27,7 @@ import torch
 from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, read_json, write_json, write_tsv
-from lslo.model import LSLoSpec, inject_lslo
+from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, validate_gps
 from lslo.ranks import validate_rank_plan
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
@@ -78,7 +80,7 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
     ranks, targets, schedule = read_rank_plan(ranks_json, codes, options.epochs)
     torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway
     plan = resolve_index_plan(index_plan, plan_json)
-    spec = LSLoSpec(languages=codes, ranks=ranks, modules=modules, index_plan=plan)
+    spec = LSLoSpec(languages=codes, ranks=ranks, modules=modules, index_plan=plan, **options.lora_layout())
     base_identity = model_identity(model_dir)
     identity = {"stage": "finetune", "method": "lslo", "base_model": base_identity,
                 "settings": {"ranks": ranks, "prune": targets, "gps": schedule, "index_plan": plan,
@@ -101,12 +103,21 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:
-    if index_plan == "learned":
+    """The per-layer plan of a variant's ``index``: "learned" (this run's weight-learning plan, plan_json),
+    "src" / "tgt", "paper" (the plan the paper learned on lang12, lslo.model.PAPER_INDEX_PLAN) or the path of
+    another run's plan.json (given as plan_json too, so the workflow tracks it)."""
+    if index_plan == "learned" or str(index_plan).endswith(".json"):
         if not plan_json:
-            raise LsloError("index plan 'learned' needs plan_json (the weight-learning plan)")
-        return read_json(plan_json)
+            raise LsloError(f"index plan '{index_plan}' needs plan_json (a weight-learning plan.json)")
+        plan = read_json(plan_json)
+        if not isinstance(plan, dict) or set(plan) != {"enc", "dec"}:
+            raise LsloError(f"{plan_json}: not an index plan; expected {{\"enc\": [...], \"dec\": [...]}}")
+        return plan
+    if index_plan == "paper":
+        return PAPER_INDEX_PLAN
     if index_plan not in INDEX_PLANS:
-        raise LsloError(f"index plan '{index_plan}' not understood; expected learned, src or tgt")
+        raise LsloError(f"index plan '{index_plan}' not understood; expected learned, src, tgt, paper or the path "
+                        "of a plan.json")
     return INDEX_PLANS[index_plan]
 
 

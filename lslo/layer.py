@@ -5,14 +5,18 @@
 
 Structure (other modules rely on these names):
 
-- ``LoRABank``: one LoRA per language for one frozen weight W (out × in).
-  ``A[lang]``: Parameter [r_l, in] (Kaiming-uniform, as PEFT), ``B[lang]``: Parameter [out, r_l] (zeros),
+- ``LoRABank``: one LoRA per language for one frozen weight W (out × in), or for a block of it (below).
+  ``A[lang]``: Parameter [r_l, in] (init: see LORA_INITS), ``B[lang]``: Parameter [out, r_l] (zeros),
   ``scaling[lang] = alpha / r_l`` (alpha defaults to r_l, i.e. scaling 1.0), pruning masks as buffers in
   ``A_mask`` / ``B_mask`` (``BufferDict``; a language without a mask is unpruned). The forward always uses
   ``effective_A`` / ``effective_B`` (weight * mask), so pruned entries stay zero whatever the optimizer does.
-- ``LSLoLinear``: wraps the frozen ``nn.Linear`` as ``self.base``; ``self.banks`` is an ``nn.ModuleDict`` keyed
-  "src" or "tgt" (normal mode, ``self.index`` = that key) or both (``self.index == "learn"``, eq. 5; the layer-shared
-  ``IndexWeights`` is registered once at the model level, only referenced here).
+- ``LSLoLinear``: wraps the frozen ``nn.Linear`` as ``self.base``; ``in_slice`` / ``out_slice`` ((start, end) or
+  None) name the block of W the LoRA covers: it reads input units x[start:end] and adds to output units
+  h[start:end] (the authors' fc1/fc2 layout: a d_model × d_model LoRA on fc1's first d_model output units and on
+  fc2's first d_model input units; lslo.model.LSLoSpec ``fc_lora="slice"``); ``self.banks`` is an
+  ``nn.ModuleDict`` keyed "src" or "tgt" (normal mode, ``self.index`` = that key) or both
+  (``self.index == "learn"``, eq. 5; the layer-shared ``IndexWeights`` is registered once at the model level,
+  only referenced here).
 - ``Routing``: the per-batch language routing shared by every layer. The grouping (single-language fast path, or
   a stable sort permutation, its inverse and the (lang, start, end) segments) is computed once per batch and per
   (index, batch size), with one host sync per batch, never per layer.
@@ -69,6 +73,12 @@ class BufferDict(nn.Module):
 
 
 MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
+# Initialisation of A (B is always zero, so the model is unchanged at step 0):
+#   "authors": the authors' release stores A as [in, r] and calls kaiming_uniform_(a=√5), whose fan_in is then r:
+#              A ~ U(-1/√r, 1/√r) (std 1/√(3r): 0.408 at r = 2, 0.204 at r = 8);
+#   "peft":    PEFT's default, kaiming_uniform_(a=√5) on A as [r, in]: U(-1/√in, 1/√in);
+#   "gaussian": the paper's text ("Gaussian"), as PEFT's init_lora_weights="gaussian": N(0, (1/r)²).
+LORA_INITS = ("authors", "peft", "gaussian")
 # Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
 # max(r_l)·(T + GATHER_COST) (gathered), T = tokens per sample. A gathered weight is a memory copy per row and
 # step, a stacked rank column a multiply-add per token: training and encoding (T ~ 30) gather, one-token decoding
@@ -116,8 +126,12 @@ class LoRABank(nn.Module):
     """One LoRA (A_l, B_l, s_l) per language for one frozen weight W of shape [out, in] (eq. 3)."""
 
     def __init__(self, languages, ranks: dict, in_features: int, out_features: int,
-                 alpha: float | None = None, dropout: float = 0.0, device=None, dtype=torch.float32):
+                 alpha: float | None = None, dropout: float = 0.0, device=None, dtype=torch.float32,
+                 init: str = "peft"):
         super().__init__()
+        if init not in LORA_INITS:
+            raise LsloError(f"LoRA init must be one of {', '.join(LORA_INITS)}; got {init!r}")
+        self.init = init
         self.languages = list(languages)
         self.ranks = {lang: int(ranks[lang]) for lang in self.languages}
         self.in_features, self.out_features = in_features, out_features
@@ -139,9 +153,15 @@ class LoRABank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # PEFT's init: A Kaiming-uniform, B zero, so the model is unchanged at step 0.
+        # B zero, so the model is unchanged at step 0; A as LORA_INITS says.
         for lang in self.languages:
-            nn.init.kaiming_uniform_(self.A[lang], a=math.sqrt(5))
+            a = self.A[lang]
+            if self.init == "authors":  # A^T is the authors' [in, r] tensor: fan_in r
+                nn.init.kaiming_uniform_(a.T, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.ranks[lang])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(self.B[lang])
 
     def set_mask(self, matrix: str, lang: str, mask: torch.Tensor) -> None:
@@ -420,10 +440,20 @@ class LSLoLinear(nn.Module):
     """A frozen ``nn.Linear`` plus language-routed LoRA banks (eq. 3; eq. 5 when ``index == "learn"``)."""
 
     def __init__(self, base: nn.Linear, site: str, index: str, banks: dict, routing: Routing,
-                 index_weights: IndexWeights | None = None):
+                 index_weights: IndexWeights | None = None, in_slice: tuple | None = None,
+                 out_slice: tuple | None = None):
         super().__init__()
         if index not in (*INDEXES, "learn"):
             raise LsloError(f"index of {site} must be 'src', 'tgt' or 'learn', got {index!r}")
+        # The block of W the LoRA covers: input units in_slice, output units out_slice (None = all units).
+        self.in_slice = _check_slice(in_slice, base.in_features, site, "input")
+        self.out_slice = _check_slice(out_slice, base.out_features, site, "output")
+        lora_in = base.in_features if self.in_slice is None else self.in_slice[1] - self.in_slice[0]
+        lora_out = base.out_features if self.out_slice is None else self.out_slice[1] - self.out_slice[0]
+        for key, bank in banks.items():
+            if (bank.in_features, bank.out_features) != (lora_in, lora_out):
+                raise LsloError(f"{site}: bank {key!r} is {bank.in_features} -> {bank.out_features}; the LoRA block "
+                                f"of this site is {lora_in} -> {lora_out}")
         self.base = base
         self.site = site
         self.index = index
@@ -459,21 +489,59 @@ class LSLoLinear(nn.Module):
             g = self.routing.grouping(self.index, x.shape[0], x.device)
             if g.single is not None:
                 return self._merged_inference(x, g)
-            return self.banks[self.index].add_delta(F.linear(x, self.base.weight, self.base.bias), x, g)
+            return self._add_delta(self.banks[self.index], F.linear(x, self.base.weight, self.base.bias), x, g)
         out = self.base(x)
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():
             grouping = self.routing.grouping(index, batch_size, x.device)
             # eq. 5 weighs each bank by its layer-shared softmax weight; eq. 3 has one bank, unweighted
-            out = self.banks[index].add_delta(out, x, grouping, w if self.index == "learn" else None)
+            out = self._add_delta(self.banks[index], out, x, grouping, w if self.index == "learn" else None)
         return out
+
+    def _add_delta(self, bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None):
+        """``bank.add_delta`` on the block the LoRA covers: it reads x[..., in_slice], adds to out[..., out_slice]."""
+        if self.in_slice is not None:
+            x = x[..., self.in_slice[0]:self.in_slice[1]]
+        if self.out_slice is None:
+            return bank.add_delta(out, x, g, weight)
+        start, end = self.out_slice
+        part = out[..., start:end]
+        added = bank.add_delta(part, x, g, weight)
+        if added is part:  # added in place into the view (decoding without autograd)
+            return out
+        if torch.is_grad_enabled():
+            return torch.cat([out[..., :start], added, out[..., end:]], dim=-1)
+        part.copy_(added)
+        return out
+
+    def delta_weight(self, index: str, lang: str) -> torch.Tensor:
+        """Dense s_l · B_l A_l of bank ``index`` as a [out, in] update of the whole W (zero outside the block)."""
+        delta = self.banks[index].delta_weight(lang)
+        if self.in_slice is None and self.out_slice is None:
+            return delta
+        in_start, in_end = self.in_slice or (0, self.in_features)
+        out_start, out_end = self.out_slice or (0, self.out_features)
+        return F.pad(delta, (in_start, self.in_features - in_end, out_start, self.out_features - out_end))
 
     def _merged_inference(self, x: torch.Tensor, g: Grouping) -> torch.Tensor:
         """Evaluation without autograd (decoding) of a one-language batch: a merged layer W + s_l B_l A_l, built once
         per batch (what merge_direction does for a whole model; adapter dropout is off in eval mode)."""
         weight, bank = self.base.weight, self.banks[self.index]
-        merged = g.batch_cached(bank, "merged", lambda: weight + bank.delta_weight(g.single).to(weight.dtype))
+        merged = g.batch_cached(bank, "merged",
+                                lambda: weight + self.delta_weight(self.index, g.single).to(weight.dtype))
         return F.linear(x, merged, self.base.bias)
 
     def extra_repr(self) -> str:
-        return f"site={self.site}, index={self.index}"
+        block = "" if self.in_slice is None and self.out_slice is None else \
+            f", in_slice={self.in_slice}, out_slice={self.out_slice}"
+        return f"site={self.site}, index={self.index}{block}"
+
+
+def _check_slice(block, size: int, site: str, what: str) -> tuple | None:
+    """(start, end) within [0, size], or None; a block covering every unit is None (the plain layout)."""
+    if block is None:
+        return None
+    start, end = (int(v) for v in block)
+    if not 0 <= start < end <= size:
+        raise LsloError(f"{site}: LoRA {what} block [{start}:{end}] does not fit the layer's {size} {what} units")
+    return None if (start, end) == (0, size) else (start, end)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
-from lslo.layer import INDEXES, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
+from lslo.layer import INDEXES, LORA_INITS, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -31,7 +31,29 @@ MODULE_PATHS = {
 }
 MODULE_NAMES = ("q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2")
 MODULE_SETS = {"all": list(MODULE_NAMES), "attn": ["q", "k", "v", "c-q", "c-k", "c-v"], "fc": ["fc1", "fc2"]}
+# fc1/fc2 LoRA layouts. "full": a LoRA on the whole d -> f (fc1) and f -> d (fc2) matrix, r (d + f) entries.
+# "slice": the authors' release (--dim d_model --start-idx 0): a width × d LoRA adding to fc1's output units
+# [offset:offset + width] and a d × width LoRA reading fc2's input units [offset:offset + width], r (d + width)
+# entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
+FC_LAYOUTS = ("slice", "full")
+# The index plan the paper learned on lang12 (§6.1, Figure 1) and the authors' lang30 command hard-codes:
+# encoder layers 1-9 source-indexed, 10-12 target-indexed; every decoder layer target-indexed.
+PAPER_INDEX_PLAN = {"enc": ["src"] * 9 + ["tgt"] * 3, "dec": ["tgt"] * 12}
 SUPPORTED = "M2M100ForConditionalGeneration (M2M100, NLLB-200, converted M2M-124)"
+
+
+def fc_block(fc_lora: str, offset: int, width: int | None, d_model: int, ffn_dim: int) -> tuple | None:
+    """(start, end) of the ffn units a fc1/fc2 LoRA of layout ``fc_lora`` covers; None for "full"."""
+    if fc_lora not in FC_LAYOUTS:
+        raise LsloError(f"fc_lora must be one of {', '.join(FC_LAYOUTS)}; got {fc_lora!r}")
+    if fc_lora == "full":
+        return None
+    width = d_model if width is None else int(width)
+    start = int(offset)
+    if start < 0 or width < 1 or start + width > ffn_dim:
+        raise LsloError(f"fc_lora slice [{start}:{start + width}] does not fit the ffn dimension {ffn_dim} "
+                        f"(fc_lora_offset {start}, fc_lora_width {width})")
+    return start, start + width
 
 
 def site_key(side: str, layer: int, module: str) -> str:
@@ -47,6 +69,9 @@ class LSLoSpec:
     index_plan: {"enc": ["src"|"tgt", one per encoder layer], "dec": [...]}, "src", "tgt" (every layer), or
     "learn" (weight-learning mode, eq. 5: both banks per site, one softmax pair per layer).
     alpha: LoRA alpha, scaling = alpha / r_l (None: alpha = r_l, scaling 1.0).
+    fc_lora: "full" | "slice" (FC_LAYOUTS); fc_lora_offset, fc_lora_width: the block of the ffn units that a
+    "slice" LoRA covers (width None = d_model).
+    init: A's initialisation, one of layer.LORA_INITS ("peft" is PEFT's; "authors" the authors' release).
     """
 
     languages: list
@@ -56,6 +81,10 @@ class LSLoSpec:
     index_plan: object = field(default_factory=lambda: {"enc": "src", "dec": "tgt"})
     alpha: float | None = None
     dropout: float = 0.0
+    fc_lora: str = "full"
+    fc_lora_offset: int = 0
+    fc_lora_width: int | None = None
+    init: str = "peft"
 
     def __post_init__(self):
         self.languages = list(self.languages)
@@ -74,6 +103,20 @@ class LSLoSpec:
         self.modules = self.module_list()
         if self.dropout < 0 or self.dropout >= 1:
             raise LsloError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.fc_lora not in FC_LAYOUTS:
+            raise LsloError(f"fc_lora must be one of {', '.join(FC_LAYOUTS)}; got {self.fc_lora!r}")
+        if self.init not in LORA_INITS:
+            raise LsloError(f"init must be one of {', '.join(LORA_INITS)}; got {self.init!r}")
+        for name in ("fc_lora_offset", "fc_lora_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 0
+                                      or (name == "fc_lora_width" and value < 1)):
+                raise LsloError(f"{name} must be a whole number >= {0 if name == 'fc_lora_offset' else 1}, "
+                                f"got {value!r}")
+
+    def fc_block(self, d_model: int, ffn_dim: int) -> tuple | None:
+        """(start, end) of the ffn units a fc1/fc2 LoRA covers, or None for the full layout."""
+        return fc_block(self.fc_lora, self.fc_lora_offset, self.fc_lora_width, d_model, ffn_dim)
 
     def module_list(self) -> list:
         modules = MODULE_SETS.get(self.modules) if isinstance(self.modules, str) else list(self.modules)
@@ -110,7 +153,8 @@ class LSLoSpec:
 
     def to_dict(self) -> dict:
         return {"languages": self.languages, "ranks": self.ranks, "modules": self.modules, "layers": self.layers,
-                "index_plan": self.index_plan, "alpha": self.alpha, "dropout": self.dropout}
+                "index_plan": self.index_plan, "alpha": self.alpha, "dropout": self.dropout, "fc_lora": self.fc_lora,
+                "fc_lora_offset": self.fc_lora_offset, "fc_lora_width": self.fc_lora_width, "init": self.init}
 
 
 def _check_model(hf_model) -> None:
@@ -189,11 +233,19 @@ class LSLoModel(nn.Module):
         parent_path, _, attr = MODULE_PATHS[side][module].rpartition(".")
         parent = layer.get_submodule(parent_path) if parent_path else layer
         linear = getattr(parent, attr)
+        in_slice = out_slice = None
+        if module == "fc1":  # the slice covers fc1's output units (ffn side) ...
+            out_slice = self.spec.fc_block(linear.in_features, linear.out_features)
+        elif module == "fc2":  # ... and fc2's input units
+            in_slice = self.spec.fc_block(linear.out_features, linear.in_features)
+        lora_in = linear.in_features if in_slice is None else in_slice[1] - in_slice[0]
+        lora_out = linear.out_features if out_slice is None else out_slice[1] - out_slice[0]
         indexes = INDEXES if index == "learn" else (index,)
-        banks = {ix: LoRABank(self.languages, self.spec.ranks, linear.in_features, linear.out_features,
-                              alpha=self.spec.alpha, dropout=self.spec.dropout, device=linear.weight.device)
+        banks = {ix: LoRABank(self.languages, self.spec.ranks, lora_in, lora_out, alpha=self.spec.alpha,
+                              dropout=self.spec.dropout, device=linear.weight.device, init=self.spec.init)
                  for ix in indexes}
-        setattr(parent, attr, LSLoLinear(linear, site_key(side, i, module), index, banks, self.routing, weights))
+        setattr(parent, attr, LSLoLinear(linear, site_key(side, i, module), index, banks, self.routing, weights,
+                                         in_slice=in_slice, out_slice=out_slice))
 
     # ---- routing -------------------------------------------------------------------------------------------
     def lang_ids(self, codes) -> torch.Tensor:

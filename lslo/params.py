@@ -1,8 +1,9 @@
 """Exact parameter counts of an LSLo model: trainable and effective (unpruned), per language, group and module.
 
-One LoRA of rank r on a d_in -> d_out linear layer has A (r x d_in) + B (d_out x r) = r (d_in + d_out) entries
-(§3.1: sum_i d x r_i + r_i x k). After pruning a matrix of n entries at ratio P, n - round(P n) stay
-(torch's rounding, lslo.pruning.n_pruned). Counts come either from a live model (``count_params``) or from the
+One LoRA of rank r on a d_in -> d_out block has A (r x d_in) + B (d_out x r) = r (d_in + d_out) entries
+(§3.1: sum_i d x r_i + r_i x k), with the LoRA's actual shape: fc1/fc2 are d_model x d_model blocks in the
+authors' "slice" layout (the default) and the whole d x ffn matrices in the "full" layout. After pruning a
+matrix of n entries at ratio P, n - round(P n) stay (torch's rounding, lslo.pruning.n_pruned). Counts come either from a live model (``count_params``) or from the
 shapes alone (``count_from_shape``), and both must agree; docs/params.md compares them with the paper's
 #Params column.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from lslo.errors import LsloError
 from lslo.pruning import check_ratio, lora_matrices, n_pruned
 
-from lslo.model import MODULE_NAMES, MODULE_PATHS, MODULE_SETS
+from lslo.model import MODULE_NAMES, MODULE_PATHS, MODULE_SETS, fc_block
 
 INDEX_MODES = ("single", "learn")
 
@@ -57,14 +58,18 @@ def resolve_modules(modules) -> list[str]:
     return modules
 
 
-def site_shapes(model_config, modules="all", layers: dict | None = None) -> dict[str, tuple[int, int]]:
-    """{site key: (d_in, d_out)} of every linear layer that gets an LSLo (encoder has no c-* modules)."""
+def site_shapes(model_config, modules="all", layers: dict | None = None, fc_lora: str = "slice",
+                fc_lora_offset: int = 0, fc_lora_width: int | None = None) -> dict[str, tuple[int, int]]:
+    """{site key: (d_in, d_out) of its LoRA} for every linear layer that gets an LSLo (encoder has no c-*
+    modules); fc1/fc2 per the layout (lslo.model.FC_LAYOUTS)."""
     shape = load_config(model_config)
     d = shape["d_model"]
     modules = resolve_modules(modules)
     sites = {}
     for side, names in MODULE_PATHS.items():
         ffn = shape[f"{'encoder' if side == 'enc' else 'decoder'}_ffn_dim"]
+        block = fc_block(fc_lora, fc_lora_offset, fc_lora_width, d, ffn)
+        width = ffn if block is None else block[1] - block[0]
         n_layers = shape[f"{'encoder' if side == 'enc' else 'decoder'}_layers"]
         chosen = range(n_layers) if layers is None else layers.get(side, [])
         for layer in chosen:
@@ -72,7 +77,7 @@ def site_shapes(model_config, modules="all", layers: dict | None = None) -> dict
                 raise LsloError(f"layer {layer} of side '{side}' out of range: the model has {n_layers} (0-based)")
             for name in names:
                 if name in modules:
-                    dims = {"fc1": (d, ffn), "fc2": (ffn, d)}.get(name, (d, d))
+                    dims = {"fc1": (d, width), "fc2": (width, d)}.get(name, (d, d))
                     sites[f"{side}.{layer}.{name}"] = dims
     return sites
 
@@ -143,6 +148,9 @@ def count_from_shape(
     index_mode: str = "single",
     prune: dict[str, float] | None = None,
     groups: dict[str, list[str]] | None = None,
+    fc_lora: str = "slice",
+    fc_lora_offset: int = 0,
+    fc_lora_width: int | None = None,
 ) -> dict:
     """Exact counts from the shapes alone (no weights): every site gets one bank per index ("single": the
     index plan picks src or tgt per layer; "learn": both, eq. 5, plus 2 softmax logits per layer), each
@@ -155,7 +163,13 @@ def count_from_shape(
     _check_keys(groups and {lang: g for g, langs in groups.items() for lang in langs} or {}, languages, "groups")
     if index_mode not in INDEX_MODES:
         raise LsloError(f"index mode '{index_mode}' not understood; expected one of {list(INDEX_MODES)}")
-    sites = site_shapes(model_config, modules, layers)
+    sites = site_shapes(model_config, modules, layers, fc_lora, fc_lora_offset, fc_lora_width)
+    for site, (d_in, d_out) in sites.items():  # a rank above min(d_in, d_out) adds entries but no rank
+        too_large = {lang: r for lang, r in ranks.items() if r > min(d_in, d_out)}
+        if too_large:
+            lang, r = next(iter(too_large.items()))
+            raise LsloError(f"rank {r} of '{lang}' exceeds the dimensions of LoRA site {site} ({d_in} -> {d_out}); "
+                            f"a rank must be at most {min(d_in, d_out)}")
     n_banks = 2 if index_mode == "learn" else 1
     tally = _Tally(groups)
     for site, (d_in, d_out) in sites.items():

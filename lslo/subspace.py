@@ -41,7 +41,8 @@ def run_subspace(model_dir, train_tsv, dev_tsv, language_table, languages, plan,
     hf_model, tokenizer = load_base(model_dir, codes)
     torch.manual_seed(options.seed)
     plan = plan if isinstance(plan, dict) else read_json(plan)  # the weight-learning plan (dict or its JSON file)
-    spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules="all", index_plan=plan)
+    spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules="all", index_plan=plan,
+                    **options.lora_layout())
     model = inject_lslo(hf_model, spec)
 
     def prune_b(epoch: int) -> None:  # eq. 4 ratio of this epoch, B matrices only (§4.2)

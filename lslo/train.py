@@ -64,6 +64,17 @@ class TrainOptions:
     seed: int = 1
     label_smoothing: float = 0.2
     dropout: float = 0.1  # the HF config's `dropout` (residual/FFN output dropout)
+    # The authors' architecture (models/transformer_lora.py, m2m100_lora_base) sets attention_dropout 0.1 and
+    # leaves activation_dropout at 0.0; their command sets --encoder-layerdrop 0 --decoder-layerdrop 0.
+    attention_dropout: float = 0.1  # the HF config's `attention_dropout` (attention probabilities)
+    activation_dropout: float = 0.0  # the HF config's `activation_dropout` (after fc1's activation)
+    layerdrop: float = 0.0  # the HF config's encoder_layerdrop and decoder_layerdrop
+    # LoRA structure of every LSLo stage (lslo.model.LSLoSpec): A's init and the fc1/fc2 layout; the defaults are
+    # the authors' release (A ~ U(-1/√r, 1/√r); d_model x d_model fc LoRAs at ffn units [0:d_model]).
+    lora_init: str = "authors"  # authors | peft | gaussian (lslo.layer.LORA_INITS)
+    fc_lora: str = "slice"  # slice | full (lslo.model.FC_LAYOUTS)
+    fc_lora_offset: int = 0  # first ffn unit of the slice
+    fc_lora_width: int | None = None  # ffn units of the slice (None: d_model)
     warmup_updates: int = 4000
     adam_betas: list = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
@@ -98,7 +109,7 @@ class TrainOptions:
         for key, value in positive.items():
             if value <= 0:
                 raise LsloError(f"{path}.{key} is {value!r}, expected a number > 0")
-        for key in ("label_smoothing", "dropout"):
+        for key in ("label_smoothing", "dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number in [0, 1)")
         for key in ("warmup_updates", "dev_sentences", "weight_decay", "clip_norm"):
@@ -106,12 +117,25 @@ class TrainOptions:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number >= 0")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise LsloError(f"{path}.adam_betas is {self.adam_betas!r}, expected two numbers in [0, 1)")
-        for key in ("max_steps", "max_epoch_examples", "tokens_per_update"):
+        for key in ("max_steps", "max_epoch_examples", "tokens_per_update", "fc_lora_width"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected null or a whole number >= 1")
+        from lslo.layer import LORA_INITS
+        from lslo.model import FC_LAYOUTS
+
+        for key, allowed in (("lora_init", LORA_INITS), ("fc_lora", FC_LAYOUTS)):
+            if getattr(self, key) not in allowed:
+                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of {', '.join(allowed)}")
+        if self.fc_lora_offset < 0:
+            raise LsloError(f"{path}.fc_lora_offset is {self.fc_lora_offset!r}, expected a whole number >= 0")
         if self.tokens_per_update is not None and self.update_freq != 1:
             raise LsloError(f"{path}: set tokens_per_update or update_freq, not both (update_freq is derived from "
                             "tokens_per_update, max_tokens and the number of processes)")
+
+    def lora_layout(self) -> dict:
+        """The LSLoSpec fields these options set (A's init and the fc1/fc2 layout)."""
+        return {"init": self.lora_init, "fc_lora": self.fc_lora, "fc_lora_offset": self.fc_lora_offset,
+                "fc_lora_width": self.fc_lora_width}
 
     def update_freq_for(self, world_size: int) -> int:
         """Micro-batches per optimizer update in each of `world_size` processes.
@@ -129,7 +153,7 @@ class TrainOptions:
         return self.tokens_per_update // per_update
 
 
-_OPTIONAL_INT = {"max_steps", "max_epoch_examples", "tokens_per_update"}
+_OPTIONAL_INT = {"max_steps", "max_epoch_examples", "tokens_per_update", "fc_lora_width"}
 
 
 def _check_type(path: str, value, default, key: str):
@@ -287,14 +311,31 @@ def shard(batches: list, rank: int, world_size: int) -> list:
 
 # ---------------------------------------------------------------------------------------------- model state
 
-def set_dropout(model, p: float) -> None:
-    """Apply options.dropout as the HF config's `dropout`: M2M100 copies config.dropout into each layer and into
-    the encoder/decoder stacks at construction, so set it there too (attention/activation dropout untouched)."""
+def set_dropout(model, p: float, attention: float | None = None, activation: float | None = None,
+                layerdrop: float | None = None) -> None:
+    """Apply the dropout options as the HF config's `dropout`, `attention_dropout`, `activation_dropout` and
+    `encoder_layerdrop` / `decoder_layerdrop` (None keeps the model's value). M2M100 copies them into the layers,
+    their attention modules and the encoder/decoder stacks at construction, so set them there too."""
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention
+
     hf = unwrap(model).base if is_lslo(model) else unwrap(model)
     hf.config.dropout = p
+    for key, value in (("attention_dropout", attention), ("activation_dropout", activation),
+                       ("encoder_layerdrop", layerdrop), ("decoder_layerdrop", layerdrop)):
+        if value is not None:
+            setattr(hf.config, key, value)
     for module in hf.modules():
-        if hasattr(module, "activation_dropout") or hasattr(module, "layerdrop"):
+        if isinstance(module, M2M100Attention):  # its `dropout` is the attention dropout
+            if attention is not None:
+                module.dropout = attention
+        elif hasattr(module, "activation_dropout"):  # an encoder or decoder layer
             module.dropout = p
+            if activation is not None:
+                module.activation_dropout = activation
+        elif hasattr(module, "layerdrop"):  # the encoder or decoder stack
+            module.dropout = p
+            if layerdrop is not None:
+                module.layerdrop = layerdrop
 
 
 def trainable_state(model) -> dict:
@@ -452,7 +493,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
     model.to(device)
-    set_dropout(model, options.dropout)
+    set_dropout(model, options.dropout, options.attention_dropout, options.activation_dropout, options.layerdrop)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LsloError("the model has no trainable parameters")

@@ -28,7 +28,7 @@ def run_weight_learning(model_dir, train_tsv, dev_tsv, language_table, languages
     hf_model, tokenizer = load_base(model_dir, codes)
     torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway
     spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules=modules,
-                    index_plan="learn")
+                    index_plan="learn", **options.lora_layout())
     model = inject_lslo(hf_model, spec)
     metrics = Path(log_dir or checkpoint_dir) / "metrics.tsv"
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, metrics, dev_table=dev_table,

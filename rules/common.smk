@@ -108,6 +108,8 @@ def get_finetune_input(wildcards):
         inputs["ranks"] = f"results/ranks/{wildcards.variant}.json"
         if spec["index"] == "learned":
             inputs["plan"] = "results/weight_learning/plan.json"
+        elif spec["index"].endswith(".json"):  # another run's plan (lslo.finetune.resolve_index_plan)
+            inputs["plan"] = spec["index"]
     return inputs
 
 

@@ -16,8 +16,13 @@ RANKS = {"en": 2, "fr": 1, "de": 3, "oc": 4, "wo": 2}
 MIXED_PLAN = {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}
 
 
-def lslo_model(index_plan=MIXED_PLAN, modules="all", seed=0):
-    model = inject_lslo(make_tiny_model(seed), LSLoSpec(LANGUAGES, RANKS, modules=modules, index_plan=index_plan))
+LAYOUTS = [dict(fc_lora="full"), dict(fc_lora="slice", init="authors"),
+           dict(fc_lora="slice", fc_lora_offset=8, fc_lora_width=16)]  # tiny model: d_model 16, ffn 32
+
+
+def lslo_model(index_plan=MIXED_PLAN, modules="all", seed=0, **layout):
+    model = inject_lslo(make_tiny_model(seed), LSLoSpec(LANGUAGES, RANKS, modules=modules, index_plan=index_plan,
+                                                        **layout))
     randomize_lora(model, std=0.5, seed=seed + 1)
     return model
 
@@ -50,9 +55,10 @@ def plain_logits(hf_model, directions):
     return hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec).logits
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("index_plan,masked", [(MIXED_PLAN, False), (MIXED_PLAN, True), ("learn", True)])
-def test_merge_equals_lslo_and_survives_save_pretrained(tmp_path, index_plan, masked):
-    model = lslo_model(index_plan)
+def test_merge_equals_lslo_and_survives_save_pretrained(tmp_path, index_plan, masked, layout):
+    model = lslo_model(index_plan, **layout)
     if masked:
         add_masks(model)
     if index_plan == "learn":
@@ -83,9 +89,10 @@ def test_merge_picks_language_by_index_plan():
         merge_direction(model, "xx", "wo")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("index_plan", [MIXED_PLAN, "learn"])
-def test_save_load_round_trip(tmp_path, index_plan):
-    model = lslo_model(index_plan, modules=["q", "c-v", "fc1"])
+def test_save_load_round_trip(tmp_path, index_plan, layout):
+    model = lslo_model(index_plan, modules=["q", "c-v", "fc1", "fc2"], **layout)
     add_masks(model)
     if index_plan == "learn":
         with torch.no_grad():
@@ -97,7 +104,8 @@ def test_save_load_round_trip(tmp_path, index_plan):
         a_fr = f.get_tensor("base.model.encoder.layers.0.self_attn.q_proj.banks." +
                             ("src" if index_plan != "learn" else "tgt") + ".A.fr")
     assert json.loads(meta["languages"]) == LANGUAGES and json.loads(meta["ranks"]) == RANKS
-    assert meta["base_model"] == "/models/tiny" and json.loads(meta["modules"]) == ["q", "c-v", "fc1"]
+    assert meta["base_model"] == "/models/tiny" and json.loads(meta["modules"]) == ["q", "c-v", "fc1", "fc2"]
+    assert json.loads(meta["fc_lora"]) == layout["fc_lora"]
     assert not any("base.weight" in k or k.endswith(".bias") for k in keys)
     assert torch.all(a_fr[(model.lslo_modules()["enc.0.q"].banks[
         "src" if index_plan != "learn" else "tgt"].A_mask["fr"]) == 0] == 0)  # saved masked
@@ -105,6 +113,9 @@ def test_save_load_round_trip(tmp_path, index_plan):
     directions = [("en", "fr"), ("fr", "oc"), ("de", "wo"), ("oc", "fr")]
     assert (lslo_logits(loaded, directions) - lslo_logits(model, directions)).abs().max() <= 1e-6
     assert loaded.spec.index_plan == model.spec.index_plan
+    assert loaded.spec.to_dict() == model.spec.to_dict()
+    fc1 = loaded.lslo_modules()["enc.1.fc1"]
+    assert fc1.out_slice == model.lslo_modules()["enc.1.fc1"].out_slice
     assert "fr" in loaded.lslo_modules()["dec.1.c-v"].banks[loaded.lslo_modules()["dec.1.c-v"].index
                                                             if index_plan != "learn" else "src"].B_mask
 
@@ -121,3 +132,24 @@ def test_load_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(LsloError, match="not a readable"):
         load_adapters(make_tiny_model(), tmp_path / "junk.safetensors")
+
+
+def test_file_without_layout_fields_reads_as_full(tmp_path):
+    """Files written before the fc layout option hold the full layout; a slice file needs room for its slice."""
+    from safetensors.torch import save_file
+
+    model = lslo_model(modules=["fc1", "fc2"], fc_lora="full")
+    path = save_adapters(model, tmp_path / "a.safetensors", base_model="tiny")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k not in ("fc_lora", "fc_lora_offset", "fc_lora_width",
+                                                                      "init")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = load_adapters(make_tiny_model(0), tmp_path / "old.safetensors")
+    assert loaded.spec.fc_lora == "full"
+    directions = [("en", "fr"), ("oc", "wo")]
+    assert (lslo_logits(loaded, directions) - lslo_logits(model, directions)).abs().max() <= 1e-6
+    sliced = save_adapters(lslo_model(modules=["fc1"], fc_lora="slice", fc_lora_offset=8, fc_lora_width=16),
+                           tmp_path / "s.safetensors", base_model="tiny")
+    with pytest.raises(LsloError, match=r"fc_lora slice \[8:24\] does not fit the ffn dimension 20"):
+        load_adapters(make_tiny_model(encoder_ffn_dim=20, decoder_ffn_dim=20), sliced)

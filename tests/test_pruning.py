@@ -86,9 +86,10 @@ def test_matrix_scope_equals_l1_unstructured():
         assert torch.equal(item.weight.detach(), reference.weight.detach())  # raw entries zeroed too
 
 
+@pytest.mark.parametrize("fc_lora", ["slice", "full"])
 @pytest.mark.parametrize("scope", ["layer", "language"])
-def test_global_scopes_equal_global_unstructured(scope):
-    model = lslo_model(seed=3)
+def test_global_scopes_equal_global_unstructured(scope, fc_lora):
+    model = lslo_model(seed=3, fc_lora=fc_lora)
     before = {id(i.weight): i.weight.detach().clone() for i in lora_matrices(model)}
     pools = prune(model, 0.6, LANGUAGES, scope=scope)
     assert len(pools) == (4 if scope == "layer" else len(LANGUAGES))
@@ -190,6 +191,18 @@ def test_score_sign_and_pool_balance():
         n = sum(i.weight.numel() for i in items)
         pool = scores[(scores.side == side) & (scores.layer == layer + 1)]
         assert pool.score.sum() == pytest.approx(round(0.7 * n) - 0.7 * n)
+
+
+@pytest.mark.parametrize("fc_lora, fc1_rows", [("slice", 16), ("full", 32)])
+def test_scores_count_the_loras_actual_b(fc_lora, fc1_rows):
+    """Eq. 6's #B is the LoRA's B: d_model x r for every module in the authors' slice layout (fc1 included),
+    ffn x r for fc1 in the full layout (tiny model: d_model 16, ffn 32)."""
+    model = lslo_model(seed=17, fc_lora=fc_lora)
+    prune(model, 0.5, LANGUAGES, scope="layer")
+    scores = subspace_scores(model, 0.5)
+    rank = scores.language.map(RANKS)
+    rows = scores.module.map(lambda m: fc1_rows if m == "fc1" else 16)
+    assert (scores.n_params == rows * rank).all()
 
 
 def test_bad_input():
