@@ -198,6 +198,11 @@ def language_token(tokenizer, code: str) -> str:
     return f"__{code}__"
 
 
+def nllb_codes_of(tokenizer) -> dict[str, str] | None:
+    """{code: NLLB code} an NLLB tokenizer was loaded with (variant.json keeps it); None for M2M100."""
+    return dict(tokenizer.lang_code_to_token) if isinstance(tokenizer, NllbCodes) else None
+
+
 def require_languages(tokenizer, languages, source) -> None:
     """Every code in `languages` has a language token in `tokenizer` (loaded from `source`)."""
     missing = [code for code in languages if code not in tokenizer.lang_code_to_id]
@@ -282,6 +287,9 @@ class NllbCodes:
 
     def __call__(self, *args, **kwargs):
         return self.tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
 
     def __getattr__(self, name):  # pad_token_id, eos_token_id, batch_decode, ...: the NLLB tokenizer's own
         if name == "tokenizer":

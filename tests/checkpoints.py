@@ -43,9 +43,9 @@ def tiny_config(vocab_size: int, **overrides) -> M2M100Config:
     return M2M100Config(**kwargs)
 
 
-def _save_model(directory: Path, vocab_size: int, seed: int, tokenizer_class=None) -> None:
+def _save_model(directory: Path, vocab_size: int, seed: int, tokenizer_class=None, **overrides) -> None:
     torch.manual_seed(seed)
-    config = tiny_config(vocab_size)
+    config = tiny_config(vocab_size, **overrides)
     if tokenizer_class:
         config.tokenizer_class = tokenizer_class  # as in facebook/nllb-200-*'s config.json
     model = M2M100ForConditionalGeneration(config)
@@ -53,7 +53,7 @@ def _save_model(directory: Path, vocab_size: int, seed: int, tokenizer_class=Non
     model.save_pretrained(directory)
 
 
-def make_nllb_checkpoint(directory, nllb_codes, seed: int = 0, spm_model=None) -> Path:
+def make_nllb_checkpoint(directory, nllb_codes, seed: int = 0, spm_model=None, **overrides) -> Path:
     """An NLLB-200-format directory: NllbTokenizer (tokenizer.json, tokenizer_config.json) converted by
     transformers from sentencepiece.bpe.model, the language codes as its special tokens, a tiny M2M100."""
     import shutil
@@ -66,16 +66,16 @@ def make_nllb_checkpoint(directory, nllb_codes, seed: int = 0, spm_model=None) -
     shutil.copyfile(spm_model, directory / "sentencepiece.bpe.model")
     tokenizer = NllbTokenizer.from_pretrained(str(directory), additional_special_tokens=list(nllb_codes))
     tokenizer.save_pretrained(directory)
-    _save_model(directory, vocab_size=len(tokenizer), seed=seed, tokenizer_class="NllbTokenizer")
+    _save_model(directory, vocab_size=len(tokenizer), seed=seed, tokenizer_class="NllbTokenizer", **overrides)
     return directory
 
 
-def make_m2m100_checkpoint(directory, codes, seed: int = 0, spm_model=None) -> Path:
+def make_m2m100_checkpoint(directory, codes, seed: int = 0, spm_model=None, **overrides) -> Path:
     """An M2M100-style directory with an lslo tokenizer for `codes` (__xx__ tokens) and a tiny M2M100."""
     from lslo.tokenizer import build_tokenizer, model_vocab_size
 
     directory = Path(directory)
     spm_model = spm_model or train_spm(directory.parent / f"{directory.name}-spm")
     tokenizer = build_tokenizer(spm_model, list(codes), directory)
-    _save_model(directory, vocab_size=model_vocab_size(tokenizer), seed=seed)
+    _save_model(directory, vocab_size=model_vocab_size(tokenizer), seed=seed, **overrides)
     return directory
