@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -214,7 +213,6 @@ def require_languages(tokenizer, languages, source) -> None:
 
 NLLB_CLASSES = ("NllbTokenizer", "NllbTokenizerFast")
 NLLB_SPM = "sentencepiece.bpe.model"  # the SentencePiece model of an NLLB directory (HF hub layout)
-NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # ISO 639-3 + ISO 15924 script, e.g. eng_Latn
 # Files a tokenizer directory may hold; build_tokenizer refuses a directory that already has one.
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", NLLB_SPM, "sentencepiece.model", "spm.model")
@@ -236,7 +234,9 @@ class NllbCodes:
         self.tokenizer = tokenizer
         self.source = str(source)
         vocab = tokenizer.get_vocab()
-        known = [t for t in tokenizer.all_special_tokens if NLLB_CODE.match(t)]
+        named = {str(getattr(tokenizer, f"{name}_token", None)) for name in ("bos", "eos", "unk", "pad", "sep",
+                                                                                 "cls", "mask")}
+        known = [t for t in tokenizer.all_special_tokens if t not in named]  # eng_Latn, ..., codes added by users
         self.nllb_languages = known  # every language token the tokenizer has
         mapping = {code: code for code in known} if nllb_codes is None else dict(nllb_codes)
         self.lang_code_to_token = mapping
