@@ -63,7 +63,10 @@ def plain_base(model) -> nn.Module:
 @torch.no_grad()
 def peft_direction(model, src: str, tgt: str):
     """A PeftModel (LoRA, adapter "default") on a copy of the base whose adapters compute this direction's ΔW."""
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LsloError("a PEFT export needs the peft package: pip install 'lslo[export]' (or peft)") from None
 
     _check_direction(model, src, tgt)
     factors = {name: site_factors(module, src, tgt) for name, module in _sites(model)}
