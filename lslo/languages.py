@@ -94,7 +94,8 @@ def file_code(table: pd.DataFrame, code: str, column: str) -> str:
     if not value and column == "floresplus":
         value = table.loc[code, "flores200"]
     if not value:
-        raise LsloError(f"{_source(table)}: language '{code}' has no '{column}' code; the {column} layout "
+        columns = "'floresplus' or 'flores200'" if column == "floresplus" else f"'{column}'"
+        raise LsloError(f"{_source(table)}: language '{code}' has no {columns} code; the {column} layout "
                         "reads its files by that column")
     return value
 

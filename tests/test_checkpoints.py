@@ -10,7 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from checkpoints import make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences, train_spm  # noqa: E402
+import pandas as pd  # noqa: E402
+from checkpoints import (  # noqa: E402
+    make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences, tiny_config, train_spm,
+)
 from transformers import M2M100ForConditionalGeneration, NllbTokenizer  # noqa: E402
 
 from lslo.check_model import check_model, workflow_problems  # noqa: E402
@@ -56,8 +59,7 @@ def test_nllb_batches_equal_transformers_nllb_encoding(nllb_dir):
     source, target = syllable_sentences(2, seed=3)
     reference = NllbTokenizer.from_pretrained(str(nllb_dir), src_lang="eng_Latn", tgt_lang="fra_Latn")
     expected = reference(source, text_target=target)
-    corpus = Corpus.multiparallel(__import__("pandas").DataFrame({"en": [source], "fr": [target]}), ["en", "fr"],
-                                  tokenizer)
+    corpus = Corpus.multiparallel(pd.DataFrame({"en": [source], "fr": [target]}), ["en", "fr"], tokenizer)
     batch = collate([Example(0, "en", "fr")], corpus, tokenizer, ["en", "fr"])
     assert batch["input_ids"][0].tolist() == expected["input_ids"]
     assert batch["labels"][0].tolist() == expected["labels"]
@@ -86,7 +88,7 @@ def test_nllb_codes_unknown_and_legacy(tmp_path, nllb_dir):
 
 def test_build_tokenizer_beside_a_model_keeps_its_files(tmp_path, spm_model):
     model_dir = tmp_path / "model"
-    M2M100ForConditionalGeneration(__import__("checkpoints").tiny_config(64)).save_pretrained(model_dir)
+    M2M100ForConditionalGeneration(tiny_config(64)).save_pretrained(model_dir)
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     tokenizer = build_tokenizer(spm_model, ["en", "xx"], model_dir)
     after = {p.name: p.read_bytes() for p in model_dir.iterdir()}
