@@ -12,7 +12,7 @@ load as `NllbCodes`: transformers' own NLLB tokenizer addressed by the workflow'
 its NLLB code (en -> eng_Latn, the language table's `nllb` column). NLLB's language tokens are the codes
 themselves (no __xx__), and its source convention is transformers' default (legacy_behaviour false):
 "[eng_Latn] tokens </s>", the M2M100 layout, with the target language token forced after the decoder start
-</s> (NLLB Team 2022, §4.1.1). docs/checkpoints.md has the recipes.
+</s> (NLLB Team 2022, §6.1.1). docs/checkpoints.md has the recipes.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class NllbCodes:
         if getattr(tokenizer, "legacy_behaviour", False):
             raise LsloError(f"{source}: the NLLB tokenizer has legacy_behaviour true (source language token after "
                             "</s>); lslo encodes sources as [language] tokens </s> (transformers' default, NLLB "
-                            "paper §4.1.1): set \"legacy_behaviour\": false in tokenizer_config.json")
+                            "paper §6.1.1): set \"legacy_behaviour\": false in tokenizer_config.json")
         self.tokenizer = tokenizer
         self.source = str(source)
         vocab = tokenizer.get_vocab()
