@@ -47,12 +47,15 @@ def detect_layout(root: str | os.PathLike, table: pd.DataFrame, languages: str |
     """The one layout under which every language has its dev and devtest file; none or several is an error
     (a directory holding both eng.dev and eng_Latn.dev names no layout: set data.layout)."""
     languages = [languages] if isinstance(languages, str) else list(languages)
-    missing = {}  # layout -> (language, path) of the first file it lacks
+    missing = {}  # layout -> (language, what it lacks: a file, or the language's code in the table)
     for layout, (column, _) in LAYOUTS.items():
         for code in languages:
             stem = file_code_or_none(table, code, column)
-            paths = [flores_path(root, layout, stem or "<no code>", split) for split in SPLIT_FILES.values()]
-            absent = [path for path in paths if stem is None or not path.is_file()]
+            if stem is None:
+                missing[layout] = (code, f"no {column} code in the language table")
+                break
+            paths = [flores_path(root, layout, stem, split) for split in SPLIT_FILES.values()]
+            absent = [path for path in paths if not path.is_file()]
             if absent:
                 missing[layout] = (code, absent[0])
                 break
@@ -62,8 +65,8 @@ def detect_layout(root: str | os.PathLike, table: pd.DataFrame, languages: str |
     if matching:
         raise LsloError(f"{root}: FLORES layouts {matching} all match the files present; set data.layout to one")
     code = max(missing.values(), key=lambda item: languages.index(item[0]))[0]
-    tried = "; ".join(f"{layout}: {path} (language '{lang}')" for layout, (lang, path) in missing.items())
-    raise LsloError(f"{root}: no FLORES layout found for language '{code}'; missing files: {tried}")
+    tried = "; ".join(f"{layout}: {what} (language '{lang}')" for layout, (lang, what) in missing.items())
+    raise LsloError(f"{root}: no FLORES layout found for language '{code}'; missing: {tried}")
 
 
 def file_code_or_none(table: pd.DataFrame, code: str, column: str) -> str | None:
