@@ -5,6 +5,9 @@
                 lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
                 (--fc-lora slice, the default, is the authors' d_model x d_model fc1/fc2 LoRA; full: d x ffn)
   lslo convert  a fairseq M2M-124 checkpoint (model.pt + dict + SentencePiece model) to an HF checkpoint directory
+  lslo check-model  what the workflow needs from a model directory, for a language list (docs/checkpoints.md)
+  lslo translate    translate stdin to stdout with a fine-tuned variant (results/finetune/<v>/variant.json)
+  lslo export       one direction of an LSLo variant as a plain HF model or a PEFT LoRA adapter
 """
 
 from __future__ import annotations
@@ -76,7 +79,109 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: the checkpoint's own list, else the 124 M2M-124 codes)")
     convert.add_argument("--out", required=True, help="output HF checkpoint directory")
     convert.set_defaults(func=run_convert)
+    _add_model_commands(commands)
     return parser
+
+
+def _add_model_commands(commands) -> None:
+    check = commands.add_parser("check-model", help="check a model directory for the workflow (one line each)")
+    check.add_argument("model_dir", nargs="?", help="HF checkpoint directory (default: the --config's model)")
+    check.add_argument("--languages", help="comma list of codes or a subset of the language table (lang12)")
+    check.add_argument("--language-table", help=f"language table TSV (default: the config's, else "
+                                                f"{DEFAULT_LANGUAGE_TABLE})")
+    check.add_argument("--config", help="a workflow config (config/lang12.yaml): model, data.languages, "
+                                        "data.language_table")
+    check.set_defaults(func=run_check_model)
+
+    translate = commands.add_parser("translate", help="translate stdin (one sentence a line) to stdout")
+    translate.add_argument("--variant", required=True, help="results/finetune/<variant>/variant.json")
+    translate.add_argument("--src", required=True, help="source language code")
+    translate.add_argument("--tgt", required=True, help="target language code")
+    translate.add_argument("--beam", type=int, default=5, help="beam size (default 5, as the evaluate stage)")
+    translate.add_argument("--max-tokens", type=int, default=4000, help="source tokens per batch (default 4000)")
+    translate.add_argument("--max-len-a", type=float, default=0.0, help="max new tokens = a * source length + b")
+    translate.add_argument("--max-len-b", type=int, default=200)
+    translate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    translate.set_defaults(func=run_translate)
+
+    export = commands.add_parser("export", help="an LSLo direction as a plain HF model or a PEFT LoRA adapter")
+    export.add_argument("--variant", required=True, help="results/finetune/<variant>/variant.json (method lslo)")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--direction", help="SRC-TGT, e.g. en-oc")
+    which.add_argument("--all-directions", action="store_true",
+                       help="every direction of the variant's languages, one directory each (OUT/<src>-<tgt>)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of a merged model")
+    export.set_defaults(func=run_export)
+
+
+def run_check_model(args) -> int:
+    from lslo.check_model import check_model
+    from lslo.languages import read_language_table, select
+
+    config = _workflow_config(args.config) if args.config else {}
+    model_dir = args.model_dir or config.get("model")
+    if not model_dir:
+        raise LsloError("give the model directory (or --config with a 'model' path)")
+    data = config.get("data") or {}
+    languages = args.languages or data.get("languages")
+    table_path = args.language_table or data.get("language_table") or DEFAULT_LANGUAGE_TABLE
+    table, codes = None, None
+    if languages is not None:
+        table = read_language_table(table_path)
+        if isinstance(languages, str):
+            parts = _split(languages, ",")
+            languages = parts[0] if len(parts) == 1 and parts[0] not in table.index else parts
+        codes = select(table, languages)
+    report = check_model(model_dir, codes, table)
+    print("\n".join(report.lines()))
+    if report.ok:
+        return 0
+    print(f"{len(report.problems)} problem(s) in {model_dir}", file=sys.stderr)
+    return 1
+
+
+def _workflow_config(path) -> dict:
+    from lslo.config import load_yaml
+
+    config = load_yaml(path)
+    if not isinstance(config, dict):
+        raise LsloError(f"{path}: not a workflow config (a YAML mapping)")
+    return config
+
+
+def run_translate(args) -> int:
+    from lslo.evaluate import load_variant
+    from lslo.translate import translate_lines
+
+    if args.beam < 1 or args.max_tokens < 1:
+        raise LsloError("--beam and --max-tokens must be >= 1")
+    lines = sys.stdin.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    translator = load_variant(args.variant, args.device)
+    hyps = translate_lines(translator, [line.rstrip("\r") for line in lines], args.src, args.tgt, args.beam,
+                           args.max_tokens, args.max_len_a, args.max_len_b, progress=not args.quiet)
+    sys.stdout.write("".join(f"{hyp}\n" for hyp in hyps))
+    return 0
+
+
+def run_export(args) -> int:
+    from lslo.data import directions
+    from lslo.export import export_variant
+    from lslo.io import read_json
+
+    if args.all_directions:
+        pairs = directions(list(read_json(args.variant).get("languages") or []))
+    else:
+        src, sep, tgt = args.direction.partition("-")
+        if not sep or not src or not tgt:
+            raise LsloError(f"--direction '{args.direction}' not understood; expected SRC-TGT such as en-oc")
+        pairs = [(src, tgt)]
+    for path in export_variant(args.variant, args.out, pairs, peft=args.peft):
+        print(f"wrote {path}")
+    return 0
 
 
 def run_convert(args) -> int:

@@ -19,15 +19,18 @@ import torch
 
 from lslo.errors import LsloError
 from lslo.io import atomic_write_all, write_tsv
-from lslo.languages import read_language_table, select
+from lslo.languages import file_code, read_language_table, select
 
 log = logging.getLogger(__name__)
 
 SPLIT_FILES = {"train": "dev", "test": "devtest"}  # paper §5: dev -> training, devtest -> evaluation
-LAYOUTS = {  # layout -> (language-table column with the file code, path of one split file under the root)
-    "flores101": ("flores101", "{split}/{code}.{split}"),
-    "flores200": ("flores200", "{split}/{code}.{split}"),
-    "floresplus": ("flores200", "{split}/{split}.{code}"),
+LAYOUTS = {  # layout -> (language-table column with the file code, file patterns under the root, first found)
+    "flores101": ("flores101", ["{split}/{code}.{split}"]),  # flores101_dataset/dev/eng.dev
+    "flores200": ("flores200", ["{split}/{code}.{split}"]),  # flores200_dataset/dev/eng_Latn.dev
+    # FLORES+ (openlanguagedata): the Hugging Face dataset holds dev/eng_Latn.jsonl (earlier revisions
+    # dev/eng_Latn.parquet), one record per sentence with fields id and text; the GitHub release archives hold
+    # plain text dev/dev.eng_Latn. Codes: the table's floresplus column (default: flores200).
+    "floresplus": ("floresplus", ["{split}/{code}.jsonl", "{split}/{code}.parquet", "{split}/{split}.{code}"]),
 }
 _TSV = dict(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # docs/formats.md: results/data/{split}.tsv
 
@@ -35,19 +38,43 @@ _TSV = dict(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # docs/formats.m
 # ---------------------------------------------------------------- FLORES files -> multi-parallel tables
 
 def flores_path(root: str | os.PathLike, layout: str, code: str, flores_split: str) -> Path:
-    """Path of one language's file: flores_split is the FLORES split name ("dev" or "devtest")."""
-    return Path(root) / LAYOUTS[layout][1].format(split=flores_split, code=code)
+    """Path of one language's file (the first pattern of the layout that exists, else its first pattern):
+    flores_split is the FLORES split name ("dev" or "devtest"), code the file code."""
+    paths = [Path(root) / pattern.format(split=flores_split, code=code) for pattern in LAYOUTS[layout][1]]
+    return next((path for path in paths if path.is_file()), paths[0])
 
 
-def detect_layout(root: str | os.PathLike, table: pd.DataFrame, language: str) -> str:
-    """The first layout whose dev file for `language` exists under `root`."""
-    tried = []
+def detect_layout(root: str | os.PathLike, table: pd.DataFrame, languages: str | list[str]) -> str:
+    """The one layout under which every language has its dev and devtest file; none or several is an error
+    (a directory holding both eng.dev and eng_Latn.dev names no layout: set data.layout)."""
+    languages = [languages] if isinstance(languages, str) else list(languages)
+    missing = {}  # layout -> (language, what it lacks: a file, or the language's code in the table)
     for layout, (column, _) in LAYOUTS.items():
-        path = flores_path(root, layout, table.loc[language, column], "dev")
-        if path.is_file():
-            return layout
-        tried.append(str(path))
-    raise LsloError(f"{root}: no FLORES layout found for language '{language}'; none of these exists: {tried}")
+        for code in languages:
+            stem = file_code_or_none(table, code, column)
+            if stem is None:
+                missing[layout] = (code, f"no {column} code in the language table")
+                break
+            paths = [flores_path(root, layout, stem, split) for split in SPLIT_FILES.values()]
+            absent = [path for path in paths if not path.is_file()]
+            if absent:
+                missing[layout] = (code, absent[0])
+                break
+    matching = [layout for layout in LAYOUTS if layout not in missing]
+    if len(matching) == 1:
+        return matching[0]
+    if matching:
+        raise LsloError(f"{root}: FLORES layouts {matching} all match the files present; set data.layout to one")
+    code = max(missing.values(), key=lambda item: languages.index(item[0]))[0]
+    tried = "; ".join(f"{layout}: {what} (language '{lang}')" for layout, (lang, what) in missing.items())
+    raise LsloError(f"{root}: no FLORES layout found for language '{code}'; missing: {tried}")
+
+
+def file_code_or_none(table: pd.DataFrame, code: str, column: str) -> str | None:
+    try:
+        return file_code(table, code, column)
+    except LsloError:
+        return None
 
 
 def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFrame, split: str,
@@ -57,19 +84,54 @@ def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFra
         raise LsloError(f"unknown split '{split}'; expected one of {list(SPLIT_FILES)}")
     languages = select(table, list(languages))
     if layout == "auto":
-        layout = detect_layout(root, table, languages[0])
+        layout = detect_layout(root, table, languages)
     if layout not in LAYOUTS:
         raise LsloError(f"unknown FLORES layout '{layout}'; expected 'auto' or one of {list(LAYOUTS)}")
     columns, first = {}, None
     for code in languages:
-        path = flores_path(root, layout, table.loc[code, LAYOUTS[layout][0]], SPLIT_FILES[split])
-        columns[code] = _read_lines(path, code)
+        path = flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), SPLIT_FILES[split])
+        columns[code] = _read_records(path, code) if path.suffix in RECORD_FILES else _read_lines(path, code)
         if first is None:
             first = (path, len(columns[code]))
         elif len(columns[code]) != first[1]:
             raise LsloError(f"unequal line counts: {first[0]} has {first[1]} lines, "
                             f"{path} has {len(columns[code])} (language '{code}')")
     return pd.DataFrame({"id": range(first[1]), **columns})
+
+
+RECORD_FILES = (".jsonl", ".parquet")  # FLORES+ on the Hugging Face hub: records with fields id and text
+
+
+def _read_records(path: Path, language: str) -> list[str]:
+    """The `text` field of a FLORES+ .jsonl/.parquet file, in `id` order (ids must be distinct)."""
+    import json
+
+    if path.suffix == ".parquet":
+        try:
+            records = pd.read_parquet(path, columns=["id", "text"]).to_dict("records")
+        except ImportError:
+            raise LsloError(f"{path}: reading FLORES+ parquet files needs pyarrow (pip install pyarrow)") from None
+    else:
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise LsloError(f"{path}: line {number} is not JSON ({err.msg})") from None
+    bad = next((r for r in records if not isinstance(r, dict) or "id" not in r or "text" not in r), None)
+    if bad is not None or not records:
+        raise LsloError(f"{path}: FLORES+ file for language '{language}' needs records with fields 'id' and "
+                        f"'text'{'' if records else ' (it has none)'}")
+    ids = [int(r["id"]) for r in records]
+    if len(set(ids)) != len(ids):
+        raise LsloError(f"{path}: sentence ids repeat (language '{language}')")
+    texts = [str(r["text"]) for r in sorted(records, key=lambda r: int(r["id"]))]
+    for number, text in enumerate(texts, start=1):
+        if not text.strip() or "\n" in text:
+            raise LsloError(f"{path}: sentence {number} is empty or spans lines (language '{language}')")
+    return texts
 
 
 def _read_lines(path: Path, language: str) -> list[str]:
@@ -136,7 +198,7 @@ def prepare_data(flores_root: str | os.PathLike, layout: str, language_table_pat
     table = read_language_table(language_table_path)
     codes = select(table, languages)
     if layout == "auto":
-        layout = detect_layout(flores_root, table, codes[0])
+        layout = detect_layout(flores_root, table, codes)
     train = read_flores(flores_root, codes, table, "train", layout)
     test = read_flores(flores_root, codes, table, "test", layout)
     if test_sentences:  # eval.max_sentences: evaluate on the first N devtest sentences (demo, smoke runs)

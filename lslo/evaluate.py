@@ -341,7 +341,7 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
     from lslo.tokenizer import require_languages
 
     check_model_dir(model_dir)
-    tokenizer = load_tokenizer(variant["base_model"])
+    tokenizer = load_tokenizer(variant["base_model"], variant.get("nllb_codes"))
     languages = list(variant.get("languages") or [])
     require_languages(tokenizer, languages, f"{variant_json}: base_model {variant['base_model']}")
     model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)

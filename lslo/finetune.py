@@ -30,6 +30,7 @@ from lslo.io import atomic_write, read_json, write_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, validate_gps
 from lslo.ranks import validate_rank_plan
+from lslo.tokenizer import nllb_codes_of
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
                         load_stage_data, train)
 
@@ -49,10 +50,10 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
         options.setdefault("lr", FULL_LR)
     options = TrainOptions.from_dict(options, "finetune.options")
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
-    hf_model, tokenizer = load_base(model_dir, codes)
+    hf_model, tokenizer = load_base(model_dir, codes, language_table)
     out_dir = Path(out_dir)
     variant = {"method": method, "base_model": str(Path(model_dir).resolve()), "adapters": None, "model": None,
-               "languages": codes}
+               "languages": codes, "nllb_codes": nllb_codes_of(tokenizer)}
     if method == "pretrain":
         _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics)
     elif method == "full":

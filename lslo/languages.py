@@ -1,8 +1,11 @@
 """The language table: model language codes, FLORES file codes, resource groups (paper appendix A, Tables 5/6).
 
-Format (config/languages.tsv, see docs/formats.md): one row per language, tab-separated, columns
-code, name, flores101, flores200, resource (H/M/L/V), family, bitext (sentences with English; empty for en),
-subsets (comma list such as "lang12,lang30").
+Format (config/languages.tsv, see docs/formats.md): one row per language, tab-separated, with a header line.
+Columns `code` and `resource` (H/M/L/V) are required; the others may be left out or left empty where a run
+does not need them: name, flores101 / flores200 / floresplus (file codes of each FLORES layout; floresplus
+defaults to flores200), nllb (the NLLB-200 language code, eng_Latn), family, bitext (sentences with English;
+empty for en), subsets (comma list such as "lang12,lang30"). A stage that needs a field says which
+(`file_code`, `nllb_codes`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import pandas as pd
 
 from lslo.errors import LsloError
 
-COLUMNS = ["code", "name", "flores101", "flores200", "resource", "family", "bitext", "subsets"]
+COLUMNS = ["code", "name", "flores101", "flores200", "floresplus", "nllb", "resource", "family", "bitext",
+           "subsets"]
 RESOURCE_GROUPS = ["H", "M", "L", "V"]  # FLORES-101 resource types, high to very low (paper §5)
-_REQUIRED = ["code", "flores101", "flores200", "resource"]  # fields every row must fill
+_REQUIRED = ["code", "resource"]  # columns every table has and fields every row fills
 
 
 def read_language_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -26,9 +30,13 @@ def read_language_table(path: str | os.PathLike) -> pd.DataFrame:
         raise LsloError(f"{path}: language table not found")
     _check_field_counts(path)
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
-    missing = [c for c in COLUMNS if c not in table.columns]
+    missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
-        raise LsloError(f"{path}: missing column(s) {missing}; expected columns {COLUMNS}")
+        raise LsloError(f"{path}: missing column(s) {missing}; required {_REQUIRED}, optional "
+                        f"{[c for c in COLUMNS if c not in _REQUIRED]}")
+    for column in COLUMNS:  # an optional column left out reads as empty
+        if column not in table.columns:
+            table[column] = ""
     table = table[COLUMNS].apply(lambda col: col.str.strip())
     for row, record in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         _check_row(path, row, record)
@@ -36,7 +44,9 @@ def read_language_table(path: str | os.PathLike) -> pd.DataFrame:
     if duplicated:
         raise LsloError(f"{path}: duplicated language code(s) {duplicated}")
     table["bitext"] = pd.array([int(b) if b else None for b in table["bitext"]], dtype="Int64")
-    return table.set_index("code", drop=False)
+    table = table.set_index("code", drop=False)
+    table.attrs["path"] = str(path)
+    return table
 
 
 def _check_field_counts(path: Path) -> None:
@@ -77,16 +87,40 @@ def select(table: pd.DataFrame, languages: str | list[str]) -> list[str]:
         members = [code for code, subsets in zip(table["code"], table["subsets"]) if languages in _split(subsets)]
         if not members:
             known = sorted({s for subsets in table["subsets"] for s in _split(subsets)})
-            raise LsloError(f"unknown language subset '{languages}'; the language table defines {known}")
+            raise LsloError(f"unknown language subset '{languages}'; the language table {_source(table)} "
+                           f"defines {known}")
         return members
     codes = list(languages)
     unknown = [code for code in codes if code not in table.index]
     if unknown:
-        raise LsloError(f"unknown language code(s) {unknown}; not in the language table")
+        raise LsloError(f"unknown language code(s) {unknown}; not in the language table {_source(table)}")
     duplicated = sorted({code for code in codes if codes.count(code) > 1})
     if duplicated:
         raise LsloError(f"language code(s) {duplicated} listed more than once")
     return codes
+
+
+def file_code(table: pd.DataFrame, code: str, column: str) -> str:
+    """The FLORES file code of `code` in `column` (flores101, flores200, floresplus; floresplus falls back to
+    flores200, as FLORES+ kept FLORES-200's codes except where it renamed a language, e.g. zh: cmn_Hans)."""
+    value = table.loc[code, column]
+    if not value and column == "floresplus":
+        value = table.loc[code, "flores200"]
+    if not value:
+        columns = "'floresplus' or 'flores200'" if column == "floresplus" else f"'{column}'"
+        raise LsloError(f"{_source(table)}: language '{code}' has no {columns} code; the {column} layout "
+                        "reads its files by that column")
+    return value
+
+
+def nllb_codes(table: pd.DataFrame, languages: list[str] | None = None) -> dict[str, str]:
+    """{code: NLLB code} for the languages (default: all) whose `nllb` field is filled."""
+    codes = table["code"].tolist() if languages is None else list(languages)
+    return {code: table.loc[code, "nllb"] for code in codes if code in table.index and table.loc[code, "nllb"]}
+
+
+def _source(table: pd.DataFrame) -> str:
+    return table.attrs.get("path", "language table")
 
 
 def _split(subsets: str) -> list[str]:

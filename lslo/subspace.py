@@ -38,7 +38,7 @@ def run_subspace(model_dir, train_tsv, dev_tsv, language_table, languages, plan,
     start, duration = _schedule(gps)
     validate_gps(target_ratio, start, duration, options.epochs)
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
-    hf_model, tokenizer = load_base(model_dir, codes)
+    hf_model, tokenizer = load_base(model_dir, codes, language_table)
     torch.manual_seed(options.seed)
     plan = plan if isinstance(plan, dict) else read_json(plan)  # the weight-learning plan (dict or its JSON file)
     spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules="all", index_plan=plan,

@@ -1,4 +1,4 @@
-"""M2M100-style tokenizers for any language list (M2M100, M2M-124, the embedded demo).
+"""Tokenizers for any language list: M2M100-style (M2M100, M2M-124, the embedded demo) and NLLB-200.
 
 transformers' M2M100Tokenizer only knows two fixed language lists (FAIRSEQ_LANGUAGE_CODES: "m2m100", "wmt21").
 M2M-124 adds 24 codes and the demo has its own, so `LsloM2M100Tokenizer` is M2M100Tokenizer with the language
@@ -6,12 +6,21 @@ list as data: `language_codes` may be a list, saved in tokenizer_config.json. Ev
 fairseq dictionary order, language tokens __xx__ right after the vocabulary, src_lang/tgt_lang, text_target)
 is M2M100Tokenizer's own code. Importing this module registers the class with AutoTokenizer, so
 `AutoTokenizer.from_pretrained(dir)` works once `lslo.tokenizer` is imported; `load_tokenizer(dir)` always works.
+
+NLLB-200 directories (tokenizer.json and/or sentencepiece.bpe.model, tokenizer_config.json naming NllbTokenizer)
+load as `NllbCodes`: transformers' own NLLB tokenizer addressed by the workflow's language codes, each mapped to
+its NLLB code (en -> eng_Latn, the language table's `nllb` column). NLLB's language tokens are the codes
+themselves (no __xx__), and its source convention is transformers' default (legacy_behaviour false):
+"[eng_Latn] tokens </s>", the M2M100 layout, with the target language token forced after the decoder start
+</s> (NLLB Team 2022, §6.1.1). docs/checkpoints.md has the recipes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -132,29 +141,165 @@ def build_tokenizer(spm_model: str | os.PathLike, languages: list[str], out_dir:
         raise LsloError(f"language token(s) {[f'__{c}__' for c in clashes]} already in the vocabulary")
     if num_madeup_words is None:
         num_madeup_words = -(len(tokens) + len(languages)) % 8
-    with atomic_write(out_dir, is_dir=True) as tmp:
+    out_dir = Path(out_dir)
+    present = sorted(name for name in TOKENIZER_FILES if (out_dir / name).exists())
+    if present:
+        raise LsloError(f"{out_dir}: already holds tokenizer file(s) {present}; choose another directory or "
+                        "remove them yourself (build_tokenizer never overwrites or deletes files)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temporary sibling, then only the tokenizer's own files move into out_dir: a model directory
+    # keeps its config and weights.
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent) as tmp:
+        tmp = Path(tmp)
         (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False,
                                                    indent=0), encoding="utf-8")
         tokenizer = LsloM2M100Tokenizer(vocab_file=str(tmp / "vocab.json"), spm_file=str(spm_model),
                                         language_codes=languages, num_madeup_words=num_madeup_words)
         tokenizer.save_pretrained(tmp)
+        out_dir.mkdir(exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out_dir / path.name)
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | os.PathLike) -> LsloM2M100Tokenizer:
-    """Load a tokenizer directory written by build_tokenizer / convert (or a stock M2M100 directory)."""
+def load_tokenizer(path: str | os.PathLike, nllb_codes: dict[str, str] | None = None):
+    """The tokenizer of a model directory: an M2M100-style directory (vocab.json) as LsloM2M100Tokenizer, an
+    NLLB directory (tokenizer_config.json naming NllbTokenizer[Fast]) as NllbCodes.
+
+    nllb_codes: {workflow code: NLLB code} (the language table's `nllb` column) for an NLLB tokenizer; None
+    addresses NLLB languages by their NLLB codes. M2M100 tokenizers name their languages __code__ and ignore it.
+    """
     path = Path(path)
-    if not (path / "vocab.json").is_file():
-        raise LsloError(f"{path}: not a tokenizer directory (no vocab.json)")
-    return LsloM2M100Tokenizer.from_pretrained(str(path))
+    if (path / "vocab.json").is_file():
+        return LsloM2M100Tokenizer.from_pretrained(str(path))
+    tokenizer_class = _tokenizer_class(path)
+    if tokenizer_class in NLLB_CLASSES:
+        return NllbCodes.from_directory(path, nllb_codes)
+    raise LsloError(f"{path}: not a tokenizer directory: no vocab.json (M2M100) and no tokenizer_config.json "
+                    f"naming {' or '.join(NLLB_CLASSES)} (NLLB-200; found {tokenizer_class!r}); "
+                    "docs/checkpoints.md says how to make one")
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise LsloError(f"{config}: not a JSON tokenizer config ({err})") from None
+
+
+def language_token(tokenizer, code: str) -> str:
+    """The token that stands for language `code` in `tokenizer` (__en__ for M2M100, eng_Latn for NLLB)."""
+    if isinstance(tokenizer, NllbCodes):
+        return tokenizer.lang_code_to_token.get(code, code)
+    return f"__{code}__"
+
+
+def nllb_codes_of(tokenizer) -> dict[str, str] | None:
+    """{code: NLLB code} an NLLB tokenizer was loaded with (variant.json keeps it); None for M2M100."""
+    return dict(tokenizer.lang_code_to_token) if isinstance(tokenizer, NllbCodes) else None
 
 
 def require_languages(tokenizer, languages, source) -> None:
-    """Every code in `languages` has a language token (__xx__) in `tokenizer` (loaded from `source`)."""
+    """Every code in `languages` has a language token in `tokenizer` (loaded from `source`)."""
     missing = [code for code in languages if code not in tokenizer.lang_code_to_id]
     if missing:
-        raise LsloError(f"{source}: the tokenizer has no language token for {[f'__{c}__' for c in missing]} "
-                        f"(language(s) {missing}); it knows {list(tokenizer.lang_code_to_id)}")
+        raise LsloError(f"{source}: the tokenizer has no language token for "
+                        f"{[language_token(tokenizer, c) for c in missing]} (language(s) {missing}); "
+                        f"it knows {list(tokenizer.lang_code_to_id)}")
+
+
+NLLB_CLASSES = ("NllbTokenizer", "NllbTokenizerFast")
+NLLB_SPM = "sentencepiece.bpe.model"  # the SentencePiece model of an NLLB directory (HF hub layout)
+# Files a tokenizer directory may hold; build_tokenizer refuses a directory that already has one.
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", NLLB_SPM, "sentencepiece.model", "spm.model")
+
+
+class NllbCodes:
+    """transformers' NLLB tokenizer, addressed by the workflow's language codes.
+
+    Offers what the rest of lslo uses of a tokenizer (the LsloM2M100Tokenizer interface): `get_lang_id(code)`,
+    `lang_code_to_id`, `src_lang = code`, `spm_file`, `save_pretrained`; everything else (encoding, decoding,
+    special token ids) is the wrapped tokenizer's own.
+    """
+
+    def __init__(self, tokenizer, nllb_codes: dict[str, str] | None, spm_file: Path | None, source) -> None:
+        if getattr(tokenizer, "legacy_behaviour", False):
+            raise LsloError(f"{source}: the NLLB tokenizer has legacy_behaviour true (source language token after "
+                            "</s>); lslo encodes sources as [language] tokens </s> (transformers' default, NLLB "
+                            "paper §6.1.1): set \"legacy_behaviour\": false in tokenizer_config.json")
+        self.tokenizer = tokenizer
+        self.source = str(source)
+        vocab = tokenizer.get_vocab()
+        named = {str(getattr(tokenizer, f"{name}_token", None)) for name in ("bos", "eos", "unk", "pad", "sep",
+                                                                                 "cls", "mask")}
+        known = [t for t in tokenizer.all_special_tokens if t not in named]  # eng_Latn, ..., codes added by users
+        self.nllb_languages = known  # every language token the tokenizer has
+        mapping = {code: code for code in known} if nllb_codes is None else dict(nllb_codes)
+        self.lang_code_to_token = mapping
+        self.lang_code_to_id = {code: vocab[token] for code, token in mapping.items() if token in set(known)}
+        self._spm_file = spm_file
+        self._src_lang = None
+
+    @classmethod
+    def from_directory(cls, path: Path, nllb_codes: dict[str, str] | None = None) -> "NllbCodes":
+        from transformers import AutoTokenizer
+
+        if not ((path / "tokenizer.json").is_file() or (path / NLLB_SPM).is_file()):
+            raise LsloError(f"{path}: NLLB tokenizer directory without tokenizer.json or {NLLB_SPM}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise LsloError(f"{path}: the NLLB tokenizer does not load ({err})") from None
+        spm_file = path / NLLB_SPM
+        return cls(tokenizer, nllb_codes, spm_file if spm_file.is_file() else None, path)
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.lang_code_to_id)
+
+    @property
+    def spm_file(self) -> str:
+        """The checkpoint's SentencePiece model (dev spBLEU during training scores with it)."""
+        if self._spm_file is None:
+            raise LsloError(f"{self.source}: no {NLLB_SPM} next to the NLLB tokenizer (needed for dev spBLEU)")
+        return str(self._spm_file)
+
+    def get_lang_id(self, code: str) -> int:
+        if code not in self.lang_code_to_id:
+            token = self.lang_code_to_token.get(code)
+            known = f"its NLLB code '{token}' is not a language token" if token else "it has no NLLB code"
+            raise LsloError(f"language '{code}' is not known to the NLLB tokenizer of {self.source}: {known}")
+        return self.lang_code_to_id[code]
+
+    @property
+    def src_lang(self) -> str:
+        return self._src_lang
+
+    @src_lang.setter
+    def src_lang(self, code: str) -> None:
+        self.get_lang_id(code)
+        self._src_lang = code
+        self.tokenizer.src_lang = self.lang_code_to_token[code]
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name):  # pad_token_id, eos_token_id, batch_decode, ...: the NLLB tokenizer's own
+        if name == "tokenizer":
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def save_pretrained(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)
+        if self._spm_file is not None:
+            shutil.copyfile(self._spm_file, Path(directory) / NLLB_SPM)
 
 
 def model_vocab_size(tokenizer: M2M100Tokenizer) -> int:

@@ -610,18 +610,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def load_base(model_dir, languages: list[str] | None = None):
+def load_base(model_dir, languages: list[str] | None = None, language_table=None):
     """(HF M2M100 model in float32, tokenizer) from a local checkpoint directory (never the network).
 
-    languages: codes the run trains on; each must have its __xx__ token in the checkpoint's tokenizer.
+    languages: codes the run trains on; each must have its language token in the checkpoint's tokenizer
+    (__xx__, or for NLLB the code in the language table's nllb column).
     """
     from transformers import M2M100ForConditionalGeneration
 
     from lslo.model import check_model_dir
     from lslo.tokenizer import load_tokenizer, require_languages
 
+    from lslo.languages import nllb_codes, read_language_table
+
     check_model_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    table = read_language_table(language_table) if language_table is not None else None
+    tokenizer = load_tokenizer(model_dir, nllb_codes(table, languages) if table is not None else None)
     if languages is not None:
         require_languages(tokenizer, languages, model_dir)
     model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)

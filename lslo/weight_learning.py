@@ -25,7 +25,7 @@ def run_weight_learning(model_dir, train_tsv, dev_tsv, language_table, languages
                         out_weights, out_plan, checkpoint_dir, log_dir=None) -> None:
     options = TrainOptions.from_dict(options, "weight_learning.options")
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
-    hf_model, tokenizer = load_base(model_dir, codes)
+    hf_model, tokenizer = load_base(model_dir, codes, language_table)
     torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway
     spec = LSLoSpec(languages=codes, ranks={code: int(rank) for code in codes}, modules=modules,
                     index_plan="learn", **options.lora_layout())

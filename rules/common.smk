@@ -3,6 +3,7 @@
 import sys
 
 import lslo
+from lslo.check_model import workflow_problems
 
 LSLO_VERSION = lslo.__version__  # a params entry of every rule: a library release reruns the stages
 DEMO = config["data"]["mode"] == "demo"
@@ -33,6 +34,11 @@ def check_config():
         for key, what in REQUIRED_PATHS.items():
             if not config_value(key):
                 sys.exit(f"config key '{key}' is not set ({files}, data.mode flores): set it to {what}")
+        # Language codes against the table, the model directory against the languages (lslo check-model).
+        table = config["data"]["language_table"] or "config/languages.tsv"
+        problems = workflow_problems(config["data"]["languages"], table, config["model"], files)
+        if problems:
+            sys.exit("\n".join(problems))
     known = set(VARIANTS)
     for name, rows in {**config["tables"], "figure3": config["figure3"]}.items():
         unknown = [v for v in rows if v not in known]

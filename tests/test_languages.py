@@ -50,7 +50,7 @@ def test_select_explicit_list_keeps_order_and_rejects_unknown(table):
 @pytest.mark.parametrize("field,value,message", [
     ("resource", "X", "field 'resource' is 'X'"),
     ("bitext", "5K", "field 'bitext' is '5K'"),
-    ("flores101", "", "field 'flores101' is empty"),
+    ("resource", "", "field 'resource' is empty"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, field, value, message):
     lines = TABLE.read_text(encoding="utf-8").splitlines()
@@ -70,3 +70,34 @@ def test_missing_column(tmp_path):
     bad.write_text("code\tname\nen\tEnglish\n", encoding="utf-8")
     with pytest.raises(LsloError, match="missing column"):
         read_language_table(bad)
+
+
+def test_own_table_needs_only_code_and_resource(tmp_path):
+    """A user's table (docs/checkpoints.md): no flores101 column for FLORES-200 data; floresplus falls back to
+    flores200; file codes a layout needs and does not find are named with the table file."""
+    from lslo.languages import file_code, nllb_codes
+
+    own = tmp_path / "own.tsv"
+    own.write_text("code\tresource\tflores200\tnllb\tsubsets\n"
+                   "en\tH\teng_Latn\teng_Latn\tmine\nzz\tV\t\t\tmine\n", encoding="utf-8")
+    table = read_language_table(own)
+    assert select(table, "mine") == ["en", "zz"] and table["bitext"].isna().all()
+    assert file_code(table, "en", "flores200") == "eng_Latn" == file_code(table, "en", "floresplus")
+    assert nllb_codes(table) == {"en": "eng_Latn"}
+    with pytest.raises(LsloError, match=f"{own}: language 'zz' has no 'flores200' code"):
+        file_code(table, "zz", "flores200")
+    with pytest.raises(LsloError, match="no 'flores101' code"):
+        file_code(table, "en", "flores101")
+    with pytest.raises(LsloError, match=rf"\['xx'\]; not in the language table {own}"):
+        select(table, ["en", "xx"])
+
+
+def test_shipped_table_maps_every_language_to_an_nllb_token():
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
+
+    from lslo.languages import nllb_codes
+
+    table = read_language_table(TABLE)
+    codes = nllb_codes(table)
+    assert set(codes) == set(table.index) and set(codes.values()) <= set(FAIRSEQ_LANGUAGE_CODES)
+    assert codes["zh"] == "zho_Hans" and table.loc["zh", "floresplus"] == "cmn_Hans"

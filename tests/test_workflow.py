@@ -51,12 +51,16 @@ def job_counts(output: str) -> dict:
 
 
 def paper_paths(tmp_path) -> list:
-    """Existing stand-ins for the three paths a paper config must set (the DAG only needs them to exist)."""
+    """Stand-ins for the three paths a paper config must set: an empty FLORES root and spm file (the DAG only
+    needs them to exist) and a tiny random checkpoint with every table language (the pre-check reads it)."""
+    from checkpoints import make_m2m100_checkpoint
+
+    from lslo.languages import read_language_table
+
     flores, model, spm = tmp_path / "flores101", tmp_path / "m2m124", tmp_path / "spm.model"
     for split in ("dev", "devtest"):
         (flores / split).mkdir(parents=True)
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    make_m2m100_checkpoint(model, read_language_table(ROOT / "config/languages.tsv")["code"].tolist())
     spm.write_text("")
     return ["--config", f"model={model}", f"data={{flores: {flores}}}", f"eval={{spm: {spm}}}"]
 

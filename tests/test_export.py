@@ -1,0 +1,154 @@
+"""After fine-tuning: `lslo translate` (= the evaluate stage's hypotheses) and `lslo export` (a merged HF model or
+a PEFT LoRA adapter that decodes exactly what the LSLo model decodes)."""
+
+import io
+import json
+import os
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from checkpoints import make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences  # noqa: E402
+from transformers import M2M100ForConditionalGeneration  # noqa: E402
+
+from lslo import evaluate  # noqa: E402
+from lslo.adapters import save_adapters  # noqa: E402
+from lslo.cli import main  # noqa: E402
+from lslo.errors import LsloError  # noqa: E402
+from lslo.export import export_direction, site_factors  # noqa: E402
+from lslo.model import LSLoSpec, inject_lslo  # noqa: E402
+
+LANGS = ["en", "fr", "oc"]
+RANKS = {"en": 2, "fr": 3, "oc": 4}
+PLANS = {"mixed": {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}, "learn": "learn"}
+
+
+def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=False):
+    """Random non-zero adapters on the base in `base_dir`, saved with save_adapters, and their variant.json."""
+    base = M2M100ForConditionalGeneration.from_pretrained(base_dir)
+    model = inject_lslo(base, LSLoSpec(languages=LANGS, ranks=RANKS, index_plan=index_plan))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.5)
+        if pruned:  # GPS leaves masks: pruned entries must be zero in the export as well
+            for module in model.lslo_modules().values():
+                for bank in module.banks.values():
+                    bank.set_mask("B", "fr", (torch.rand(bank.B["fr"].shape, generator=g) > 0.5).float())
+    name = f"lslo-{seed}"
+    save_adapters(model, root / f"{name}.safetensors", base_model=str(base_dir))
+    variant = root / f"{name}.json"
+    variant.write_text(json.dumps({"method": "lslo", "base_model": str(base_dir), "model": None,
+                                   "adapters": str(root / f"{name}.safetensors"), "languages": LANGS,
+                                   "nllb_codes": nllb_codes}))
+    return variant
+
+
+@pytest.fixture(scope="module")
+def m2m_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("m2m")
+    return make_m2m100_checkpoint(root / "base", LANGS, init_std=0.5)
+
+
+def prefix_generate(model, tokenizer, texts, src, tgt, **kwargs):
+    """Beam-5 token ids of `model.generate` from the decoder prefix [</s>, tgt token] (the evaluate stage's)."""
+    tokenizer.src_lang = src
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    prefix = torch.tensor([[2, tokenizer.get_lang_id(tgt)]] * len(texts))
+    with torch.inference_mode():
+        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              decoder_input_ids=prefix, num_beams=5, max_new_tokens=12, **kwargs)
+
+
+@pytest.mark.parametrize("plan,pruned", [("mixed", True), ("learn", False)])
+def test_peft_export_decodes_the_lslo_tokens(tmp_path, m2m_base, plan, pruned):
+    from peft import PeftModel
+
+    variant = lslo_variant(tmp_path, m2m_base, PLANS[plan], pruned=pruned)
+    translator = evaluate.load_variant(variant, device="cpu")
+    model, tokenizer = translator.model, translator.tokenizer
+    if plan == "learn":
+        with torch.no_grad():
+            for i, weights in enumerate(model.index_weights.values()):
+                weights.logits.copy_(torch.tensor([0.7 * (i + 1), -0.4]))
+    texts = syllable_sentences(4, seed=5, words=5)
+    for src, tgt in [("en", "oc"), ("oc", "fr")]:
+        out = export_direction(model, src, tgt, tmp_path / f"peft-{src}-{tgt}", tokenizer, peft=True)
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        peft_model = PeftModel.from_pretrained(M2M100ForConditionalGeneration.from_pretrained(m2m_base), out).eval()
+        expected = prefix_generate(model, tokenizer, texts, src, tgt, src_lang=src, tgt_lang=tgt)
+        assert prefix_generate(peft_model, tokenizer, texts, src, tgt).tolist() == expected.tolist()
+        merged = export_direction(model, src, tgt, tmp_path / f"hf-{src}-{tgt}", tokenizer)
+        plain = M2M100ForConditionalGeneration.from_pretrained(merged).eval()
+        assert prefix_generate(plain, tokenizer, texts, src, tgt).tolist() == expected.tolist()
+    base = M2M100ForConditionalGeneration.from_pretrained(m2m_base).eval()
+    assert prefix_generate(base, tokenizer, texts, "en", "oc").tolist() != \
+        prefix_generate(model, tokenizer, texts, "en", "oc", src_lang="en", tgt_lang="oc").tolist()
+
+
+def test_site_factors_are_the_site_delta(tmp_path, m2m_base):
+    """B @ A of each site equals the direction's ΔW computed from the banks (eq. 3 / eq. 5)."""
+    from lslo.adapters import _direction_delta
+
+    model = evaluate.load_variant(lslo_variant(tmp_path, m2m_base, "learn", pruned=True), device="cpu").model
+    for module in model.lslo_modules().values():
+        a, b = site_factors(module, "fr", "oc")
+        assert a.shape == (RANKS["fr"] + RANKS["oc"], module.base.in_features)
+        torch.testing.assert_close(b @ a, _direction_delta(module, "fr", "oc"), rtol=1e-5, atol=1e-6)
+
+
+def test_export_cli_one_and_all_directions(tmp_path, m2m_base, capsys):
+    variant = lslo_variant(tmp_path, m2m_base, PLANS["mixed"])
+    assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(tmp_path / "one"),
+                 "--peft"]) == 0
+    config = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    # en-oc with the mixed plan: encoder layer 0 source-indexed (en, r 2), layer 1 target (oc, r 4); decoder
+    # layer 0 target (oc), layer 1 source (en); 5 sites per encoder layer, 8 per decoder layer
+    ranks = sorted(config["rank_pattern"].values())
+    assert config["peft_type"] == "LORA" and ranks == [2] * 13 + [4] * 13
+    assert config["alpha_pattern"] == config["rank_pattern"]
+    assert main(["export", "--variant", str(variant), "--all-directions", "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
+        f"{s}-{t}" for s in LANGS for t in LANGS if s != t)
+    assert (tmp_path / "all" / "fr-en" / "model.safetensors").is_file()
+    assert main(["export", "--variant", str(variant), "--direction", "en-xx", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown language 'xx'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["m2m100", "nllb"])
+def test_translate_agrees_with_the_evaluate_stage(tmp_path, m2m_base, kind, monkeypatch, capsys):
+    if kind == "nllb":
+        base = make_nllb_checkpoint(tmp_path / "nllb", ["eng_Latn", "fra_Latn", "oci_Latn"], init_std=0.5)
+        codes = {"en": "eng_Latn", "fr": "fra_Latn", "oc": "oci_Latn"}
+    else:
+        base, codes = m2m_base, None
+    variant = lslo_variant(tmp_path, base, PLANS["mixed"], nllb_codes=codes)
+    sentences = syllable_sentences(7, seed=9, words=6)
+    test = pd.DataFrame({"id": range(7), "en": sentences, "fr": sentences, "oc": sentences})
+    test.to_csv(tmp_path / "test.tsv", sep="\t", index=False)
+    hyps = evaluate.decode_shard(variant, tmp_path / "test.tsv", [("en", "oc"), ("fr", "oc"), ("oc", "en")],
+                                 tmp_path / "hyps.tsv", beam=5, max_tokens=60, max_len_b=10, device="cpu")
+    for src, tgt in [("en", "oc"), ("oc", "en")]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{s}\n" for s in sentences)))
+        assert main(["translate", "--variant", str(variant), "--src", src, "--tgt", tgt, "--max-len-b", "10",
+                     "--max-tokens", "25", "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        expected = hyps[(hyps.src == src) & (hyps.tgt == tgt)].sort_values("id").hyp.tolist()
+        assert captured.out.splitlines() == expected
+        assert "translating" in captured.err  # progress on stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x\n"))
+    assert main(["translate", "--variant", str(variant), "--src", "en", "--tgt", "de", "--quiet"]) == 2
+    assert "'de'" in capsys.readouterr().err
+
+
+def test_export_refuses_a_plain_variant(tmp_path, m2m_base):
+    from lslo.export import export_variant
+
+    variant = tmp_path / "pretrain.json"
+    variant.write_text(json.dumps({"method": "pretrain", "base_model": str(m2m_base), "languages": LANGS}))
+    with pytest.raises(LsloError, match="not lslo"):
+        export_variant(variant, tmp_path / "out", [("en", "fr")])
