@@ -39,7 +39,14 @@ def site_factors(module: LSLoLinear, src: str, tgt: str) -> tuple[torch.Tensor, 
         bank, lang = module.banks[index], langs[index]
         factors_a.append(bank.effective_A(lang))
         factors_b.append(bank.effective_B(lang) * (bank.scaling[lang] * weight))
-    return torch.cat(factors_a, dim=0).detach(), torch.cat(factors_b, dim=1).detach()
+    a, b = torch.cat(factors_a, dim=0).detach(), torch.cat(factors_b, dim=1).detach()
+    # slice fc layout (the authors'): the LoRA covers a block of W; zero rows of B / columns of A outside that
+    # block make the full-width PEFT LoRA exact (fc1: output units, fc2: input units)
+    if module.in_slice is not None:
+        a = torch.nn.functional.pad(a, (module.in_slice[0], module.in_features - module.in_slice[1]))
+    if module.out_slice is not None:
+        b = torch.nn.functional.pad(b, (0, 0, module.out_slice[0], module.out_features - module.out_slice[1]))
+    return a, b
 
 
 def _check_direction(model, src: str, tgt: str) -> None:

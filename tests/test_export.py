@@ -27,10 +27,10 @@ RANKS = {"en": 2, "fr": 3, "oc": 4}
 PLANS = {"mixed": {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}, "learn": "learn"}
 
 
-def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=False):
+def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=False, fc_lora="full"):
     """Random non-zero adapters on the base in `base_dir`, saved with save_adapters, and their variant.json."""
     base = M2M100ForConditionalGeneration.from_pretrained(base_dir)
-    model = inject_lslo(base, LSLoSpec(languages=LANGS, ranks=RANKS, index_plan=index_plan))
+    model = inject_lslo(base, LSLoSpec(languages=LANGS, ranks=RANKS, index_plan=index_plan, fc_lora=fc_lora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.trainable_parameters():
@@ -64,11 +64,12 @@ def prefix_generate(model, tokenizer, texts, src, tgt, **kwargs):
                               decoder_input_ids=prefix, num_beams=5, max_new_tokens=12, **kwargs)
 
 
-@pytest.mark.parametrize("plan,pruned", [("mixed", True), ("learn", False)])
-def test_peft_export_decodes_the_lslo_tokens(tmp_path, m2m_base, plan, pruned):
+@pytest.mark.parametrize("plan,pruned,fc_lora", [("mixed", True, "full"), ("learn", False, "full"),
+                                                  ("mixed", True, "slice")])
+def test_peft_export_decodes_the_lslo_tokens(tmp_path, m2m_base, plan, pruned, fc_lora):
     from peft import PeftModel
 
-    variant = lslo_variant(tmp_path, m2m_base, PLANS[plan], pruned=pruned)
+    variant = lslo_variant(tmp_path, m2m_base, PLANS[plan], pruned=pruned, fc_lora=fc_lora)
     translator = evaluate.load_variant(variant, device="cpu")
     model, tokenizer = translator.model, translator.tokenizer
     if plan == "learn":
@@ -90,11 +91,14 @@ def test_peft_export_decodes_the_lslo_tokens(tmp_path, m2m_base, plan, pruned):
         prefix_generate(model, tokenizer, texts, "en", "oc", src_lang="en", tgt_lang="oc").tolist()
 
 
-def test_site_factors_are_the_site_delta(tmp_path, m2m_base):
-    """B @ A of each site equals the direction's ΔW computed from the banks (eq. 3 / eq. 5)."""
+@pytest.mark.parametrize("fc_lora", ["full", "slice"])
+def test_site_factors_are_the_site_delta(tmp_path, m2m_base, fc_lora):
+    """B @ A of each site equals the direction's ΔW computed from the banks (eq. 3 / eq. 5), zero outside the
+    block a slice-layout fc LoRA covers."""
     from lslo.adapters import _direction_delta
 
-    model = evaluate.load_variant(lslo_variant(tmp_path, m2m_base, "learn", pruned=True), device="cpu").model
+    variant = lslo_variant(tmp_path, m2m_base, "learn", pruned=True, fc_lora=fc_lora)
+    model = evaluate.load_variant(variant, device="cpu").model
     for module in model.lslo_modules().values():
         a, b = site_factors(module, "fr", "oc")
         assert a.shape == (RANKS["fr"] + RANKS["oc"], module.base.in_features)
