@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     if "ddp" not in skip:
         steps.append(ddp(args, left()))
     table = summary_table(steps)
-    mode = "no GPU: tiny shape, DDP as a dry run" if args.cpu_smoke else "GPU"
+    mode = ("GPU" if not args.cpu_smoke else
+            f"no GPU: tiny shape, DDP {'on CPU (gloo)' if args.ddp_run else 'as a dry run'}")
     total = time.perf_counter() - start
     header = ["# lslo GPU check", "", f"Written by `benchmarks/gpu_check.sh {' '.join(argv or sys.argv[1:])}` "
               f"({mode}) in {total:.0f} s. Every number below was measured by that run.", "",

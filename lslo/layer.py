@@ -30,6 +30,7 @@ State-dict keys of one site (relative to the wrapped module): ``base.weight``, `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -387,6 +388,7 @@ class KernelTimer:
         """Median seconds of one forward (+ backward) of ``kernel`` on a copy of ``bank``."""
         probe = copy.deepcopy(bank)
         probe.mixed_path = kernel
+        g = dataclasses.replace(g, _routes={})  # the probe's weights must not enter the batch's cache
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             inputs = torch.randn(x.shape, device=x.device, dtype=x.dtype, requires_grad=torch.is_grad_enabled())
             out = torch.zeros(*x.shape[:-1], bank.out_features, device=x.device, dtype=x.dtype)

@@ -342,3 +342,18 @@ def test_kernel_timer_leaves_parameters_and_rng_alone():
     for name, p in bank.named_parameters():
         assert p.grad is None and torch.equal(p, before[name])
     assert bank.mixed_path == "auto"
+
+
+def test_kernel_timer_keeps_the_batch_cache_clean():
+    """Timing runs on a copy of the bank and of the grouping: nothing it builds enters the batch's weight cache,
+    where a later bank could find it under a reused id."""
+    from lslo.layer import KernelTimer
+
+    layer, routing = make_layer("src", mixed_path="auto")
+    layer.eval()
+    routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+    bank, g = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
+    with torch.no_grad():
+        for kernel in ("gathered", "grouped"):
+            KernelTimer(repeats=1).seconds(bank, g, torch.zeros(4, 5, 8), kernel)
+    assert not [key for key in g._routes if key[0] == "weights"]
