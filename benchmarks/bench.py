@@ -325,17 +325,30 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+FAILED = {}  # system -> the error that stopped it (reported in its row; the other systems still run)
+
+
 def time_interleaved(runners: dict, warmup: int, steps: int, device) -> dict:
     """name -> list of seconds. Each repetition runs every system once, in an order rotated per repetition
-    (ABCD, BCDA, ...), so slow drift of the machine spreads over all systems alike."""
+    (ABCD, BCDA, ...), so slow drift of the machine spreads over all systems alike. A system that raises is
+    dropped (FAILED says why), so one broken kernel cannot cost the rest of a GPU run."""
     names = list(runners)
     times = {name: [] for name in names}
     for rep in range(warmup + steps):
+        if not names:
+            break
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             sync(device)
             start = time.perf_counter()
-            runners[name]()
+            try:
+                runners[name]()
+            except (RuntimeError, NotImplementedError) as err:
+                FAILED[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+                print(f"  {name} failed: {FAILED[name]}", file=sys.stderr, flush=True)
+                names.remove(name)
+                del times[name]
+                continue
             sync(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -551,6 +564,9 @@ def shape_report(shape: Shape, n_sentences: int, args, train: dict, decode: dict
              "| system | median ms | x PEFT | x floor | x full | tokens/s (src+tgt) | peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in TRAIN_SYSTEMS:
+        if ("train", name) not in med:
+            lines.append(f"| {name} | failed: {FAILED.get(name, 'not run')} | | | | | |")
+            continue
         t = med[("train", name)]
         lines.append(f"| {name} | {1000 * t:.1f} | {t / med[('train', 'peft')]:.3f} | "
                      f"{t / med[('train', 'floor')]:.3f} | {t / med[('train', 'full')]:.3f} | "

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -380,7 +381,13 @@ class KernelTimer:
     def faster(self, bank: "LoRABank", g: "Grouping", x: torch.Tensor, candidates: tuple) -> str:
         key = self.key(bank, g, x) + (candidates,)
         if key not in self.choices:
-            seconds = {name: self.seconds(bank, g, x, name) for name in candidates}
+            seconds = {}
+            for name in candidates:
+                try:
+                    seconds[name] = self.seconds(bank, g, x, name)
+                except (RuntimeError, NotImplementedError) as err:  # e.g. a grouped GEMM this device refuses
+                    warnings.warn(f"mixed-batch kernel {name!r} failed on {x.device} ({err}); 'auto' leaves it out")
+                    seconds[name] = math.inf
             self.choices[key] = min(candidates, key=seconds.__getitem__)
         return self.choices[key]
 

@@ -327,6 +327,15 @@ def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):
     assert timer.faster(bank, g, x, ("gathered", "grouped")) == "grouped" and measured == ["gathered", "grouped"]
     timer.faster(bank, g, torch.zeros(4, 2000, 8), ("gathered", "grouped"))  # more rows: another key
     assert len(measured) == 4
+    failing = KernelTimer()
+
+    def seconds(b, gr, inputs, kernel):
+        if kernel == "grouped":
+            raise RuntimeError("expected data_ptr to be aligned to 16 bytes")
+        return 5.0
+    monkeypatch.setattr(failing, "seconds", seconds)
+    with pytest.warns(UserWarning, match="'grouped' failed"):
+        assert failing.faster(bank, g, x, ("grouped", "gathered")) == "gathered"
 
 
 def test_kernel_timer_leaves_parameters_and_rng_alone():
