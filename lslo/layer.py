@@ -22,8 +22,9 @@ Structure (other modules rely on these names):
   (index, batch size), with one host sync per batch, never per layer.
 - Mixed batches (``LoRABank.mixed_path``): "gathered" (each sample's A/B gathered and zero-padded to the largest
   rank, batched matmuls; training and encoding), "stacked" (all present languages' A/B stacked, per-sample routing
-  scale; one-token decoding steps), "segments" (rows sorted by language). Without autograd a one-language batch
-  runs as a merged layer W + s_l B_l A_l.
+  scale; one-token decoding steps), "segments" (rows sorted by language), "grouped" (rows sorted by language, both
+  LoRA matmuls as grouped GEMMs, ``grouped_matmul``; chosen by "auto" only on CUDA where measured faster,
+  ``KernelTimer``). Without autograd a one-language batch runs as a merged layer W + s_l B_l A_l.
 
 State-dict keys of one site (relative to the wrapped module): ``base.weight``, ``base.bias``,
 ``banks.{src|tgt}.A.{lang}``, ``banks.{src|tgt}.B.{lang}``, ``banks.{src|tgt}.A_mask.{lang}``,
@@ -32,7 +33,11 @@ State-dict keys of one site (relative to the wrapped module): ``base.weight``, `
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +77,7 @@ class BufferDict(nn.Module):
         return self._buffers.items()
 
 
-MIXED_PATHS = ("auto", "gathered", "stacked", "segments")
+MIXED_PATHS = ("auto", "gathered", "stacked", "segments", "grouped")
 # Initialisation of A (B is always zero, so the model is unchanged at step 0):
 #   "authors": the authors' release stores A as [in, r] and calls kaiming_uniform_(a=√5), whose fan_in is then r:
 #              A ~ U(-1/√r, 1/√r) (std 1/√(3r): 0.408 at r = 2, 0.204 at r = 8);
@@ -203,8 +208,8 @@ class LoRABank(nn.Module):
         if x.dtype != self.A[self.languages[0]].dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.A[self.languages[0]].dtype)
         kernel = "single" if g.single is not None else self.mixed_kernel(g, x)
-        if kernel == "segments":
-            delta = self._delta_segments(x, g)
+        if kernel in ("segments", "grouped"):
+            delta = self._delta_segments(x, g) if kernel == "segments" else self._delta_grouped(x, g)
             return out + (delta if weight is None else delta * weight).to(out.dtype)
         if kernel == "single":
             h = F.linear(self.dropout(x), self.effective_A(g.single))
@@ -256,7 +261,15 @@ class LoRABank(nn.Module):
             return self.mixed_path
         ranks = [self.ranks[lang] for lang in g.languages]
         tokens = math.prod(x.shape[1:-1])  # per sample
-        return "gathered" if max(ranks) * (tokens + GATHER_COST) < tokens * sum(ranks) else "stacked"
+        if max(ranks) * (tokens + GATHER_COST) >= tokens * sum(ranks):
+            return "stacked"
+        if x.device.type == "cuda" and grouped_mm_is_native(x.device, compute_dtype(x, self._dtype)):
+            return KERNEL_TIMER.faster(self, g, x, ("gathered", "grouped"))
+        return "gathered"
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.A[self.languages[0]].dtype
 
     def _rank_scaling(self, g: "Grouping") -> list:
         return [(self.ranks[lang], self.scaling[lang]) for lang in g.languages]
@@ -286,6 +299,28 @@ class LoRABank(nn.Module):
         parts = [self.lora(chunk, lang) for chunk, (lang, _, _) in zip(chunks, g.segments)]
         return permute_rows(torch.cat(parts, dim=0), g.inv_perm, g.perm)
 
+    def _delta_grouped(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
+        """Rows sorted by language as in "segments", but each of the two LoRA matmuls is one grouped GEMM over
+        the present languages (one kernel launch, not one per language), ranks zero-padded to a common width.
+        Computed in the autocast dtype under autocast (grouped_mm is not on autocast's lists)."""
+        dtype = compute_dtype(x, self._dtype)
+        a, b = g.batch_cached(self, ("grouped", dtype), lambda: self._grouped_weights(g, dtype))
+        tokens = math.prod(x.shape[1:-1])
+        rows = permute_rows(self.dropout(x), g.perm, g.inv_perm).reshape(-1, self.in_features).to(dtype)
+        offsets = g.row_offsets(tokens)
+        delta = grouped_matmul(grouped_matmul(rows, a, offsets), b, offsets)
+        return permute_rows(delta.view(*x.shape[:-1], self.out_features), g.inv_perm, g.perm)
+
+    def _grouped_weights(self, g: "Grouping", dtype: torch.dtype) -> tuple:
+        """([G, in, R] A_l^T, [G, R, out] s_l B_l^T) of the present languages in segment order, ranks zero-padded
+        to R: the largest rank rounded up to 16 bytes, which grouped GEMM kernels need for their strides."""
+        width = -(-max(self.ranks[lang] for lang in g.languages) * dtype.itemsize // 16) * 16 // dtype.itemsize
+        a = torch.stack([F.pad(self.effective_A(lang), (0, 0, 0, width - self.ranks[lang]))
+                         for lang in g.languages]).to(dtype)
+        b = torch.stack([F.pad(self.effective_B(lang) * self.scaling[lang], (0, width - self.ranks[lang]))
+                         for lang in g.languages]).to(dtype)
+        return a.transpose(1, 2), b.transpose(1, 2)
+
     def _stacked_weights(self, g: "Grouping") -> tuple:
         return g.batch_cached(self, "stacked", lambda: (
             torch.cat([self.effective_A(lang) for lang in g.languages], dim=0),
@@ -301,6 +336,107 @@ class LoRABank(nn.Module):
         h = F.linear(self.dropout(x), a)
         route = g.route_scale(self._rank_scaling(g), h.dtype)
         return h * route.view(x.shape[0], *([1] * (x.dim() - 2)), -1), b
+
+
+def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls of x run in: the autocast dtype under autocast, else the LoRA weights' dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight_dtype
+
+
+def grouped_mm_is_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM has a real kernel here: bf16 on CUDA compute capability 9.x/10.x (CUTLASS);
+    elsewhere on CUDA it loops over the groups after copying the offsets to the host."""
+    return (device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
+
+
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] (grouped: group i is rows offsets[i-1]:offsets[i]), weights [G, K, N] -> [M, N], group i's
+    rows times weights[i]. ``F.grouped_mm`` where its stride rule holds (K and N of 16 bytes' multiples; it exists
+    on CPU too), else the same product group by group."""
+    aligned = (rows.shape[1] * rows.element_size()) % 16 == 0 and (weights.shape[2] * rows.element_size()) % 16 == 0
+    if aligned and hasattr(F, "grouped_mm"):
+        return _ContiguousGrad.apply(F.grouped_mm(rows, weights, offs=offsets))
+    return grouped_matmul_reference(rows, weights, offsets)
+
+
+def grouped_matmul_reference(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``grouped_matmul`` one group at a time (shapes F.grouped_mm does not take, and tests)."""
+    ends = offsets.tolist()
+    chunks = rows.split([end - start for start, end in zip([0] + ends[:-1], ends)])
+    return torch.cat([chunk @ weight for chunk, weight in zip(chunks, weights)])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped_mm's backward rejects expanded (stride 0)
+    gradients, such as the one of out.sum()."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class KernelTimer:
+    """``auto``'s measured choice between mixed-batch kernels on CUDA: at the first batch of each (device, dtype,
+    layer shape, languages present, rows rounded up to a power of two, autograd on/off), every candidate runs
+    forward (and backward when autograd records) on a copy of the bank and random inputs of the batch's shape,
+    and the fastest median is kept for the rest of the run. The copy keeps the real parameters' gradients and
+    the training's RNG state untouched."""
+
+    def __init__(self, repeats: int = 3):
+        self.repeats = repeats
+        self.choices: dict = {}
+
+    def key(self, bank: "LoRABank", g: "Grouping", x: torch.Tensor) -> tuple:
+        rows = 1 << max(x.shape[:-1].numel() - 1, 0).bit_length()
+        return (x.device, compute_dtype(x, bank._dtype), bank.in_features, bank.out_features,
+                tuple(sorted(bank.ranks[lang] for lang in g.languages)), rows, torch.is_grad_enabled())
+
+    def faster(self, bank: "LoRABank", g: "Grouping", x: torch.Tensor, candidates: tuple) -> str:
+        key = self.key(bank, g, x) + (candidates,)
+        if key not in self.choices:
+            seconds = {}
+            for name in candidates:
+                try:
+                    seconds[name] = self.seconds(bank, g, x, name)
+                except (RuntimeError, NotImplementedError) as err:  # e.g. a grouped GEMM this device refuses
+                    warnings.warn(f"mixed-batch kernel {name!r} failed on {x.device} ({err}); 'auto' leaves it out")
+                    seconds[name] = math.inf
+            self.choices[key] = min(candidates, key=seconds.__getitem__)
+        return self.choices[key]
+
+    def seconds(self, bank: "LoRABank", g: "Grouping", x: torch.Tensor, kernel: str) -> float:
+        """Median seconds of one forward (+ backward) of ``kernel`` on a copy of ``bank``."""
+        probe = copy.deepcopy(bank)
+        probe.mixed_path = kernel
+        g = dataclasses.replace(g, _routes={})  # the probe's weights must not enter the batch's cache
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            inputs = torch.randn(x.shape, device=x.device, dtype=x.dtype, requires_grad=torch.is_grad_enabled())
+            out = torch.zeros(*x.shape[:-1], bank.out_features, device=x.device, dtype=x.dtype)
+            times = []
+            for _ in range(self.repeats + 1):  # the first run warms up
+                _synchronize(x.device)
+                start = time.perf_counter()
+                delta = probe.add_delta(out, inputs, g)
+                if delta.requires_grad:
+                    delta.sum().backward()
+                _synchronize(x.device)
+                times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+KERNEL_TIMER = KernelTimer()
 
 
 @dataclass(eq=False)
@@ -343,6 +479,14 @@ class Grouping:
         key = ("weights", id(bank), kind)
         if key not in self._routes:
             self._routes[key] = build()
+        return self._routes[key]
+
+    def row_offsets(self, tokens: int) -> torch.Tensor:
+        """int32 [G]: the end of each language's rows in the sorted batch, ``tokens`` rows per sample (grouped GEMM)."""
+        key = ("offsets", tokens)
+        if key not in self._routes:
+            ends = torch.tensor([end * tokens for _, _, end in self.segments], dtype=torch.int32)
+            self._routes[key] = ends.to(self.device, non_blocking=True)
         return self._routes[key]
 
     def gather_index(self, rank_scaling: list) -> tuple:

@@ -482,6 +482,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     options.validate()
     rank, world_size, device = distributed_setup()
     update_freq = options.update_freq_for(world_size)
+    log.info("training: world size %d, rank %d, device %s", world_size, rank, device)  # read by gpu_check.py
     checkpoint_dir = Path(checkpoint_dir)
 
     # ---- data: tokenized once; each epoch's batches come from (seed, epoch)

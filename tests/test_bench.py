@@ -30,3 +30,28 @@ def test_quick_report_has_every_system_and_target(bench, tmp_path):
     for _, ratio, op, bound, verdict in verdicts:  # the verdict follows from the printed ratio and bound
         ok = float(ratio) <= float(bound) if op == "<=" else float(ratio) >= float(bound)
         assert verdict == ("PASS" if ok else "MISS")
+
+
+def test_a_failing_system_is_dropped_and_named(bench):
+    """One system that raises (a kernel a GPU does not support) leaves the others timed and says why."""
+    calls = {"ok": 0}
+
+    def broken():
+        raise RuntimeError("grouped_mm: expected data_ptr to be aligned to 16 bytes\nmore")
+
+    def ok():
+        calls["ok"] += 1
+
+    times = bench.time_interleaved({"broken": broken, "ok": ok}, warmup=1, steps=2, device=bench.torch.device("cpu"))
+    assert list(times) == ["ok"] and len(times["ok"]) == 2 and calls["ok"] == 3
+    assert bench.FAILED["broken"] == "RuntimeError: grouped_mm: expected data_ptr to be aligned to 16 bytes"
+
+
+def test_auto_choices_report_lists_each_measured_choice(bench, monkeypatch):
+    import torch
+
+    from lslo.layer import KERNEL_TIMER
+
+    key = (torch.device("cuda"), torch.bfloat16, 1024, 4096, (2, 2, 8, 8), 8192, True, ("gathered", "grouped"))
+    monkeypatch.setattr(KERNEL_TIMER, "choices", {key: "grouped"})
+    assert "| 1024 | 4096 | 4 (max 8) | 8192 | True | grouped |" in bench.auto_choices_report()

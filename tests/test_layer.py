@@ -11,6 +11,7 @@ from lslo.layer import BufferDict, IndexWeights, LoRABank, LSLoLinear, Routing
 
 LANGS = ["en", "fr", "de", "oc"]
 RANKS = {"en": 1, "fr": 2, "de": 3, "oc": 4}
+KERNELS = ["segments", "stacked", "gathered", "grouped"]  # every mixed-batch kernel (MIXED_PATHS less "auto")
 
 
 def make_layer(index="src", seed=0, alpha=None, mixed_path="segments"):
@@ -48,7 +49,7 @@ def test_init_like_peft_and_shapes():
     assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", KERNELS)
 @pytest.mark.parametrize("index", ["src", "tgt"])
 def test_mixed_batch_equals_per_sample_formula(index, mixed_path):
     layer, routing = make_layer(index, alpha=3, mixed_path=mixed_path)
@@ -70,7 +71,7 @@ def test_single_language_fast_path_and_alpha():
     torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", KERNELS)
 def test_masks_zero_entries_and_block_their_gradient(mixed_path):
     layer, routing = make_layer("src", mixed_path=mixed_path)
     bank = layer.banks["src"]
@@ -94,7 +95,7 @@ def test_masks_zero_entries_and_block_their_gradient(mixed_path):
     assert {"banks.src.A_mask.fr", "banks.src.B_mask.fr", "banks.src.A.fr", "base.weight"} <= keys
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", KERNELS)
 def test_weight_learning_mixes_both_banks(mixed_path):
     layer, routing = make_layer("learn", mixed_path=mixed_path)
     with torch.no_grad():
@@ -112,7 +113,7 @@ def test_weight_learning_mixes_both_banks(mixed_path):
     assert "index_weights.logits" not in layer.state_dict()  # registered once at model level
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", KERNELS)
 def test_routing_beams_repeat_interleave_and_cache(mixed_path):
     layer, routing = make_layer("tgt", mixed_path=mixed_path)
     tgt = ["fr", "oc", "en"]
@@ -148,7 +149,7 @@ def test_buffer_dict():
     assert dict(d.items()).keys() == {"en"} and list(d.state_dict()) == ["en"]
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", KERNELS)
 def test_mixed_batch_gradients_equal_per_sample_formula(mixed_path):
     layer, routing = make_layer("src", mixed_path=mixed_path)
     src = ["oc", "en", "oc", "fr", "en"]
@@ -197,7 +198,7 @@ def test_inference_reuses_stacked_weights_within_a_batch_only(mixed_path, tokens
     assert not torch.allclose(first[2], layer(x)[2].detach())
 
 
-@pytest.mark.parametrize("mixed_path", ["auto", "stacked", "gathered", "segments"])
+@pytest.mark.parametrize("mixed_path", ["auto", *KERNELS])
 @pytest.mark.parametrize("langs", [["fr", "en", "oc", "de", "fr"], ["oc", "oc", "oc", "oc", "oc"]])
 def test_inference_equals_training_forward(mixed_path, langs):
     """Without autograd a one-language batch runs as a merged layer and stacked batches add in place: the same
@@ -249,7 +250,7 @@ def test_no_grad_in_train_mode_keeps_adapter_dropout():
         torch.testing.assert_close(layer(x), by_hand(layer, x, ["de"] * 3, "src"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered", "grouped"])
 @pytest.mark.parametrize("in_slice, out_slice", [(None, (2, 5)), ((3, 7), None), ((1, 6), (0, 4))])
 def test_block_lora_equals_formula_in_training_and_decoding(mixed_path, in_slice, out_slice):
     """A LoRA on a block of W: h = W x + b, then h[out_slice] += s_l B_l A_l x[in_slice], every other unit as W x."""
@@ -313,3 +314,121 @@ def test_a_init_bound_and_std_per_rank(rank):
         assert expected["authors"][1] == pytest.approx({2: 0.408, 8: 0.204}[rank], abs=1e-3)
     with pytest.raises(LsloError, match="LoRA init must be one of authors, peft, gaussian"):
         LoRABank(langs, {lang: rank for lang in langs}, 8, 4, init="xavier")
+
+
+def test_kernel_list_covers_every_mixed_path():
+    from lslo.layer import MIXED_PATHS
+
+    assert set(KERNELS) == set(MIXED_PATHS) - {"auto"}
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3), (8, 6, 3), (12, 20, 1)])
+def test_grouped_matmul_equals_one_matmul_per_group(shape):
+    """grouped_matmul (F.grouped_mm where its 16-byte stride rule holds, the per-group loop otherwise) against
+    plain matmuls of each group's rows, forward and backward, empty groups included."""
+    import torch.nn.functional as F
+
+    from lslo.layer import grouped_matmul
+
+    k, n, groups = shape
+    rows = torch.randn(11, k, requires_grad=True)
+    weights = torch.randn(groups, k, n, requires_grad=True)
+    ends = [3, 3, 11][-groups:] if groups > 1 else [11]
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    out = grouped_matmul(rows, weights, offsets)
+    starts = [0] + ends[:-1]
+    expected = torch.cat([rows[s:e] @ weights[i] for i, (s, e) in enumerate(zip(starts, ends))])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), [rows, weights])  # an expanded gradient reaches the kernel
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), [rows, weights])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert hasattr(F, "grouped_mm")  # torch >= 2.10 has it on CPU; the aligned shapes above ran it
+
+
+def test_grouped_kernel_runs_grouped_mm_and_equals_every_kernel(monkeypatch):
+    """At GEMM-aligned widths the grouped kernel calls F.grouped_mm (counted) and gives the outputs and gradients
+    of every other kernel."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    bank = LoRABank(LANGS, RANKS, 16, 8, alpha=3)
+    for lang in LANGS:
+        nn.init.normal_(bank.B[lang])
+    routing = Routing(LANGS)
+    routing.set(torch.tensor([1, 0, 1, 3, 2]), torch.zeros(5, dtype=torch.long))
+    g = routing.grouping("src", 5, torch.device("cpu"))
+    x = torch.randn(5, 3, 16)
+    results = {}
+    for kernel in KERNELS:
+        bank.mixed_path = kernel
+        inputs = x.clone().requires_grad_(True)
+        out = bank.add_delta(torch.zeros(5, 3, 8), inputs, g)
+        params = [bank.A[lang] for lang in LANGS] + [bank.B[lang] for lang in LANGS]
+        results[kernel] = [out.detach(), *torch.autograd.grad((out * out).sum(), [inputs, *params])]
+    assert len(calls) == 2  # A and B, one grouped GEMM each (their backward is torch's)
+    for kernel in KERNELS:
+        for got, want in zip(results[kernel], results["segments"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):
+    """The measured switch (KernelTimer): the faster candidate is kept per key and measured once; on CPU "auto"
+    never measures and keeps the cost-model choice."""
+    from lslo.layer import KERNEL_TIMER, KernelTimer
+
+    layer, routing = make_layer("src", mixed_path="auto")
+    routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+    bank, g = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
+    x = torch.zeros(4, 500, 8)
+    monkeypatch.setattr(KERNEL_TIMER, "faster", lambda *a: pytest.fail("measured on CPU"))
+    assert bank.mixed_kernel(g, x) == "gathered"
+    measured = []
+    timer = KernelTimer()
+    monkeypatch.setattr(timer, "seconds", lambda b, gr, inputs, kernel: measured.append(kernel) or
+                        {"gathered": 2.0, "grouped": 1.0}[kernel])
+    assert timer.faster(bank, g, x, ("gathered", "grouped")) == "grouped"
+    assert timer.faster(bank, g, x, ("gathered", "grouped")) == "grouped" and measured == ["gathered", "grouped"]
+    timer.faster(bank, g, torch.zeros(4, 2000, 8), ("gathered", "grouped"))  # more rows: another key
+    assert len(measured) == 4
+    failing = KernelTimer()
+
+    def seconds(b, gr, inputs, kernel):
+        if kernel == "grouped":
+            raise RuntimeError("expected data_ptr to be aligned to 16 bytes")
+        return 5.0
+    monkeypatch.setattr(failing, "seconds", seconds)
+    with pytest.warns(UserWarning, match="'grouped' failed"):
+        assert failing.faster(bank, g, x, ("grouped", "gathered")) == "gathered"
+
+
+def test_kernel_timer_leaves_parameters_and_rng_alone():
+    from lslo.layer import KernelTimer
+
+    layer, routing = make_layer("src", mixed_path="auto")
+    routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+    bank, g = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in bank.named_parameters()}
+    state = torch.get_rng_state()
+    assert KernelTimer(repeats=1).seconds(bank, g, torch.zeros(4, 5, 8), "grouped") > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    for name, p in bank.named_parameters():
+        assert p.grad is None and torch.equal(p, before[name])
+    assert bank.mixed_path == "auto"
+
+
+def test_kernel_timer_keeps_the_batch_cache_clean():
+    """Timing runs on a copy of the bank and of the grouping: nothing it builds enters the batch's weight cache,
+    where a later bank could find it under a reused id."""
+    from lslo.layer import KernelTimer
+
+    layer, routing = make_layer("src", mixed_path="auto")
+    layer.eval()
+    routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+    bank, g = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
+    with torch.no_grad():
+        for kernel in ("gathered", "grouped"):
+            KernelTimer(repeats=1).seconds(bank, g, torch.zeros(4, 5, 8), kernel)
+    assert not [key for key in g._routes if key[0] == "weights"]

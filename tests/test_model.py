@@ -53,7 +53,7 @@ def test_injection_structure_and_frozen_base():
     assert model.state_dict()[key].shape == (4, 16)
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered", "grouped"])
 def test_mixed_batch_forward_equals_single_direction_loop(mixed_path):
     model = lslo_model()
     model.set_mixed_path(mixed_path)
@@ -128,7 +128,7 @@ def beam_outputs(model, batch, rows, tgts=None, num_beams=5):
     return [[t for t in seq.tolist() if t != PAD] for seq in out]
 
 
-@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered"])
+@pytest.mark.parametrize("mixed_path", ["segments", "stacked", "gathered", "grouped"])
 def test_beam_search_mixed_directions_equals_single_direction(mixed_path):
     model = lslo_model(std=1.0)
     model.set_mixed_path(mixed_path)
