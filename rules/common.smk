@@ -1,10 +1,16 @@
 # Config checks and small input/param helpers for the stage files (no science: that lives in lslo/).
 
+import re
 import sys
+from pathlib import Path
 
-import lslo
+from lslo.jobs import code_hash
 
-LSLO_VERSION = lslo.__version__  # a params entry of every rule: a library release reruns the stages
+# A params entry of every rule: the hash of its script and of every lslo module the script imports
+# (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
+# and its dependents; the profiles leave out the `code` rerun trigger (the script's mtime), so a touched or
+# checked-out but unchanged script reruns nothing.
+CODE = {path.stem: code_hash(path) for path in Path(workflow.basedir, "workflow/scripts").glob("*.py")}
 DEMO = config["data"]["mode"] == "demo"
 VARIANTS = config["variants"]
 ISE_MODES = ["ise", "lsp"]  # intrinsic subspace estimation (§4.2) and language-specific pruning (§7.3)
@@ -96,6 +102,12 @@ def lslo_variants():
     return [v for v, spec in VARIANTS.items() if spec["method"] == "lslo"]
 
 
+def variants_pattern(method):
+    """A wildcard constraint matching the variants of one method (a pattern that matches nothing if none)."""
+    names = [v for v, spec in VARIANTS.items() if spec["method"] == method]
+    return "|".join(re.escape(v) for v in names) if names else "(?!)"
+
+
 def get_finetune_input(wildcards):
     spec = VARIANTS[wildcards.variant]
     inputs = {
@@ -108,6 +120,19 @@ def get_finetune_input(wildcards):
         inputs["ranks"] = f"results/ranks/{wildcards.variant}.json"
         if spec["index"] == "learned":
             inputs["plan"] = "results/weight_learning/plan.json"
+    return inputs
+
+
+def get_decode_input(wildcards):
+    """variant.json and every file it names, so a deleted adapter file or model directory reruns its finetune."""
+    method = VARIANTS[wildcards.variant]["method"]
+    inputs = {"variant": f"results/finetune/{wildcards.variant}/variant.json"}
+    if method == "lslo":
+        inputs["adapters"] = f"results/finetune/{wildcards.variant}/adapters.safetensors"
+    if method == "full":
+        inputs["model"] = f"results/finetune/{wildcards.variant}/model"
+    else:
+        inputs["base"] = get_model()
     return inputs
 
 
