@@ -57,8 +57,7 @@ def stage_job(log_path, rank: int | None = None) -> Iterator[None]:
         if rank is None:  # the job's own process speaks for the job; worker processes only log
             print(line, file=original_stderr, flush=True)
         raise SystemExit(1) from None
-    finally:
-        sys.stderr = original_stderr
+    # any other exception propagates with its traceback, which Python prints to sys.stderr: the rule log
 
 
 # ---------------------------------------------------------------------------------------------- code identity

@@ -46,7 +46,24 @@ def check_config():
             sys.exit(f"config key '{name}' ({files}) lists unknown variant(s) {unknown}; variants: {sorted(known)}")
 
 
+PLACEHOLDER = re.compile(r"^['\"]?<[^<>]*>['\"]?$")  # profiles/slurm ships `<your_account>` style values
+
+
+def check_profile():
+    """An unedited profile placeholder stops the run before any job is submitted, naming the profile key."""
+    settings = workflow.resource_settings
+    keys = [(f"default-resources: {name}", value) for name, value in (settings.default_resources or {}).items()]
+    keys += [(f"set-resources: {rule}: {name}", value)
+             for rule, values in settings.overwrite_resources.items() for name, value in values.items()]
+    for key, value in keys:
+        raw = getattr(value, "raw", value)
+        if isinstance(raw, str) and PLACEHOLDER.match(raw.strip()):
+            sys.exit(f"profile key '{key}' still holds the placeholder {raw}: set it, or delete the line to use "
+                     "the cluster's default")
+
+
 check_config()
+check_profile()
 
 
 # ----------------------------------------------------------------------------- inputs that depend on the mode
@@ -171,3 +188,4 @@ def all_targets():
         *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
     ]
+
