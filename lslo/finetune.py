@@ -92,7 +92,7 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
     path = out_dir / "adapters.safetensors"
     if not is_main_process():
         return path
-    return save_adapters(model, path, base_model=str(Path(model_dir).resolve()))
+    return save_adapters(model, path, base_model=portable_path(model_dir, out_dir))  # as variant.json names it
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:

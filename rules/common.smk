@@ -141,14 +141,10 @@ def get_finetune_input(wildcards):
 
 
 def get_decode_input(wildcards):
-    """variant.json and every file it names, so a deleted adapter file or model directory reruns its finetune."""
-    method = VARIANTS[wildcards.variant]["method"]
-    inputs = {"variant": f"results/finetune/{wildcards.variant}/variant.json"}
-    if method == "lslo":
-        inputs["adapters"] = f"results/finetune/{wildcards.variant}/adapters.safetensors"
-    if method == "full":
-        inputs["model"] = f"results/finetune/{wildcards.variant}/model"
-    else:
+    """variant.json and every file it names: new adapters or a new model rerun the decoding."""
+    inputs = {"variant": f"results/finetune/{wildcards.variant}/variant.json",
+              **finetune_artifacts(wildcards.variant)}
+    if VARIANTS[wildcards.variant]["method"] != "full":
         inputs["base"] = get_model()
     return inputs
 
@@ -182,10 +178,38 @@ def table_labels(variants):
 # ----------------------------------------------------------------------------- targets
 
 
+def finetune_artifacts(variant):
+    """The files a finetune job writes besides variant.json and metrics.tsv, by method (rules/finetune.smk)."""
+    method = VARIANTS[variant]["method"]
+    return {"lslo": {"adapters": f"results/finetune/{variant}/adapters.safetensors"},
+            "full": {"model": f"results/finetune/{variant}/model"}}.get(method, {})
+
+
+def stage_files():
+    """Every file one stage writes and a later one reads. Snakemake regenerates a missing intermediate file only
+    when a job that reads it has to run, or when a target needs it: as inputs of `all`, a deleted adapter file
+    (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and reruns its job and the jobs after it."""
+    files = [
+        "results/data/train.tsv", "results/data/test.tsv",
+        "results/weight_learning/weights.tsv", "results/weight_learning/plan.json",
+        *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
+        *expand("results/ranks/{variant}.json", variant=lslo_variants()),
+        *expand("results/finetune/{variant}/{name}", variant=VARIANTS, name=["variant.json", "metrics.tsv"]),
+        *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS,
+                shard=range(config["eval"]["shards"])),
+    ]
+    for variant in VARIANTS:
+        files += finetune_artifacts(variant).values()
+    if DEMO:
+        files += ["results/demo/benchmark", "results/demo/languages.tsv", "results/demo/model", "results/demo/spm.model"]
+    return files
+
+
 def all_targets():
     return [
         *expand("results/figures/{figure}.png", figure=FIGURES),
         *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
+        *stage_files(),
     ]
 

@@ -33,8 +33,8 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def snakemake(workdir, *args, check=True):
-    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=600)
+def snakemake(workdir, *args, check=True, env=None):
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
