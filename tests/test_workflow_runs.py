@@ -32,17 +32,17 @@ ADAPTERS = f"results/finetune/{VARIANT}/adapters.safetensors"
 GROUPS = f"results/evaluate/{VARIANT}/groups.tsv"
 
 
-def copy_workflow(dst: Path, with_lslo: bool = False) -> Path:
+def copy_workflow(dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES + (["lslo"] if with_lslo else []):
+    for name in WORKFLOW_FILES:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
     return dst
 
 
-def materialise(workdir: Path, env=None) -> None:
+def materialise(workdir: Path) -> None:
     """Every output of the demo config as an empty file (a directory for directory outputs), with metadata."""
-    summary = snakemake(workdir, "--summary", env=env).stdout.splitlines()[1:]
+    summary = snakemake(workdir, "--summary").stdout.splitlines()[1:]
     for path in (line.split("\t")[0] for line in summary if line.strip()):
         target = workdir / path
         if target.suffix:
@@ -50,17 +50,23 @@ def materialise(workdir: Path, env=None) -> None:
             target.touch()
         else:
             target.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--touch", "--forceall", "--cores", "1", env=env)
-    assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
+    snakemake(workdir, "--touch", "--forceall", "--cores", "1")
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local").stdout
 
 
 # ---------------------------------------------------------------------------------------------- dry runs
 
-@pytest.fixture
-def materialised(tmp_path):
-    workdir = copy_workflow(tmp_path / "wf")
+@pytest.fixture(scope="module")
+def materialised_once(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("materialised") / "wf")
     materialise(workdir)
     return workdir
+
+
+@pytest.fixture
+def materialised(materialised_once, tmp_path):
+    """A fresh copy (mtimes kept) of the materialised demo workflow."""
+    return copy_run(materialised_once, tmp_path / "wf")
 
 
 @pytest.mark.parametrize("variant, artifact, rule", [
@@ -76,10 +82,11 @@ def test_a_deleted_artifact_reruns_its_finetune_and_dependents_only(materialised
     assert all(variant in line or line.startswith(("results/tables/", "results/figures/")) for line in outputs)
 
 
-def test_library_code_reruns_the_stages_that_run_it_and_a_touched_script_reruns_nothing(tmp_path):
-    workdir = copy_workflow(tmp_path / "wf", with_lslo=True)  # the workflow imports this copy of lslo
+def test_library_code_reruns_the_stages_that_run_it_and_a_touched_script_reruns_nothing(materialised):
+    workdir = materialised
+    shutil.copytree(ROOT / "lslo", workdir / "lslo")  # the workflow imports this copy (same bytes, same hashes)
     env = dict(os.environ, PYTHONPATH=str(workdir))
-    materialise(workdir, env)
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
     for script in (workdir / "workflow/scripts").glob("*.py"):  # a checkout that rewrites the same bytes
         os.utime(script)
     assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
@@ -240,7 +247,7 @@ def test_slurm_submissions_ask_for_gpus_for_training_and_decoding_only(materiali
         "finetune_pretrain": "results/finetune/pretrain/variant.json",
         "score": "results/evaluate/ft-all/groups.tsv",
         "finetune": "results/finetune/lslo-2-2-8-wl/adapters.safetensors",
-        "decode": "results/evaluate/pretrain/hyps/0.tsv",
+        "decode": "results/evaluate/lslo-8-8-8-wl/hyps/0.tsv",
     }
     snakemake(materialised, "--profile", "profiles/slurm", "--force", *targets.values(), env=env, check=False)
     submitted = {}
