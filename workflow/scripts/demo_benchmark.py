@@ -5,7 +5,7 @@ import shutil
 from lslo.jobs import stage_job
 
 with stage_job(snakemake.log[0]):
-    from lslo.demo import make_benchmark
+    from lslo.demo_benchmark import make_benchmark
 
     out = snakemake.output
     make_benchmark(out.benchmark, n_languages=snakemake.params.n_languages, seed=snakemake.params.seed)
