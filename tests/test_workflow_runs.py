@@ -168,6 +168,7 @@ def test_a_results_copy_decodes_and_scores_where_it_is(reference, tmp_path):
     for name in ("results", ".snakemake"):
         shutil.copytree(first / name, moved / name, symlinks=True)
     copy_workflow(moved)
+    shutil.copy(first / "config/run.yaml", moved / "config/run.yaml")
     shutil.rmtree(first)  # nothing may be read from the old place
     assert "Nothing to be done" in snakemake(moved, *LOCAL, "-n", GROUPS).stdout
     (moved / GROUPS).unlink()
