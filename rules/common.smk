@@ -201,7 +201,8 @@ def stage_files():
     for variant in VARIANTS:
         files += finetune_artifacts(variant).values()
     if DEMO:
-        files += ["results/demo/benchmark", "results/demo/languages.tsv", "results/demo/model", "results/demo/spm.model"]
+        files += ["results/demo/benchmark", "results/demo/languages.tsv", "results/demo/model",
+                  "results/demo/spm.model"]
     return files
 
 
