@@ -32,7 +32,7 @@ import sentencepiece
 from tqdm.auto import tqdm
 
 from lslo.errors import LsloError
-from lslo.io import atomic_write, atomic_write_all, read_json, write_json, write_tsv
+from lslo.io import atomic_write, atomic_write_all, read_json, stage_path, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def signatures(spm_model: str | os.PathLike) -> dict:
     for metric in (bleu, chrf_metric):  # a signature knows the number of references only after one score
         metric.corpus_score(["x"], [["x"]])
     return {"spbleu": bleu.get_signature().format().replace("tok:none", f"tok:{label}"),
-            "chrf": chrf_metric.get_signature().format(), "spm_model": str(Path(spm_model).resolve()), "spm": label}
+            "chrf": chrf_metric.get_signature().format(), "spm_model": str(spm_model), "spm": label}
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -315,6 +315,19 @@ class Translator:
         return torch.tensor([self.languages.index(c) for c in codes], device=self.device)
 
 
+def read_variant(variant_json) -> dict:
+    """A finetune stage's variant.json with its paths (base_model, adapters, model) resolved against the file's
+    own directory: a results directory copied elsewhere reads its own adapters, never the original's."""
+    variant = read_json(variant_json)
+    for key in ("method", "base_model"):
+        if not variant.get(key):
+            raise LsloError(f"{variant_json}: field '{key}' is missing")
+    for key in ("base_model", "adapters", "model"):
+        if variant.get(key):
+            variant[key] = str(stage_path(variant[key], variant_json))
+    return variant
+
+
 def load_variant(variant_json, device: str | None = None) -> Translator:
     """Model + tokenizer named by a finetune stage's variant.json (method pretrain | full | lslo)."""
     import torch
@@ -322,10 +335,7 @@ def load_variant(variant_json, device: str | None = None) -> Translator:
 
     from lslo.tokenizer import load_tokenizer
 
-    variant = read_json(variant_json)
-    for key in ("method", "base_model"):
-        if not variant.get(key):
-            raise LsloError(f"{variant_json}: field '{key}' is missing")
+    variant = read_variant(variant_json)
     method = variant["method"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if method == "pretrain":

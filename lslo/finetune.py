@@ -13,7 +13,9 @@ target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as
 use for lang30; a path ending in .json = another run's plan.json.
 GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
 gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
-Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}.
+Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}; its paths
+are relative to variant.json (lslo.io.portable_path; a base model given as an absolute path stays absolute), so a
+copied results directory reads its own files. lslo.evaluate.read_variant resolves them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
-from lslo.io import atomic_write, read_json, write_json, write_tsv
+from lslo.io import atomic_write, portable_path, read_json, write_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune, validate_gps
 from lslo.ranks import validate_rank_plan
@@ -52,7 +54,7 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
     hf_model, tokenizer = load_base(model_dir, codes, language_table)
     out_dir = Path(out_dir)
-    variant = {"method": method, "base_model": str(Path(model_dir).resolve()), "adapters": None, "model": None,
+    variant = {"method": method, "base_model": portable_path(model_dir, out_dir), "adapters": None, "model": None,
                "languages": codes, "nllb_codes": nllb_codes_of(tokenizer)}
     if method == "pretrain":
         _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics)
@@ -65,11 +67,11 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
             with atomic_write(out_dir / "model", is_dir=True) as tmp:
                 hf_model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-        variant["model"] = str((out_dir / "model").resolve())
+        variant["model"] = "model"
     else:
-        variant["adapters"] = str(_finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups,
-                                                 index_plan, plan_json, ranks_json, modules, options, out_dir,
-                                                 out_metrics, checkpoint_dir, model_dir).resolve())
+        variant["adapters"] = _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan,
+                                             plan_json, ranks_json, modules, options, out_dir, out_metrics,
+                                             checkpoint_dir, model_dir).name
     if is_main_process():
         write_json(variant, out_dir / "variant.json")
 
@@ -100,7 +102,8 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
     path = out_dir / "adapters.safetensors"
     if not is_main_process():
         return path
-    return save_adapters(model, path, base_model=str(Path(model_dir).resolve()), base_identity=base_identity)
+    return save_adapters(model, path, base_model=portable_path(model_dir, out_dir),  # as variant.json names it
+                         base_identity=base_identity)
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:

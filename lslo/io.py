@@ -62,6 +62,20 @@ def _temporary_sibling(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def portable_path(path: str | os.PathLike, start: str | os.PathLike) -> str:
+    """How a stage file in directory `start` names `path`: relative to `start`, so a results directory copied
+    elsewhere keeps pointing into itself. A path given absolute (a model outside the working directory, set so in
+    the config) stays absolute. Read it back with `stage_path`."""
+    if os.path.isabs(path):
+        return str(path)
+    return os.path.relpath(path, start)
+
+
+def stage_path(value: str, stage_file: str | os.PathLike) -> Path:
+    """A path named inside `stage_file` (see portable_path): relative ones are relative to its directory."""
+    return Path(value) if os.path.isabs(value) else Path(stage_file).parent / value
+
+
 def write_tsv(df, path: str | os.PathLike, **kwargs) -> None:
     """Write a pandas DataFrame as TSV atomically (no index)."""
     with atomic_write(path) as tmp:

@@ -1,11 +1,17 @@
 # Config checks and small input/param helpers for the stage files (no science: that lives in lslo/).
 
+import re
 import sys
+from pathlib import Path
 
-import lslo
 from lslo.check_model import workflow_problems
+from lslo.jobs import code_hash
 
-LSLO_VERSION = lslo.__version__  # a params entry of every rule: a library release reruns the stages
+# A params entry of every rule: the hash of its script and of every lslo module the script imports
+# (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
+# and its dependents; the profiles leave out the `code` rerun trigger (the script's mtime), so a touched or
+# checked-out but unchanged script reruns nothing.
+CODE = {path.stem: code_hash(path) for path in Path(workflow.basedir, "workflow/scripts").glob("*.py")}
 DEMO = config["data"]["mode"] == "demo"
 VARIANTS = config["variants"]
 ISE_MODES = ["ise", "lsp"]  # intrinsic subspace estimation (§4.2) and language-specific pruning (§7.3)
@@ -46,7 +52,24 @@ def check_config():
             sys.exit(f"config key '{name}' ({files}) lists unknown variant(s) {unknown}; variants: {sorted(known)}")
 
 
+PLACEHOLDER = re.compile(r"^['\"]?<[^<>]*>['\"]?$")  # profiles/slurm ships `<your_account>` style values
+
+
+def check_profile():
+    """An unedited profile placeholder stops the run before any job is submitted, naming the profile key."""
+    settings = workflow.resource_settings
+    keys = [(f"default-resources: {name}", value) for name, value in (settings.default_resources or {}).items()]
+    keys += [(f"set-resources: {rule}: {name}", value)
+             for rule, values in settings.overwrite_resources.items() for name, value in values.items()]
+    for key, value in keys:
+        raw = getattr(value, "raw", value)
+        if isinstance(raw, str) and PLACEHOLDER.match(raw.strip()):
+            sys.exit(f"profile key '{key}' still holds the placeholder {raw}: set it, or delete the line to use "
+                     "the cluster's default")
+
+
 check_config()
+check_profile()
 
 
 # ----------------------------------------------------------------------------- inputs that depend on the mode
@@ -102,6 +125,12 @@ def lslo_variants():
     return [v for v, spec in VARIANTS.items() if spec["method"] == "lslo"]
 
 
+def variants_pattern(method):
+    """A wildcard constraint matching the variants of one method (a pattern that matches nothing if none)."""
+    names = [v for v, spec in VARIANTS.items() if spec["method"] == method]
+    return "|".join(re.escape(v) for v in names) if names else "(?!)"
+
+
 def get_finetune_input(wildcards):
     spec = VARIANTS[wildcards.variant]
     inputs = {
@@ -116,6 +145,15 @@ def get_finetune_input(wildcards):
             inputs["plan"] = "results/weight_learning/plan.json"
         elif spec["index"].endswith(".json"):  # another run's plan (lslo.finetune.resolve_index_plan)
             inputs["plan"] = spec["index"]
+    return inputs
+
+
+def get_decode_input(wildcards):
+    """variant.json and every file it names: new adapters or a new model rerun the decoding."""
+    inputs = {"variant": f"results/finetune/{wildcards.variant}/variant.json",
+              **finetune_artifacts(wildcards.variant)}
+    if VARIANTS[wildcards.variant]["method"] != "full":
+        inputs["base"] = get_model()
     return inputs
 
 
@@ -148,9 +186,39 @@ def table_labels(variants):
 # ----------------------------------------------------------------------------- targets
 
 
+def finetune_artifacts(variant):
+    """The files a finetune job writes besides variant.json and metrics.tsv, by method (rules/finetune.smk)."""
+    method = VARIANTS[variant]["method"]
+    return {"lslo": {"adapters": f"results/finetune/{variant}/adapters.safetensors"},
+            "full": {"model": f"results/finetune/{variant}/model"}}.get(method, {})
+
+
+def stage_files():
+    """Every file one stage writes and a later one reads. Snakemake regenerates a missing intermediate file only
+    when a job that reads it has to run, or when a target needs it: as inputs of `all`, a deleted adapter file
+    (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and reruns its job and the jobs after it."""
+    files = [
+        "results/data/train.tsv", "results/data/test.tsv",
+        "results/weight_learning/weights.tsv", "results/weight_learning/plan.json",
+        *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
+        *expand("results/ranks/{variant}.json", variant=lslo_variants()),
+        *expand("results/finetune/{variant}/{name}", variant=VARIANTS, name=["variant.json", "metrics.tsv"]),
+        *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS,
+                shard=range(config["eval"]["shards"])),
+    ]
+    for variant in VARIANTS:
+        files += finetune_artifacts(variant).values()
+    if DEMO:
+        files += ["results/demo/benchmark", "results/demo/languages.tsv", "results/demo/model",
+                  "results/demo/spm.model"]
+    return files
+
+
 def all_targets():
     return [
         *expand("results/figures/{figure}.png", figure=FIGURES),
         *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
+        *stage_files(),
     ]
+

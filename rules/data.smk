@@ -9,7 +9,7 @@ rule demo_benchmark:
     params:
         n_languages=config["demo"]["n_languages"],
         seed=config["demo"]["seed"],
-        lslo_version=LSLO_VERSION,
+        code=CODE["demo_benchmark"],
     log:
         "logs/demo_benchmark.log",
     localrule: True
@@ -27,7 +27,7 @@ rule demo_pretrain:
         seed=config["demo"]["seed"],
         max_minutes=config["demo"]["pretrain_minutes"],
         max_steps=config["demo"]["pretrain_steps"],
-        lslo_version=LSLO_VERSION,
+        code=CODE["demo_pretrain"],
     log:
         "logs/demo_pretrain.log",
     benchmark:
@@ -52,7 +52,7 @@ rule data:
         layout=config["data"]["layout"],
         languages=config["data"]["languages"],
         test_sentences=config["eval"]["max_sentences"],
-        lslo_version=LSLO_VERSION,
+        code=CODE["data"],
     log:
         "logs/data.log",
     localrule: True

@@ -1,10 +1,11 @@
 # Stage 6, evaluate (§5): beam decoding of every direction, split round-robin into `eval.shards` jobs per
-# variant (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG).
+# variant (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG), a CPU
+# job of its own.
 
 
 rule decode:
     input:
-        variant="results/finetune/{variant}/variant.json",
+        unpack(get_decode_input),
         test="results/data/test.tsv",
         table=get_language_table(),
     output:
@@ -17,7 +18,7 @@ rule decode:
         max_tokens=config["eval"]["max_tokens"],
         max_len_a=config["eval"]["max_len_a"],
         max_len_b=config["eval"]["max_len_b"],
-        lslo_version=LSLO_VERSION,
+        code=CODE["decode"],
     log:
         "logs/decode/{variant}/{shard}.log",
     benchmark:
@@ -43,9 +44,12 @@ rule score:
         signature="results/evaluate/{variant}/groups.signature.json",
     params:
         label=variant_param("label"),
-        lslo_version=LSLO_VERSION,
+        code=CODE["score"],
     log:
         "logs/score/{variant}.log",
-    localrule: True
+    threads: 1
+    resources:  # a CPU job on the cluster: about 0.7 s per 1,012-sentence direction, 10 min for lang30
+        runtime=60,
+        mem_mb=4000,
     script:
         "../workflow/scripts/score.py"

@@ -35,7 +35,7 @@ rule figure1:
     output:
         png=report("results/figures/figure1.png", caption="../workflow/report/figure1.rst", category="Figures"),
     params:
-        lslo_version=LSLO_VERSION,
+        code=CODE["figure1"],
     log:
         "logs/figure1.log",
     localrule: True
@@ -54,7 +54,7 @@ rule score_figure:
         ),
     params:
         function=lambda wildcards: SCORE_FIGURES[wildcards.figure][1],
-        lslo_version=LSLO_VERSION,
+        code=CODE["score_figure"],
     wildcard_constraints:
         figure="|".join(SCORE_FIGURES),
     log:
@@ -72,7 +72,7 @@ rule figure3:
     params:
         labels=table_labels(config["figure3"]),
         baselines=[VARIANTS[v]["method"] == "pretrain" for v in config["figure3"]],  # no curve: a dashed line
-        lslo_version=LSLO_VERSION,
+        code=CODE["figure3"],
     log:
         "logs/figure3.log",
     localrule: True
@@ -92,7 +92,7 @@ rule table:
         trained=lambda wildcards: [VARIANTS[v]["method"] != "pretrain" for v in config["tables"][wildcards.table]],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
         spm_note=SPM_NOTE,
-        lslo_version=LSLO_VERSION,
+        code=CODE["table"],
     wildcard_constraints:
         table="table[12348]",
     log:
@@ -116,7 +116,7 @@ rule score_table:
     params:
         side=lambda wildcards: {"table9": "enc", "table10": "dec"}[wildcards.table],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
-        lslo_version=LSLO_VERSION,
+        code=CODE["score_table"],
     wildcard_constraints:
         table="table9|table10",
     log:

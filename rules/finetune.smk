@@ -1,6 +1,11 @@
-# Stage 5, finetune (§5, §6.3): one job per variant: pretrain (no training), full (Ft-all) or LSLo.
-# Adapters / the HF model dir land next to variant.json; epoch checkpoints live under results/checkpoints/,
+# Stage 5, finetune (§5, §6.3): one job per variant, one rule per method, because each method writes different
+# files and every file a later job reads is a declared output (a deleted adapter file reruns its finetune):
+#   finetune           LSLo: adapters.safetensors (the base model stays where it is)
+#   finetune_full      Ft-all: the whole fine-tuned HF model directory, model/
+#   finetune_pretrain  the untrained base model: variant.json and the epoch-0 dev scores only; no GPU, no training
+# variant.json names those files by paths relative to itself. Epoch checkpoints live under results/checkpoints/,
 # which are not outputs, so Snakemake never deletes them and a rerun resumes from the last epoch.
+# resources gpu=N (N > 1) trains in N DDP processes inside the job (lslo.jobs.run_processes).
 
 
 rule finetune:
@@ -9,6 +14,7 @@ rule finetune:
     output:
         variant="results/finetune/{variant}/variant.json",
         metrics="results/finetune/{variant}/metrics.tsv",
+        adapters="results/finetune/{variant}/adapters.safetensors",
     params:
         method=variant_param("method"),
         languages=config["data"]["languages"],
@@ -17,7 +23,9 @@ rule finetune:
         options=variant_options,
         out_dir="results/finetune/{variant}",
         checkpoint_dir="results/checkpoints/finetune/{variant}",
-        lslo_version=LSLO_VERSION,
+        code=CODE["finetune"],
+    wildcard_constraints:
+        variant=variants_pattern("lslo"),
     log:
         "logs/finetune/{variant}.log",
     benchmark:
@@ -29,3 +37,24 @@ rule finetune:
         mem_mb=32000,
     script:
         "../workflow/scripts/finetune.py"
+
+
+use rule finetune as finetune_full with:
+    output:
+        variant="results/finetune/{variant}/variant.json",
+        metrics="results/finetune/{variant}/metrics.tsv",
+        model=directory("results/finetune/{variant}/model"),
+    wildcard_constraints:
+        variant=variants_pattern("full"),
+
+
+use rule finetune as finetune_pretrain with:
+    output:
+        variant="results/finetune/{variant}/variant.json",
+        metrics="results/finetune/{variant}/metrics.tsv",
+    wildcard_constraints:
+        variant=variants_pattern("pretrain"),
+    threads: 4
+    resources:
+        runtime=240,
+        mem_mb=16000,

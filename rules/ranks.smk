@@ -15,7 +15,7 @@ rule ranks:
         gps=variant_param("gps"),
         subspace_options=variant_param("subspace_policy"),
         epochs=lambda wildcards: variant_options(wildcards)["epochs"],
-        lslo_version=LSLO_VERSION,
+        code=CODE["ranks"],
     log:
         "logs/ranks/{variant}.log",
     localrule: True

@@ -19,7 +19,7 @@ rule subspace:
         gps=canonical(config["subspace"]["gps"]),
         options=train_options(config["subspace"]["train"]),
         checkpoint_dir="results/checkpoints/subspace/{mode}",  # outside outputs: a rerun resumes
-        lslo_version=LSLO_VERSION,
+        code=CODE["subspace"],
     log:
         "logs/subspace/{mode}.log",
     benchmark:

@@ -17,7 +17,7 @@ rule weight_learning:
         rank=config["weight_learning"]["rank"],
         options=train_options(config["weight_learning"]["train"]),
         checkpoint_dir="results/checkpoints/weight_learning/wl",  # outside outputs: a rerun resumes
-        lslo_version=LSLO_VERSION,
+        code=CODE["weight_learning"],
     log:
         "logs/weight_learning.log",
     benchmark:

@@ -10,6 +10,7 @@ import torch
 
 from lslo.adapters import load_adapters, read_adapters
 from lslo.data import write_parallel
+from lslo.evaluate import read_variant
 from lslo.finetune import run_finetune
 from lslo.io import write_json
 from lslo.subspace import run_subspace
@@ -73,7 +74,9 @@ def test_finetune_gps_reaches_the_target_for_h_and_m_and_leaves_v_unpruned(stage
     run_finetune(method="lslo", **common, index_plan="src", plan_json=None, ranks_json=root / "ranks.json",
                  modules="all", options=dict(OPTIONS, dev_sentences=2), out_dir=out,
                  out_metrics=out / "metrics.tsv", checkpoint_dir=out / "ckpt")
-    variant = json.loads((out / "variant.json").read_text())
+    stored = json.loads((out / "variant.json").read_text())
+    assert stored["adapters"] == "adapters.safetensors"  # relative to variant.json: a copied directory is whole
+    variant = read_variant(out / "variant.json")
     assert variant["method"] == "lslo" and variant["model"] is None and variant["languages"] == LANGUAGES
     tensors, _ = read_adapters(variant["adapters"])
     hf = __import__("transformers").M2M100ForConditionalGeneration.from_pretrained(variant["base_model"])
@@ -111,7 +114,8 @@ def test_finetune_pretrain_and_full(stage_world):
     run_finetune(method="full", **common, index_plan="learned", plan_json=None, ranks_json=None, modules="all",
                  options=dict(OPTIONS, epochs=1, max_steps=2), out_dir=root / "full",
                  out_metrics=root / "full" / "m.tsv", checkpoint_dir=root / "full" / "ckpt")
-    variant = json.loads((root / "full" / "variant.json").read_text())
+    assert json.loads((root / "full" / "variant.json").read_text())["model"] == "model"
+    variant = read_variant(root / "full" / "variant.json")
     from transformers import M2M100ForConditionalGeneration
 
     tuned = M2M100ForConditionalGeneration.from_pretrained(variant["model"])

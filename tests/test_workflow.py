@@ -18,7 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
-GPU_RULES = {"demo_pretrain", "weight_learning", "subspace", "finetune", "decode"}
+GPU_RULES = {"demo_pretrain", "weight_learning", "subspace", "finetune", "finetune_full", "decode"}
+FINETUNE_RULES = {"lslo": "finetune", "full": "finetune_full", "pretrain": "finetune_pretrain"}
 ALLOWED_LINTS = {  # the workflow runs in the environment that has lslo installed (pyproject / environment.yml)
     "Specify a conda environment or container for each rule.",
 }
@@ -32,11 +33,19 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def snakemake(workdir, *args, check=True):
-    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=600)
+def snakemake(workdir, *args, check=True, env=None):
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def finetune_counts(variants: dict) -> dict:
+    """The finetune jobs of a config's variants: one rule per method."""
+    counts = {}
+    for spec in variants.values():
+        counts[FINETUNE_RULES[spec["method"]]] = counts.get(FINETUNE_RULES[spec["method"]], 0) + 1
+    return counts
 
 
 def job_counts(output: str) -> dict:
@@ -77,7 +86,7 @@ def test_demo_dry_run_lists_every_stage(workdir):
     n_variants, n_lslo = len(demo["variants"]), sum(v["method"] == "lslo" for v in demo["variants"].values())
     assert counts == {
         "demo_benchmark": 1, "demo_pretrain": 1, "data": 1, "weight_learning": 1, "subspace": 2,
-        "ranks": n_lslo, "finetune": n_variants, "decode": n_variants * demo["eval"]["shards"],
+        "ranks": n_lslo, **finetune_counts(demo["variants"]), "decode": n_variants * demo["eval"]["shards"],
         "score": n_variants, "figure1": 1, "figure3": 1, "score_figure": 4, "table": len(demo["tables"]),
         "score_table": 2, "all": 1,
     }
@@ -95,7 +104,8 @@ def test_lang12_dry_run_covers_the_paper(workdir, tmp_path):
     assert "demo_benchmark" not in counts and "demo_pretrain" not in counts
     assert counts["weight_learning"] == 1 and counts["subspace"] == 2
     assert counts["ranks"] == sum(v["method"] == "lslo" for v in variants.values())
-    assert counts["finetune"] == counts["score"] == len(variants)
+    assert {rule: counts.get(rule) for rule in FINETUNE_RULES.values() if rule in counts} == finetune_counts(variants)
+    assert counts["score"] == len(variants)
     assert counts["decode"] == len(variants) * shards
     assert counts["table"] == 4 and counts["score_table"] == 2  # Tables 1, 3, 4, 8 and 9, 10
     for vid in variants:
@@ -110,7 +120,7 @@ def test_lang12_dry_run_covers_the_paper(workdir, tmp_path):
 
 def test_lang30_dry_run_builds_table2(workdir, tmp_path):
     counts = job_counts(snakemake(workdir, "-n", "--configfile", "config/lang30.yaml", *paper_paths(tmp_path)).stdout)
-    assert counts["table"] == 1 and counts["finetune"] == 5
+    assert counts["table"] == 1 and sum(counts.get(rule, 0) for rule in FINETUNE_RULES.values()) == 5
 
 
 def test_unset_paths_stop_with_one_line(workdir):

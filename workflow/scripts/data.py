@@ -1,15 +1,12 @@
 """Rule data: FLORES dev/devtest -> results/data/{train,test}.tsv (test optionally cut to the first N sentences)."""
 
-import logging
-import sys
+from lslo.jobs import stage_job
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with stage_job(snakemake.log[0]):
+    from lslo.data import prepare_data
 
-from lslo.data import prepare_data  # noqa: E402
-
-inp, out, params = snakemake.input, snakemake.output, snakemake.params
-# eval.max_sentences: evaluate on a subset of devtest (demo, smoke runs)
-prepare_data(flores_root=inp.flores, layout=params.layout, language_table_path=inp.table,
-             languages=params.languages, out_train=out.train, out_test=out.test,
-             test_sentences=params.test_sentences)
+    inp, out, params = snakemake.input, snakemake.output, snakemake.params
+    # eval.max_sentences: evaluate on a subset of devtest (demo, smoke runs)
+    prepare_data(flores_root=inp.flores, layout=params.layout, language_table_path=inp.table,
+                 languages=params.languages, out_train=out.train, out_test=out.test,
+                 test_sentences=params.test_sentences)

@@ -1,19 +1,16 @@
-"""Rule finetune: one variant (pretrain, full fine-tuning or LSLo) -> variant.json + per-epoch metrics."""
+"""Rules finetune, finetune_full, finetune_pretrain: one variant (LSLo, Ft-all or the untrained base model) ->
+variant.json, per-epoch metrics and the adapters / model directory; resources gpu=N > 1 trains in N processes."""
 
-import logging
-import sys
+from lslo.jobs import stage_job
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with stage_job(snakemake.log[0]):
+    from lslo.finetune import run_finetune
+    from lslo.jobs import run_processes
 
-import torch  # noqa: E402
-
-from lslo.finetune import run_finetune  # noqa: E402
-
-torch.set_num_threads(snakemake.threads)
-inp, out, params = snakemake.input, snakemake.output, snakemake.params
-run_finetune(method=params.method, model_dir=inp.model, train_tsv=inp.train, dev_tsv=inp.dev,
-             language_table=inp.table, languages=params.languages, index_plan=params.index,
-             plan_json=inp.get("plan"), ranks_json=inp.get("ranks"), modules=params.modules,
-             options=params.options, out_dir=params.out_dir, out_metrics=out.metrics,
-             checkpoint_dir=params.checkpoint_dir)
+    inp, out, params = snakemake.input, snakemake.output, snakemake.params
+    run_processes(run_finetune, getattr(snakemake.resources, "gpu", 1), log_path=snakemake.log[0],
+                  threads=snakemake.threads, method=params.method, model_dir=inp.model, train_tsv=inp.train,
+                  dev_tsv=inp.dev, language_table=inp.table, languages=params.languages, index_plan=params.index,
+                  plan_json=inp.get("plan"), ranks_json=inp.get("ranks"), modules=params.modules,
+                  options=params.options, out_dir=params.out_dir, out_metrics=out.metrics,
+                  checkpoint_dir=params.checkpoint_dir)

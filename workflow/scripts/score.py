@@ -1,13 +1,10 @@
 """Rule score: spBLEU and chrF++ per direction, aggregated per resource-group pair and AVG (over directions)."""
 
-import logging
-import sys
+from lslo.jobs import stage_job
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with stage_job(snakemake.log[0]):
+    from lslo.evaluate import score_variant
 
-from lslo.evaluate import score_variant  # noqa: E402
-
-inp, out = snakemake.input, snakemake.output
-score_variant(hyp_tsvs=list(inp.hyps), test_tsv=inp.test, language_table=inp.table, spm_model=inp.spm,
-              out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label)
+    inp, out = snakemake.input, snakemake.output
+    score_variant(hyp_tsvs=list(inp.hyps), test_tsv=inp.test, language_table=inp.table, spm_model=inp.spm,
+                  out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label)

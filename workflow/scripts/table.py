@@ -1,18 +1,15 @@
 """Rule table: a results table (Tables 1-4, 8): spBLEU per group pair + AVG and #Params, one row per variant."""
 
-import logging
-import sys
+from lslo.jobs import stage_job
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with stage_job(snakemake.log[0]):
+    import pandas as pd
 
-import pandas as pd  # noqa: E402
+    from lslo.tables import make_table
 
-from lslo.tables import make_table  # noqa: E402
-
-inp, out, params = snakemake.input, snakemake.output, snakemake.params
-# #Params: the trainable count of the last logged epoch (metrics.tsv); "-" for pretrain (nothing trained)
-trainable = [int(pd.read_csv(path, sep="\t")["trainable_params"].iloc[-1]) if trained else None
-             for path, trained in zip(inp.metrics, params.trained)]
-make_table(groups_tsvs=dict(zip(params.labels, inp.groups)), params=dict(zip(params.labels, trainable)),
-           out_tsv=out.tsv, out_md=out.md, title=params.title, spm_note=params.spm_note)
+    inp, out, params = snakemake.input, snakemake.output, snakemake.params
+    # #Params: the trainable count of the last logged epoch (metrics.tsv); "-" for pretrain (nothing trained)
+    trainable = [int(pd.read_csv(path, sep="\t")["trainable_params"].iloc[-1]) if trained else None
+                 for path, trained in zip(inp.metrics, params.trained)]
+    make_table(groups_tsvs=dict(zip(params.labels, inp.groups)), params=dict(zip(params.labels, trainable)),
+               out_tsv=out.tsv, out_md=out.md, title=params.title, spm_note=params.spm_note)

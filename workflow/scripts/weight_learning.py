@@ -1,17 +1,14 @@
 """Rule weight_learning (§4.1, eq. 5): learned per-layer index weights and the index plan."""
 
-import logging
-import sys
+from lslo.jobs import stage_job
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with stage_job(snakemake.log[0]):
+    from lslo.jobs import run_processes
+    from lslo.weight_learning import run_weight_learning
 
-import torch  # noqa: E402
-
-from lslo.weight_learning import run_weight_learning  # noqa: E402
-
-torch.set_num_threads(snakemake.threads)
-inp, out, params = snakemake.input, snakemake.output, snakemake.params
-run_weight_learning(model_dir=inp.model, train_tsv=inp.train, dev_tsv=inp.dev, language_table=inp.table,
-                    languages=params.languages, modules=params.modules, rank=params.rank, options=params.options,
-                    out_weights=out.weights, out_plan=out.plan, checkpoint_dir=params.checkpoint_dir)
+    inp, out, params = snakemake.input, snakemake.output, snakemake.params
+    run_processes(run_weight_learning, getattr(snakemake.resources, "gpu", 1), log_path=snakemake.log[0],
+                  threads=snakemake.threads, model_dir=inp.model, train_tsv=inp.train, dev_tsv=inp.dev,
+                  language_table=inp.table, languages=params.languages, modules=params.modules, rank=params.rank,
+                  options=params.options, out_weights=out.weights, out_plan=out.plan,
+                  checkpoint_dir=params.checkpoint_dir)
