@@ -12,7 +12,7 @@ performance target is reported, not failed:
    autocast against the float64 per-sample formula (outputs and gradients), and one AMP update with a forced
    GradScaler overflow. Without CUDA they are skipped (and --cpu-smoke reports them as skipped).
 2. DDP through the workflow's own launch path: the finetune rule of a tiny demo config (ft-all) run by
-   Snakemake with ``--set-resources finetune:gpu=N`` (N = every GPU present); the world size is read from the
+   Snakemake with ``--set-resources finetune_full:gpu=N`` (N = every GPU present); the world size is read from the
    job's log (``lslo.train`` logs it). --cpu-smoke: a dry run that checks the job is scheduled with gpu=N.
 3. ``benchmarks/bench.py`` at the m2m124-615m shape with random weights under bf16 autocast: training steps of
    floor, PEFT, LSLo one-direction, LSLo mixed-12 (every kernel) and full fine-tuning (ms, tokens/s,
@@ -43,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
 DDP_VARIANT = "ft-all"  # the smoke config's full fine-tuning: the shortest training job of the workflow
+DDP_RULE = "finetune_full"  # the rule that trains a full fine-tuning variant
 BUDGET_S = {"gpu": 480, "cpu-smoke": 600}  # whole script; the issue allows 8 minutes on one GPU
 STEP_LIMIT_S = {"tests": 150, "ddp": 200}  # the benchmark, run last, gets what is left of the budget
 
@@ -192,12 +193,12 @@ def ddp(args, timeout: float) -> Step:
             (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
         shutil.copy(REPO / "tests" / "data" / "smoke.yaml", work / "config" / "smoke.yaml")
         cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/smoke.yaml", "--cores", str(max(n, 2)),
-               "--resources", f"gpu={n}", "--set-resources", f"finetune:gpu={n}", "--show-failed-logs", target]
+               "--resources", f"gpu={n}", "--set-resources", f"{DDP_RULE}:gpu={n}", "--show-failed-logs", target]
         if args.cpu_smoke and not args.ddp_run:
             code, out, step.seconds = run([*cmd, "-n"], timeout, cwd=work)
-            gpus = scheduled_gpus(out, "finetune")
+            gpus = scheduled_gpus(out, DDP_RULE)
             step.status = "PASS" if code == 0 and gpus == [n] else "FAIL"
-            step.rows.append((f"finetune rule scheduled with --set-resources finetune:gpu={n} (dry run)",
+            step.rows.append((f"{DDP_RULE} rule scheduled with --set-resources {DDP_RULE}:gpu={n} (dry run)",
                               step.status, f"gpu per finetune job: {gpus}"))
             step.report = f"```\n{' '.join(cmd)} -n\n```"
             return step
@@ -208,7 +209,7 @@ def ddp(args, timeout: float) -> Step:
         bench = work / "results" / "benchmarks" / "finetune" / f"{DDP_VARIANT}.tsv"
         job_s = bench.read_text().splitlines()[1].split("\t")[0] if bench.exists() else "?"
     step.status = ("TIMEOUT" if code is None else "PASS" if code == 0 and sizes and set(sizes) == {n} else "FAIL")
-    step.rows.append((f"DDP: finetune rule, --set-resources finetune:gpu={n}", step.status,
+    step.rows.append((f"DDP: {DDP_RULE} rule, --set-resources {DDP_RULE}:gpu={n}", step.status,
                       f"world size logged: {sorted(set(sizes)) or 'none'} (expected {n}); job {job_s} s"))
     step.report = (f"```\n{' '.join(cmd)}\n```\n\nfinetune log (last lines):\n\n```\n{tail(log_text, 12)}\n```"
                    + ("" if step.status == "PASS" else f"\n\nsnakemake (last lines):\n\n```\n{tail(out)}\n```"))

@@ -182,7 +182,7 @@ def test_a_results_copy_decodes_and_scores_where_it_is(reference, tmp_path):
 
 def test_sigkill_of_snakemake_mid_finetune_then_the_readme_recovery_ends_bit_identical(world, reference,
                                                                                       tmp_path):
-    from lslo.train import last_checkpoint
+    from lslo.checkpoint import last_checkpoint
 
     workdir = copy_run(world, tmp_path / "killed")
     checkpoints = workdir / "results/checkpoints/finetune" / VARIANT
