@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -131,10 +130,13 @@ def run_processes(fn: Callable, n_processes: int, log_path=None, threads: int | 
     if torch.cuda.is_available() and torch.cuda.device_count() < n_processes:
         raise LsloError(f"the job asks for {n_processes} GPU processes (resources gpu={n_processes}) but sees "
                         f"{torch.cuda.device_count()} GPU(s)")
+    function = f"{fn.__module__}:{fn.__qualname__}"
+    if function not in _training_stages():
+        raise LsloError(f"{function} is not a training stage; run_processes starts only {sorted(_training_stages())}")
     with tempfile.TemporaryDirectory(prefix="lslo-processes-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({
-            "function": f"{fn.__module__}:{fn.__qualname__}", "kwargs": kwargs,
+            "function": function, "kwargs": kwargs,
             "log": str(log_path) if log_path else None, "error": str(Path(tmp) / "error"),
             "threads": max(1, threads // n_processes) if threads else None}))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_processes}",
@@ -150,12 +152,20 @@ def run_processes(fn: Callable, n_processes: int, log_path=None, threads: int | 
                                + (f"; their output: {log_path}" if log_path else ""))
 
 
+def _training_stages() -> dict:
+    """The stage functions a job file may name: the training stages, and nothing else is ever imported by name."""
+    from lslo.finetune import run_finetune
+    from lslo.subspace import run_subspace
+    from lslo.weight_learning import run_weight_learning
+
+    return {f"{fn.__module__}:{fn.__qualname__}": fn for fn in (run_finetune, run_subspace, run_weight_learning)}
+
+
 def _process(job_json: str) -> None:
     """One torchrun process: fn(**kwargs) from the job file, LsloError messages to the shared error file."""
     job = json.loads(Path(job_json).read_text(encoding="utf-8"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    module, name = job["function"].split(":")
-    fn = getattr(importlib.import_module(module), name)
+    fn = _training_stages()[job["function"]]
     if job["threads"]:
         import torch
 

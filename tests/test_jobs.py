@@ -104,7 +104,8 @@ def test_the_hash_changes_with_the_library_code_a_stage_runs_only(tmp_path, monk
 
 # ---------------------------------------------------------------------------------------------- N processes
 
-OPTIONS = dict(epochs=2, lr=1e-2, max_tokens=120, warmup_updates=2, dropout=0.0, dev_sentences=0, seed=2)
+OPTIONS = dict(epochs=2, lr=1e-2, max_tokens=120, warmup_updates=2, dropout=0.0, attention_dropout=0.0, dev_sentences=0,
+               seed=2)
 
 
 def even_epoch_examples(train_table, model_dir, options: dict) -> int:

@@ -105,7 +105,7 @@ def test_library_code_reruns_the_stages_that_run_it_and_a_touched_script_reruns_
 def run_config() -> dict:
     config = yaml.safe_load((ROOT / "tests/data/smoke.yaml").read_text())
     # dropout 0: one and two processes see the same computation; tokens_per_update: the same effective batch
-    config["train"].update(epochs=3, max_tokens=96, tokens_per_update=192, dropout=0.0)
+    config["train"].update(epochs=3, max_tokens=96, tokens_per_update=192, dropout=0.0, attention_dropout=0.0)
     config["variants"] = {
         "pretrain": {"label": "Pretrain", "method": "pretrain"},
         VARIANT: {"label": "2;2;8+SRC+GPS", "method": "lslo", "ranks": {"H": 2, "M": 2, "V": 8}, "index": "src",
