@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import sacrebleu
 import sentencepiece
@@ -194,13 +195,33 @@ def score_directions(hyps: pd.DataFrame, test: pd.DataFrame, table: pd.DataFrame
     return pd.DataFrame(rows, columns=DIRECTION_COLUMNS)
 
 
+def direction_sentence_stats(hyps: pd.DataFrame, test: pd.DataFrame, scored: pd.DataFrame, spm_model):
+    """Per-sentence spBLEU statistics (lslo.bootstrap) of the directions of `scored` (score_directions' output,
+    which has checked that every direction holds exactly the test ids), sentences in test-table order."""
+    from lslo.bootstrap import SentenceStats, sentence_stats
+
+    by_direction = {key: sub.set_index("id")["hyp"] for key, sub in hyps.groupby(["src", "tgt"], sort=False)}
+    ids = [str(i) for i in test.index]
+    stats = [sentence_stats(spm_pieces(by_direction[(src, tgt)].loc[ids].tolist(), spm_model),
+                            spm_pieces(test[tgt].tolist(), spm_model))
+             for src, tgt in zip(scored["src"], scored["tgt"])]
+    return SentenceStats(np.stack(stats) if stats else np.zeros((0, len(ids), 10), dtype=np.int64),
+                         scored["src"].tolist(), scored["tgt"].tolist(), scored["pair"].tolist(), ids)
+
+
 def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions, out_groups, label=None,
-                  directions=None) -> pd.DataFrame:
-    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar."""
+                  directions=None, out_stats=None) -> pd.DataFrame:
+    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar, and
+    with `out_stats` the per-sentence spBLEU statistics behind Table 1's error bars (lslo.bootstrap)."""
     load_spm(spm_model)  # fail before any work when the spm file is missing
     table = _language_table(language_table)
-    by_direction = score_directions(read_hyps(hyp_tsvs), _read_test(test_tsv), table, spm_model, directions)
+    hyps, test = read_hyps(hyp_tsvs), _read_test(test_tsv)
+    by_direction = score_directions(hyps, test, table, spm_model, directions)
     groups = aggregate(by_direction)
+    if out_stats is not None:
+        from lslo.bootstrap import write_sentence_stats
+
+        write_sentence_stats(direction_sentence_stats(hyps, test, by_direction, spm_model), out_stats)
     write_tsv(by_direction, out_directions, float_format="%.4f")
     write_tsv(groups, out_groups, float_format="%.4f")
     write_json({"label": label, **signatures(spm_model)}, signature_path(out_groups))
