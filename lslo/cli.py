@@ -72,7 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: the checkpoint's own list, else the 124 M2M-124 codes)")
     convert.add_argument("--out", required=True, help="output HF checkpoint directory")
     convert.set_defaults(func=run_convert)
+
+    readme = commands.add_parser("readme-summary", help="put a finished run's results/summary.md into README.md")
+    readme.add_argument("--summary", default="results/summary.md", help="the summary of a run (rule summary)")
+    readme.add_argument("--readme", default="README.md", help="README with the demo-summary markers")
+    readme.add_argument("--assets", default="docs/demo", help="where the summary's figures are copied")
+    readme.set_defaults(func=run_readme_summary)
     return parser
+
+
+def run_readme_summary(args) -> int:
+    from lslo.summary import update_readme
+
+    copied = update_readme(args.summary, args.readme, args.assets)
+    print(f"updated {args.readme} from {args.summary}; figures: {', '.join(map(str, copied)) or 'none'}")
+    return 0
 
 
 def run_convert(args) -> int:

@@ -34,7 +34,8 @@ def check_config():
             if not config_value(key):
                 sys.exit(f"config key '{key}' is not set ({files}, data.mode flores): set it to {what}")
     known = set(VARIANTS)
-    for name, rows in {**config["tables"], "figure3": config["figure3"]}.items():
+    summary = list((config.get("summary") or {}).values())
+    for name, rows in {**config["tables"], "figure3": config["figure3"], "summary": summary}.items():
         unknown = [v for v in rows if v not in known]
         if unknown:
             sys.exit(f"config key '{name}' ({files}) lists unknown variant(s) {unknown}; variants: {sorted(known)}")
@@ -129,6 +130,10 @@ def groups_of(variants):
     return expand("results/evaluate/{variant}/groups.tsv", variant=variants)
 
 
+def stats_of(variants):
+    return expand("results/evaluate/{variant}/sentence_stats.npz", variant=variants)
+
+
 def metrics_of(variants):
     return expand("results/finetune/{variant}/metrics.tsv", variant=variants)
 
@@ -145,4 +150,5 @@ def all_targets():
         *expand("results/figures/{figure}.png", figure=FIGURES),
         *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
+        *(["results/summary.md"] if config.get("summary") else []),
     ]

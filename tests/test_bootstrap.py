@@ -179,3 +179,45 @@ def test_table_shows_intervals_and_marks(refs, tmp_path):
         make_table(groups, {}, tmp_path / "u.tsv", tmp_path / "u.md", "Table 1", "spm", stats_npzs=npzs,
                    methods=methods, out_intervals=tmp_path / "u.intervals.tsv")
     assert not any((tmp_path / f"u.{s}").exists() for s in ("tsv", "md", "intervals.tsv"))
+
+
+def test_summary_targets_and_readme(refs, tmp_path):
+    from lslo import summary
+
+    refs_v2v = {**refs, ("v1", "v2"): corpus(30, 4, 0)}
+    pairs = ["H2H", "H2H", "V2H", "V2V"]
+    noise = {"pretrain": 0.8, "ft_all": 0.5, "full_rank": 0.1, "low_rank": 0.3, "pruned": 0.3}
+    stats, labels = {}, {}
+    for k, (role, p) in enumerate(noise.items()):
+        stats[role] = tmp_path / f"{role}.npz"
+        labels[role] = role.replace("_", "-")
+        bootstrap.write_sentence_stats(system(refs_v2v, pairs, p, seed=100 * k)[1], stats[role])
+    pd.DataFrame({"side": ["enc", "enc", "dec"], "layer": [1, 2, 1], "w_src": [0.5, 0.9, 0.45],
+                  "w_tgt": [0.5, 0.1, 0.55]}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    pd.DataFrame({"module": ["q", "AVG"], "r": [0.7, 0.7], "p_value": [0.01, 0.01], "n_languages": 11}).to_csv(
+        tmp_path / "t9.tsv", sep="\t", index=False)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "figure1.png").write_bytes(b"png")
+    (tmp_path / "t1.md").write_text("**Table 1: spBLEU**\n\n| a |\n|---|\n| 1 |\n")
+    targets = summary.write_summary(stats, labels, tmp_path / "w.tsv", tmp_path / "t9.tsv", [tmp_path / "t1.md"],
+                                    {"Figure 1": "figures/figure1.png"}, tmp_path / "summary.md").set_index("target")
+    frame = bootstrap.compare_systems({labels[r]: bootstrap.read_sentence_stats(stats[r]) for r in noise},
+                                      {"pretrain": "pretrain"}).set_index(["method", "pair"])
+    h2h, v2v = frame.loc[("pretrain", "H2H"), "spbleu"], frame.loc[("pretrain", "V2V"), "spbleu"]
+    assert targets.loc["Pretrain H2H spBLEU", "result"] == ("pass" if h2h >= 25 else "miss")
+    assert targets.loc["Pretrain H2H spBLEU", "measured"].startswith(f"{h2h:.2f} [")
+    gain = frame.loc[("full-rank", "V2V"), "spbleu"] - v2v
+    assert targets.loc["full-rank V2V gain over Pretrain", "measured"].startswith(f"{gain:+.2f}")
+    assert targets.loc["Weight learning, encoder: max |w_src - w_tgt|", "measured"] == "0.800 (layer 2)"
+    assert targets.loc["Weight learning, decoder: max |w_src - w_tgt|", "result"] == "miss"  # 0.1 < 0.2
+    assert targets.loc["ISE: Pearson r, bitext vs eq. 6 score, encoder AVG (Table 9)", "result"] == "pass"
+    text = (tmp_path / "summary.md").read_text()
+    assert "#### Table 1: spBLEU" in text and "![Figure 1](figures/figure1.png)" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{summary.README_START}\nold\n{summary.README_END}\n\nrest\n")
+    summary.update_readme(tmp_path / "summary.md", readme, tmp_path / "docs" / "demo")
+    updated = readme.read_text()
+    assert "old" not in updated and "![Figure 1](docs/demo/figure1.png)" in updated and updated.endswith("rest\n")
+    assert (tmp_path / "docs" / "demo" / "figure1.png").read_bytes() == b"png"
+    with pytest.raises(LsloError, match="no variant for role"):
+        summary.demo_targets({"pretrain": stats["pretrain"]}, labels, tmp_path / "w.tsv", tmp_path / "t9.tsv")
