@@ -97,8 +97,10 @@ class SentenceStats:
         """(B, directions) corpus spBLEU of every direction on every replicate (counts from resample_counts)."""
         if counts.shape[1] != self.stats.shape[1]:
             raise LsloError(f"bootstrap: {counts.shape[1]} resampled sentences for {self.stats.shape[1]} test sentences")
-        sums = np.einsum("bn,dnk->bdk", counts, self.stats.astype(np.float64), optimize=True)
-        return bleu_from_stats(sums)
+        directions, sentences, n_stats = self.stats.shape
+        by_sentence = self.stats.transpose(1, 0, 2).reshape(sentences, directions * n_stats).astype(np.float64)
+        sums = counts @ by_sentence  # one matrix product: (B, n) x (n, directions * 10)
+        return bleu_from_stats(sums.reshape(len(counts), directions, n_stats))
 
     def cells(self) -> dict[str, np.ndarray]:
         """Cell name (group pair, then AVG) -> mask over directions (lslo.evaluate.aggregate's cells)."""
