@@ -100,8 +100,8 @@ def _demote_title(markdown: str) -> str:
     return re.sub(r"^\*\*(.+)\*\*$", r"#### \1", markdown.strip(), count=1, flags=re.M)
 
 
-def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds: list, figures: dict, out_md,
-                  pipeline_note: str = "") -> pd.DataFrame:
+def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds: list, figures: dict,
+                  out_md) -> pd.DataFrame:
     """results/summary.md: the targets with measured values, then the given tables and figures (paths relative
     to the summary file's directory)."""
     targets = demo_targets(stats, labels, weights_tsv, table9_tsv)
@@ -111,8 +111,6 @@ def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds:
     parts = ["### The paper's findings in this run", "",
              f"{passed} of {judged} targets met. Intervals: 95% bootstrap over test sentences; p: paired bootstrap "
              "test (lslo.bootstrap).", "", _markdown_table(targets), ""]
-    if pipeline_note:
-        parts += [pipeline_note, ""]
     for md in table_mds:
         parts += [_demote_title(Path(md).read_text(encoding="utf-8")), ""]
     for caption, path in figures.items():
