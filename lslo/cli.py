@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output HF checkpoint directory")
     convert.set_defaults(func=run_convert)
     _add_model_commands(commands)
+
+    readme = commands.add_parser("readme-summary", help="put a finished run's results/summary.md into README.md")
+    readme.add_argument("--summary", default="results/summary.md", help="the summary of a run (rule summary)")
+    readme.add_argument("--readme", default="README.md", help="README with the demo-summary markers")
+    readme.add_argument("--assets", default="docs/demo", help="where the summary's figures are copied")
+    readme.set_defaults(func=run_readme_summary)
     return parser
 
 
@@ -181,6 +187,14 @@ def run_export(args) -> int:
         pairs = [(src, tgt)]
     for path in export_variant(args.variant, args.out, pairs, peft=args.peft):
         print(f"wrote {path}")
+    return 0
+
+
+def run_readme_summary(args) -> int:
+    from lslo.summary import update_readme
+
+    copied = update_readme(args.summary, args.readme, args.assets)
+    print(f"updated {args.readme} from {args.summary}; figures: {', '.join(map(str, copied)) or 'none'}")
     return 0
 
 

@@ -27,7 +27,11 @@ from lslo.errors import LsloError
 from lslo.io import atomic_write, write_tsv
 
 DEV_LINES, DEVTEST_LINES = 997, 1012  # FLORES-101 split sizes
-N_NOUNS, N_VERBS, N_ADJS, N_ADPS = 28, 16, 12, 4  # 60 concepts: learnable by a tiny model in minutes on a CPU
+N_NOUNS, N_VERBS, N_ADJS, N_ADPS = 24, 12, 8, 3  # 47 concepts: learnable by a tiny model in minutes on a CPU
+STEM_SYLLABLES = (1, 2)  # short stems: most word forms are one or two SentencePiece pieces
+# Clause orders and how often a family takes them: mostly SVO, so alignments are mostly monotone and a small model
+# learns them early; SOV and VSO families keep reordering in the world (as ja/ko vs en in lang12).
+ORDER_WEIGHTS = {"SVO": 0.6, "SOV": 0.25, "VSO": 0.15}
 TENSES = ("past", "pres", "fut")
 NUMBERS = ("sg", "pl")
 
@@ -71,6 +75,7 @@ LANGUAGES = [
     ("v6", "Kambic", "V", "Savannic", "Latn", "kam"),
 ]
 PIVOT = "h1"
+PIVOT_FAMILY = next(row[3] for row in LANGUAGES if row[0] == PIVOT)
 MAX_LANGUAGES = len(LANGUAGES)
 
 # Scripts are letter-for-letter maps of a..z onto a Unicode block, so unrelated scripts share no characters.
@@ -155,16 +160,17 @@ def _unique_words(rng, phon, n: int, syllables: tuple[int, int], taken: set[str]
 def _proto_lexicon(rng: random.Random, phon) -> dict[str, list[str]]:
     taken: set[str] = set()
     return {
-        "noun": _unique_words(rng, phon, N_NOUNS, (2, 3), taken),
-        "verb": _unique_words(rng, phon, N_VERBS, (2, 3), taken),
-        "adj": _unique_words(rng, phon, N_ADJS, (2, 3), taken),
+        "noun": _unique_words(rng, phon, N_NOUNS, STEM_SYLLABLES, taken),
+        "verb": _unique_words(rng, phon, N_VERBS, STEM_SYLLABLES, taken),
+        "adj": _unique_words(rng, phon, N_ADJS, STEM_SYLLABLES, taken),
         "adp": _unique_words(rng, phon, N_ADPS, (1, 1), taken),
         "function": _unique_words(rng, phon, 8, (1, 1), taken),  # articles and particles
     }
 
 
-def _proto_grammar(rng: random.Random, func: list[str], phon, isolating: bool) -> Grammar:
-    order = rng.choice(["SVO", "SOV", "VSO"])
+def _proto_grammar(rng: random.Random, func: list[str], phon, isolating: bool, order: str | None = None) -> Grammar:
+    drawn = rng.choices(list(ORDER_WEIGHTS), weights=list(ORDER_WEIGHTS.values()))[0]
+    order = order or drawn
     suffix = lambda: _word(rng, phon, 1)  # noqa: E731 - a one-syllable affix
     fusional = (not isolating) and rng.random() < 0.5
     tense_sfx = {t: suffix() for t in TENSES}
@@ -233,7 +239,9 @@ def build_languages(n_languages: int = 12, seed: int = 1) -> list[Language]:
         rng = _rng(seed, "family", fam)
         phon = _phonology(rng)
         lex = _proto_lexicon(rng, phon)
-        families[fam] = (phon, lex, _proto_grammar(rng, lex["function"], phon, isolating=fam == "Eastic"))
+        # the pivot's family is SVO, as English is
+        order = "SVO" if fam == PIVOT_FAMILY else None
+        families[fam] = (phon, lex, _proto_grammar(rng, lex["function"], phon, isolating=fam == "Eastic", order=order))
     languages = []
     for code, name, resource, fam, script, stands_for in LANGUAGES[:n_languages]:
         phon, proto_lex, proto_gram = families[fam]

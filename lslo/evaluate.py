@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import sacrebleu
 import sentencepiece
@@ -225,9 +226,24 @@ def _id_order(sentence_id: str):
     return (0, int(sentence_id), "") if sentence_id.isdigit() else (1, 0, sentence_id)
 
 
+def direction_sentence_stats(hyps: pd.DataFrame, test: pd.DataFrame, scored: pd.DataFrame, spm_model):
+    """Per-sentence spBLEU statistics (lslo.bootstrap) of the directions of `scored` (score_directions' output,
+    which has checked that every direction holds exactly the test ids), sentences in test-table order."""
+    from lslo.bootstrap import SentenceStats, sentence_stats
+
+    by_direction = {key: sub.set_index("id")["hyp"] for key, sub in hyps.groupby(["src", "tgt"], sort=False)}
+    ids = [str(i) for i in test.index]
+    stats = [sentence_stats(spm_pieces(by_direction[(src, tgt)].loc[ids].tolist(), spm_model),
+                            spm_pieces(test[tgt].tolist(), spm_model))
+             for src, tgt in zip(scored["src"], scored["tgt"])]
+    return SentenceStats(np.stack(stats) if stats else np.zeros((0, len(ids), 10), dtype=np.int64),
+                         scored["src"].tolist(), scored["tgt"].tolist(), scored["pair"].tolist(), ids)
+
+
 def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions, out_groups, label=None,
-                  directions=None, languages=None) -> pd.DataFrame:
-    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar.
+                  directions=None, languages=None, out_stats=None) -> pd.DataFrame:
+    """Score one variant's hyps: writes the directions TSV, the groups TSV and its signature JSON sidecar, and
+    with `out_stats` the per-sentence spBLEU statistics behind Table 1's error bars (lslo.bootstrap).
 
     languages (a list or subset name; default: the test table's columns) defines the n(n-1) expected directions."""
     load_spm(spm_model)  # fail before any work when the spm file is missing
@@ -236,15 +252,19 @@ def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions,
         from lslo.languages import select
 
         languages = select(table, languages)
-    by_direction = score_directions(read_hyps(hyp_tsvs), _read_test(test_tsv), table, spm_model, directions,
-                                    languages)
+    hyps, test = read_hyps(hyp_tsvs), _read_test(test_tsv)
+    by_direction = score_directions(hyps, test, table, spm_model, directions, languages)
     groups = aggregate(by_direction)
-    # three outputs, published together: a failed write (a full disk) leaves none of them
-    with atomic_write_all([out_directions, out_groups, signature_path(out_groups)]) as (tmp_directions, tmp_groups,
-                                                                                     tmp_signature):
-        write_tsv(by_direction, tmp_directions, float_format="%.4f")
-        write_tsv(groups, tmp_groups, float_format="%.4f")
-        write_json({"label": label, **signatures(spm_model)}, tmp_signature)
+    outputs = [out_directions, out_groups, signature_path(out_groups)] + ([out_stats] if out_stats else [])
+    # the outputs are published together: a failed write (a full disk) leaves none of them
+    with atomic_write_all(outputs) as temporaries:
+        write_tsv(by_direction, temporaries[0], float_format="%.4f")
+        write_tsv(groups, temporaries[1], float_format="%.4f")
+        write_json({"label": label, **signatures(spm_model)}, temporaries[2])
+        if out_stats:
+            from lslo.bootstrap import write_sentence_stats
+
+            write_sentence_stats(direction_sentence_stats(hyps, test, by_direction, spm_model), temporaries[3])
     avg = groups.iloc[-1]
     log.info("%s: spBLEU AVG %.2f, chrF++ AVG %.2f over %d directions", label or out_groups, avg.spbleu,
              avg.chrf, avg.n_directions)

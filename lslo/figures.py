@@ -228,6 +228,18 @@ def dev_curve(metrics_tsv, column: str) -> pd.Series:
     return logged.groupby("epoch")[column].last().sort_index()
 
 
+def dev_interval(metrics_tsv, column: str, epochs) -> tuple[pd.Series | None, pd.Series | None]:
+    """The points' interval bounds (<column>_low/_high) at `epochs`, or (None, None) when the file has none."""
+    metrics = pd.read_csv(metrics_tsv, sep="\t")
+    bounds = [f"{column}_low", f"{column}_high"]
+    if not set(bounds) <= set(metrics.columns):
+        return None, None
+    logged = metrics.dropna(subset=[column, *bounds]).groupby("epoch")[bounds].last().reindex(epochs)
+    if logged.isna().any().any():
+        return None, None
+    return logged[bounds[0]], logged[bounds[1]]
+
+
 def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -> None:
     """Figure 3: dev spBLEU per epoch, H2H (a) and V2V (b), one line per variant label.
 
@@ -239,7 +251,12 @@ def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -
         column = f"dev_{pair}"
         for label, path in metrics_tsvs.items():
             curve = dev_curve(path, column)
-            ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, label=label)
+            low, high = dev_interval(path, column, curve.index)
+            if low is None:
+                ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, label=label)
+            else:  # 95% bootstrap interval of each point (lslo.train.dev_scores)
+                ax.errorbar(curve.index, curve.to_numpy(), yerr=[curve - low, high - curve], marker="o",
+                            markersize=3, capsize=2, label=label)
         for label, path in (baselines or {}).items():
             curve = dev_curve(path, column)
             if len(curve):

@@ -37,12 +37,51 @@ def _write_text(text: str, path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+SIGNIFICANCE_MARKS = {"pretrain": "*", "ft_all": "†"}  # p < 0.05 against Pretrain / against Ft-all
+INTERVAL_COLUMNS = ["method", "pair", "spbleu", "ci_low", "ci_high", "p_pretrain", "p_ft_all"]
+
+
+def interval_table(stats_npzs: dict, methods: dict) -> pd.DataFrame:
+    """95% bootstrap intervals of every cell and paired tests against the Pretrain and Ft-all rows (lslo.bootstrap).
+
+    stats_npzs: {label: sentence_stats.npz}; methods: {label: pretrain | full | lslo}. The first label of method
+    pretrain is the Pretrain baseline and the first of method full the Ft-all one; p_pretrain / p_ft_all are NaN
+    without that row (and on the baseline's own row). Columns: INTERVAL_COLUMNS (docs/formats.md).
+    """
+    from lslo.bootstrap import compare_systems, read_sentence_stats
+
+    systems = {label: read_sentence_stats(path) for label, path in stats_npzs.items()}
+    baselines = {}
+    for name, method in (("pretrain", "pretrain"), ("ft_all", "full")):
+        first = next((label for label in systems if methods.get(label) == method), None)
+        if first is not None:
+            baselines[name] = first
+    intervals = compare_systems(systems, baselines)
+    for name in SIGNIFICANCE_MARKS:
+        if f"p_{name}" not in intervals:
+            intervals[f"p_{name}"] = np.nan
+    return intervals[INTERVAL_COLUMNS]
+
+
+def _cell_text(value: float, interval: pd.Series | None) -> str:
+    """'12.34 [11.02, 13.71]*†': the score, its 95% interval, and the significance marks."""
+    if pd.isna(value):
+        return ""
+    if interval is None:
+        return f"{value:.2f}"
+    marks = "".join(mark for name, mark in SIGNIFICANCE_MARKS.items() if interval[f"p_{name}"] < 0.05)
+    return f"{value:.2f} [{interval.ci_low:.2f}, {interval.ci_high:.2f}]{marks}"
+
+
 def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm_note: str,
-               metric: str = "spbleu") -> pd.DataFrame:
+               metric: str = "spbleu", stats_npzs: dict | None = None, methods: dict | None = None,
+               out_intervals=None) -> pd.DataFrame:
     """One row per variant (dict order): Method, #Params (exact trainable count; None -> "-"), pairs, AVG.
 
     groups_tsvs: {label: groups.tsv of evaluate.score_variant}; params: {label: trainable parameters or None}.
     Pair columns are the union present, in the paper's order (H2H H2M ... V2V).
+    With stats_npzs ({label: sentence_stats.npz}), methods ({label: method}) and out_intervals, spBLEU cells carry
+    their 95% bootstrap interval and significance marks in the Markdown (interval_table).
     """
     if metric not in ("spbleu", "chrf"):
         raise LsloError(f"metric '{metric}', expected spbleu or chrf")
@@ -56,18 +95,52 @@ def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm
                      **{p: groups[metric].get(p, np.nan) for p in columns}})
     table = pd.DataFrame(rows, columns=["method", "params", *columns])
     table["params"] = table["params"].astype("Int64")
+    intervals = None
+    if stats_npzs is not None:
+        if out_intervals is None or metric != "spbleu":
+            raise LsloError("make_table: intervals need out_intervals and metric spbleu")
+        intervals = interval_table(stats_npzs, methods or {})
+        _check_intervals(intervals.set_index(["method", "pair"]), table, columns)
+        write_tsv(intervals, out_intervals, float_format="%.6g")
+        intervals = intervals.set_index(["method", "pair"])
     write_tsv(table, out_tsv, float_format="%.2f")
     shown = table.copy()
     shown["params"] = [("-" if pd.isna(p) else f"{int(p):,}") for p in table["params"]]
     for column in columns:
-        shown[column] = [("" if pd.isna(v) else f"{v:.2f}") for v in table[column]]
+        shown[column] = [_cell_text(v, intervals.loc[(label, column)] if intervals is not None
+                                    and (label, column) in intervals.index else None)
+                         for label, v in zip(table["method"], table[column])]
     shown.columns = ["Methods", "#Params", *columns]
     notes = [f"Scores: {'spBLEU' if metric == 'spbleu' else 'chrF++'}; {spm_note}",
              "AVG is the mean over all directions, not over the group cells; #Params counts trainable "
              "parameters exactly."]
+    if intervals is not None:
+        notes.append(_interval_note(intervals))
     notes += _signature_notes(groups_tsvs)
     _write_text(f"**{title}**\n\n{_markdown(shown)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", out_md)
     return table
+
+
+def _check_intervals(intervals: pd.DataFrame, table: pd.DataFrame, columns: list[str]) -> None:
+    """The bootstrap's observed cells must be the groups TSVs' cells (same hypotheses, same metric)."""
+    for label, row in table.set_index("method").iterrows():
+        for column in columns:
+            value = row[column]
+            if pd.isna(value) or (label, column) not in intervals.index:
+                continue
+            if abs(intervals.loc[(label, column), "spbleu"] - value) > 1e-3:
+                raise LsloError(f"{label} {column}: sentence statistics give spBLEU "
+                                f"{intervals.loc[(label, column), 'spbleu']:.4f}, the groups table {value:.4f}; "
+                                "rescore the variant")
+
+
+def _interval_note(intervals: pd.DataFrame) -> str:
+    from lslo.bootstrap import RESAMPLES
+
+    return (f"[low, high]: 95% bootstrap interval over {RESAMPLES} resamples of the test sentences (the same "
+            "resample in every direction and system; a cell is the mean over its directions of corpus spBLEU). "
+            "* differs from Pretrain, † from Ft-all (paired bootstrap test, p < 0.05). Intervals and p-values: "
+            "the .intervals.tsv next to this table.")
 
 
 def _signature_notes(groups_tsvs: dict) -> list[str]:
@@ -165,4 +238,4 @@ def _language_table(language_table) -> pd.DataFrame:
     return read_language_table(language_table)
 
 
-__all__ = ["make_table", "correlation_table", "module_scores", "GROUP_ORDER"]
+__all__ = ["make_table", "interval_table", "correlation_table", "module_scores", "GROUP_ORDER"]

@@ -44,8 +44,11 @@ from lslo.io import write_tsv
 
 log = logging.getLogger(__name__)
 
+DEV_CELLS = ["dev_H2H", "dev_V2V"]
+# Figure 3's points and their 95% bootstrap intervals (lslo.bootstrap: dev sentences resampled, paired across directions)
+DEV_COLUMNS = [f"{cell}{suffix}" for cell in DEV_CELLS for suffix in ("", "_low", "_high")]
 METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
-                   "dev_H2H", "dev_V2V"]
+                   "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high"]
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -393,11 +396,13 @@ def count_trainable(model) -> tuple[int, int, float]:
 def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
                options: TrainOptions, device, batch_size: int = 64) -> dict:
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
-    scored with the model's own SentencePiece model. Directions are decoded together, one target language and
-    mixed sources per batch (one generate call per batch, not per direction; see evaluate.decode_shard)."""
-    from lslo.evaluate import Translator, make_decoding_batches, spbleu
+    scored with the model's own SentencePiece model, with its 95% bootstrap interval (dev_H2H_low, dev_H2H_high,
+    ...; lslo.bootstrap). Directions are decoded together, one target language and mixed sources per batch (one
+    generate call per batch, not per direction; see evaluate.decode_shard)."""
+    from lslo.bootstrap import ALPHA, SentenceStats, cell_replicates, resample_counts, sentence_stats
+    from lslo.evaluate import Translator, make_decoding_batches, spm_pieces
 
-    scores = {"dev_H2H": float("nan"), "dev_V2V": float("nan")}
+    scores = dict.fromkeys(DEV_COLUMNS, float("nan"))
     if dev_table is None or not groups or options.dev_sentences == 0:
         return scores
     rows = dev_table.head(options.dev_sentences)
@@ -428,10 +433,18 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     by_direction: dict = {}
     for (s, t, i), hyp in zip(jobs, hyps):
         by_direction.setdefault((s, t), []).append(hyp)
-    for group, group_pairs in pairs.items():
-        if group_pairs:
-            scores[f"dev_{group}2{group}"] = float(np.mean(
-                [spbleu(by_direction[(s, t)], rows[t].tolist(), tokenizer.spm_file).score for s, t in group_pairs]))
+    directions = [d for group_pairs in pairs.values() for d in group_pairs]
+    stats = SentenceStats(np.stack([sentence_stats(spm_pieces(by_direction[(s, t)], tokenizer.spm_file),
+                                                   spm_pieces(rows[t].tolist(), tokenizer.spm_file))
+                                    for s, t in directions]),
+                          [s for s, _ in directions], [t for _, t in directions],
+                          [f"{groups[s]}2{groups[t]}" for s, t in directions], [str(i) for i in range(len(rows))])
+    observed, replicates = cell_replicates(stats, resample_counts(len(rows)))
+    for cell in ("H2H", "V2V"):
+        if cell in observed:
+            low, high = np.percentile(replicates[cell], [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+            scores.update({f"dev_{cell}": observed[cell], f"dev_{cell}_low": float(low),
+                           f"dev_{cell}_high": float(high)})
     return scores
 
 
@@ -601,7 +614,7 @@ def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, devic
     dev = dev_scores(model, tokenizer, dev_table, languages, groups, options, device) if rank == 0 else {}
     return {"epoch": epoch, "step": step, "loss": loss_sum / token_sum if token_sum else float("nan"),
             "pruning_ratio": ratio, "trainable_params": trainable, "effective_params": effective,
-            "dev_H2H": dev.get("dev_H2H", float("nan")), "dev_V2V": dev.get("dev_V2V", float("nan"))}
+            **{column: dev.get(column, float("nan")) for column in DEV_COLUMNS}}
 
 
 # ---------------------------------------------------------------------------------------------- stage inputs

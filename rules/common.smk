@@ -46,7 +46,8 @@ def check_config():
         if problems:
             sys.exit("\n".join(problems))
     known = set(VARIANTS)
-    for name, rows in {**config["tables"], "figure3": config["figure3"]}.items():
+    summary = list((config.get("summary") or {}).values())
+    for name, rows in {**config["tables"], "figure3": config["figure3"], "summary": summary}.items():
         unknown = [v for v in rows if v not in known]
         if unknown:
             sys.exit(f"config key '{name}' ({files}) lists unknown variant(s) {unknown}; variants: {sorted(known)}")
@@ -175,6 +176,10 @@ def groups_of(variants):
     return expand("results/evaluate/{variant}/groups.tsv", variant=variants)
 
 
+def stats_of(variants):
+    return expand("results/evaluate/{variant}/sentence_stats.npz", variant=variants)
+
+
 def metrics_of(variants):
     return expand("results/finetune/{variant}/metrics.tsv", variant=variants)
 
@@ -220,5 +225,6 @@ def all_targets():
         *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
         *stage_files(),
+        *(["results/summary.md"] if config.get("summary") else []),
     ]
 

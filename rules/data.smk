@@ -27,6 +27,10 @@ rule demo_pretrain:
         seed=config["demo"]["seed"],
         max_minutes=config["demo"]["pretrain_minutes"],
         max_steps=config["demo"]["pretrain_steps"],
+        model={key: config["demo"][key] for key in ("d_model", "layers", "ffn_dim")},
+        max_tokens=config["demo"]["pretrain_tokens"],
+        lr=config["demo"]["pretrain_lr"],
+        warmup=config["demo"]["pretrain_warmup"],
         code=CODE["demo_pretrain"],
     log:
         "logs/demo_pretrain.log",

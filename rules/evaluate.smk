@@ -42,6 +42,7 @@ rule score:
         directions="results/evaluate/{variant}/directions.tsv",
         groups="results/evaluate/{variant}/groups.tsv",
         signature="results/evaluate/{variant}/groups.signature.json",
+        stats="results/evaluate/{variant}/sentence_stats.npz",
     params:
         label=variant_param("label"),
         code=CODE["score"],

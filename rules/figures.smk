@@ -1,6 +1,8 @@
 # Stage 7, figures: the paper's Figures 1-6 and Tables 1-4, 8, 9, 10 from the TSVs of the earlier stages,
 # each wrapped in report() for `snakemake --report`. All local: plotting and aggregation take seconds.
 
+from lslo.summary import ROLES as SUMMARY_ROLES
+
 # figure -> (scores it plots, lslo.figures function)
 SCORE_FIGURES = {
     "figure2": ("ise", "figure2_subspace"),
@@ -84,12 +86,15 @@ rule table:
     input:
         groups=lambda wildcards: groups_of(config["tables"][wildcards.table]),
         metrics=lambda wildcards: metrics_of(config["tables"][wildcards.table]),
+        stats=lambda wildcards: stats_of(config["tables"][wildcards.table]),
     output:
         tsv=report("results/tables/{table}.tsv", caption="../workflow/report/tables.rst", category="Tables"),
         md="results/tables/{table}.md",
+        intervals="results/tables/{table}.intervals.tsv",
     params:
         labels=lambda wildcards: table_labels(config["tables"][wildcards.table]),
         trained=lambda wildcards: [VARIANTS[v]["method"] != "pretrain" for v in config["tables"][wildcards.table]],
+        methods=lambda wildcards: [VARIANTS[v]["method"] for v in config["tables"][wildcards.table]],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
         spm_note=SPM_NOTE,
         code=CODE["table"],
@@ -124,3 +129,22 @@ rule score_table:
     localrule: True
     script:
         "../workflow/scripts/score_table.py"
+
+
+rule summary:
+    input:
+        stats=lambda wildcards: stats_of([config["summary"][role] for role in SUMMARY_ROLES]),
+        weights="results/weight_learning/weights.tsv",
+        table9="results/tables/table9.tsv",
+        table_mds=["results/tables/table1.md", "results/tables/table9.md"],
+        figures=expand("results/figures/figure{i}.png", i=[1, 2, 3]),
+    output:
+        md=report("results/summary.md", caption="../workflow/report/summary.rst", category="Summary"),
+    params:
+        labels={role: VARIANTS[v]["label"] for role, v in (config.get("summary") or {}).items()},
+        code=CODE["summary"],
+    log:
+        "logs/summary.log",
+    localrule: True
+    script:
+        "../workflow/scripts/summary.py"

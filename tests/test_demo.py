@@ -113,6 +113,16 @@ def test_languages_differ_in_word_order_and_morphology():
     assert any(g.plural_particle for g in grammars) and any(g.plural for g in grammars)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_pivot_is_svo_and_most_languages_align_monotonically_with_it(seed):
+    languages = build_languages(12, seed=seed)
+    orders = [lang.grammar.order for lang in languages]
+    assert orders[0] == "SVO"  # h1, the English-like pivot
+    assert orders.count("SVO") >= 6  # mostly monotone alignments: learnable by a tiny model in minutes
+    words = [w for lang in languages for pos in ("noun", "verb", "adj") for w in lang.lexicon[pos]]
+    assert sum(len(w) for w in words) / len(words) < 5  # one- or two-syllable stems
+
+
 def test_bitext_is_imbalanced_h_m_v(bench):
     table = read_language_table(bench / "languages.tsv")
     bitext = read_bitext(bench)

@@ -74,6 +74,14 @@ def test_figure3(tmp_path):
     figures.figure3_dev_curves({"8;8;8+WL": tmp_path / "0.2.tsv", "2;2;8+WL+GPS(0.9)": tmp_path / "0.5.tsv"},
                                tmp_path / "fig3.png", baselines={"Pretrain": tmp_path / "0.2.tsv"})
     assert_png(tmp_path / "fig3.png")
+    assert figures.dev_interval(tmp_path / "0.5.tsv", "dev_V2V", curve.index) == (None, None)  # no bounds logged
+    metrics = pd.read_csv(tmp_path / "0.5.tsv", sep="\t")
+    metrics["dev_V2V_low"], metrics["dev_V2V_high"] = metrics["dev_V2V"] - 1, metrics["dev_V2V"] + 2
+    metrics.to_csv(tmp_path / "ci.tsv", sep="\t", index=False)
+    low, high = figures.dev_interval(tmp_path / "ci.tsv", "dev_V2V", curve.index)
+    assert list(curve - low) == pytest.approx([1] * 5) and list(high - curve) == pytest.approx([2] * 5)
+    figures.figure3_dev_curves({"x": tmp_path / "ci.tsv"}, tmp_path / "fig3ci.png")
+    assert_png(tmp_path / "fig3ci.png")
 
 
 def test_correlation_table_matches_numpy(tmp_path):

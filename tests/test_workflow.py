@@ -88,7 +88,7 @@ def test_demo_dry_run_lists_every_stage(workdir):
         "demo_benchmark": 1, "demo_pretrain": 1, "data": 1, "weight_learning": 1, "subspace": 2,
         "ranks": n_lslo, **finetune_counts(demo["variants"]), "decode": n_variants * demo["eval"]["shards"],
         "score": n_variants, "figure1": 1, "figure3": 1, "score_figure": 4, "table": len(demo["tables"]),
-        "score_table": 2, "all": 1,
+        "score_table": 2, "all": 1, **({"summary": 1} if demo.get("summary") else {}),
     }
 
 
@@ -166,10 +166,11 @@ def test_changing_one_gps_ratio_reruns_only_that_variant(workdir):
     config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"]["ratio"] = 0.5
     (workdir / "config/changed.yaml").write_text(yaml.safe_dump(config))  # keys re-ordered too: no effect
     out = snakemake(workdir, "-n", "--configfile", "config/changed.yaml").stdout
-    assert job_counts(out) == {"ranks": 1, "finetune": 1, "decode": 2, "score": 1, "table": 1, "figure3": 1, "all": 1}
+    assert job_counts(out) == {"ranks": 1, "finetune": 1, "decode": 2, "score": 1, "table": 1, "figure3": 1,
+                               "summary": 1, "all": 1}
     outputs = re.findall(r"^    output: (.*)$", out, flags=re.M)
     assert all("lslo-2-2-8-wl-gps0.9" in line or "results/tables/" in line or "results/figures/" in line
-               for line in outputs), outputs
+               or line == "results/summary.md" for line in outputs), outputs
 
 
 LIBRARY_STAGES = ["demo", "data", "weight_learning", "subspace", "ranks", "finetune", "evaluate", "figures"]

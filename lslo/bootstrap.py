@@ -1,0 +1,192 @@
+"""Error bars for Table 1: bootstrap confidence intervals and paired bootstrap tests on spBLEU.
+
+The paper reports no intervals; these follow Koehn (2004) as sacrebleu implements them (sacrebleu.significance):
+
+- Sufficient statistics. Corpus BLEU is a function of per-sentence counts summed over the corpus
+  (hypothesis length, reference length, matching and total n-grams for n = 1..4). `sentence_stats` keeps those
+  counts for every test sentence of every direction (sacrebleu's own extraction), so the BLEU of any resample is
+  `bleu_from_stats` of a weighted sum: exactly corpus spBLEU of the resampled sentences, without re-scoring text.
+- Resample. One bootstrap replicate draws n sentence ids with replacement from the n test sentences (numpy
+  `default_rng(seed).choice`, as sacrebleu draws them). The test set is multi-parallel (line i is the same
+  sentence in every language), so the same draw is used for every direction, and for every system: a hard sentence
+  stays hard in all directions of a replicate, and systems are compared on the same resample (paired).
+- Cells. A cell (group pair such as V2V, or AVG) of one replicate = mean over the cell's directions of corpus
+  spBLEU of that direction on the resampled sentences, the same definition as the cell itself
+  (lslo.evaluate.aggregate). The 95% interval is the 2.5th-97.5th percentile of the replicates.
+- Paired test (sacrebleu's paired bootstrap, `_paired_bs_test`): the observed difference d = |X - Y| of the cell
+  is compared with the replicate differences |X_b - Y_b| centred on their mean; p = (#{centred > d} + 1) / (B + 1)
+  (`sacrebleu.significance._compute_p_value`).
+
+Files: `results/evaluate/{variant}/sentence_stats.npz` (docs/formats.md): `stats` int32 (directions, sentences, 10),
+`src`, `tgt`, `pair` (per direction), `ids` (sentence ids, test-table order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+from sacrebleu.significance import _compute_p_value
+
+from lslo.errors import LsloError
+from lslo.io import atomic_write
+
+BLEU_ORDER = 4  # sacrebleu's default max n-gram order
+N_STATS = 2 + 2 * BLEU_ORDER  # sys_len, ref_len, correct_1..4, total_1..4 (sacrebleu's layout)
+RESAMPLES = 1000  # sacrebleu's default number of bootstrap resamples
+SEED = 12345  # sacrebleu's default SACREBLEU_SEED
+ALPHA = 0.05
+
+
+def sentence_stats(hyp_pieces: list[str], ref_pieces: list[str]) -> np.ndarray:
+    """Per-sentence BLEU sufficient statistics (n, 10) of SentencePiece-tokenized lines (sacrebleu BLEU defaults,
+    tokenize="none": the same metric as lslo.evaluate.spbleu)."""
+    if len(hyp_pieces) != len(ref_pieces):
+        raise LsloError(f"{len(hyp_pieces)} hypotheses but {len(ref_pieces)} references")
+    bleu = sacrebleu.BLEU(tokenize="none")
+    return np.asarray(bleu._extract_corpus_statistics(list(hyp_pieces), [list(ref_pieces)]), dtype=np.int64)
+
+
+def bleu_from_stats(sums: np.ndarray) -> np.ndarray:
+    """Corpus BLEU of summed statistics (..., 10), vectorized; equals sacrebleu BLEU._compute_score_from_stats
+    with its defaults (exp smoothing: the k-th n-gram order without a match counts 1 / (2^k · total))."""
+    sums = np.asarray(sums, dtype=np.float64)
+    sys_len, ref_len = sums[..., 0], sums[..., 1]
+    correct, total = sums[..., 2 : 2 + BLEU_ORDER], sums[..., 2 + BLEU_ORDER :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        brevity = np.where(sys_len >= ref_len, 1.0,
+                           np.where(sys_len > 0, np.exp(1 - ref_len / np.where(sys_len > 0, sys_len, 1)), 0.0))
+        unmatched = correct == 0
+        halvings = np.cumsum(unmatched, axis=-1)
+        precision = np.where(unmatched, 100.0 / (2.0 ** halvings * total), 100.0 * correct / total)
+        log_mean = np.log(np.where(total > 0, precision, 1.0)).mean(axis=-1)
+    # no match at all, or an n-gram order with no n-grams (sacrebleu's log(0) = -1e10): BLEU 0
+    zero = (~unmatched).sum(axis=-1) == 0
+    zero |= (total == 0).any(axis=-1)
+    return np.where(zero, 0.0, brevity * np.exp(log_mean))
+
+
+def resample_counts(n_sentences: int, n_resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """(B, n) how often each sentence occurs in each replicate; the draws are sacrebleu's
+    (`default_rng(seed).choice(n, size=(B, n), replace=True)`)."""
+    if n_sentences < 1:
+        raise LsloError("bootstrap: no test sentences to resample")
+    draws = np.random.default_rng(seed).choice(n_sentences, size=(n_resamples, n_sentences), replace=True)
+    counts = np.zeros((n_resamples, n_sentences), dtype=np.float64)
+    np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
+    return counts
+
+
+@dataclass
+class SentenceStats:
+    """One system's per-sentence BLEU statistics for every direction of the test set."""
+
+    stats: np.ndarray  # (directions, sentences, 10)
+    src: list[str]
+    tgt: list[str]
+    pair: list[str]  # resource-group pair of each direction, e.g. "H2V"
+    ids: list[str]  # sentence ids, the same order in every direction
+
+    def direction_scores(self) -> np.ndarray:
+        """Corpus spBLEU per direction (the directions TSV's spbleu)."""
+        return bleu_from_stats(self.stats.sum(axis=1))
+
+    def replicate_scores(self, counts: np.ndarray) -> np.ndarray:
+        """(B, directions) corpus spBLEU of every direction on every replicate (counts from resample_counts)."""
+        if counts.shape[1] != self.stats.shape[1]:
+            raise LsloError(f"bootstrap: {counts.shape[1]} resampled sentences for {self.stats.shape[1]} test sentences")
+        directions, sentences, n_stats = self.stats.shape
+        by_sentence = self.stats.transpose(1, 0, 2).reshape(sentences, directions * n_stats).astype(np.float64)
+        sums = counts @ by_sentence  # one matrix product: (B, n) x (n, directions * 10)
+        return bleu_from_stats(sums.reshape(len(counts), directions, n_stats))
+
+    def cells(self) -> dict[str, np.ndarray]:
+        """Cell name (group pair, then AVG) -> mask over directions (lslo.evaluate.aggregate's cells)."""
+        from lslo.evaluate import pair_order
+
+        pairs = np.asarray(self.pair)
+        groups = {g for p in self.pair for g in p.split("2")}
+        cells = {p: pairs == p for p in pair_order(groups) if (pairs == p).any()}
+        cells["AVG"] = np.ones(len(pairs), dtype=bool)
+        return cells
+
+    def same_test_set(self, other: "SentenceStats") -> bool:
+        return (self.src, self.tgt, self.ids) == (other.src, other.tgt, other.ids)
+
+
+def write_sentence_stats(stats: SentenceStats, path) -> None:
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, stats=stats.stats.astype(np.int32), src=np.asarray(stats.src),
+                                tgt=np.asarray(stats.tgt), pair=np.asarray(stats.pair), ids=np.asarray(stats.ids))
+
+
+def read_sentence_stats(path) -> SentenceStats:
+    path = Path(path)
+    if not path.is_file():
+        raise LsloError(f"{path}: sentence statistics not found (written by the score stage)")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("stats", "src", "tgt", "pair", "ids") if k not in data.files]
+        if missing:
+            raise LsloError(f"{path}: sentence statistics lack array(s) {missing}")
+        stats = SentenceStats(data["stats"].astype(np.int64), data["src"].tolist(), data["tgt"].tolist(),
+                              data["pair"].tolist(), data["ids"].tolist())
+    if stats.stats.ndim != 3 or stats.stats.shape[2] != N_STATS or stats.stats.shape[0] != len(stats.src):
+        raise LsloError(f"{path}: stats array of shape {stats.stats.shape}, expected "
+                        f"({len(stats.src)}, sentences, {N_STATS})")
+    return stats
+
+
+def cell_replicates(stats: SentenceStats, counts: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Observed cell scores and their (B,) bootstrap replicates: a cell = mean over its directions of corpus spBLEU."""
+    observed, replicates = stats.direction_scores(), stats.replicate_scores(counts)
+    cells = stats.cells()
+    return ({c: float(observed[mask].mean()) for c, mask in cells.items()},
+            {c: replicates[:, mask].mean(axis=1) for c, mask in cells.items()})
+
+
+def paired_p_value(observed_x: float, observed_y: float, replicates_x: np.ndarray, replicates_y: np.ndarray) -> float:
+    """sacrebleu's paired bootstrap p-value (two-sided) of the difference between systems X and Y on one cell."""
+    sample_diffs = np.abs(replicates_x - replicates_y)
+    if not sample_diffs.any() and observed_x == observed_y:
+        return 1.0  # the same translations on every resample: no difference to test (sacrebleu would give 1/(B+1))
+    return float(_compute_p_value(sample_diffs - sample_diffs.mean(), abs(observed_x - observed_y)))
+
+
+def compare_systems(systems: dict[str, SentenceStats], baselines: dict[str, str], n_resamples: int = RESAMPLES,
+                    seed: int = SEED):
+    """Intervals and paired tests for every system and cell.
+
+    systems: {label: SentenceStats}, all on the same directions and sentences; baselines: {column name: label}
+    (e.g. {"pretrain": "Pretrain", "ft_all": "Ft-all"}). Returns a DataFrame with one row per (system, cell):
+    method, pair, spbleu, ci_low, ci_high, then p_<name> per baseline (NaN for the baseline's own row).
+    """
+    import pandas as pd
+
+    if not systems:
+        raise LsloError("bootstrap: no systems to compare")
+    labels = list(systems)
+    first = systems[labels[0]]
+    for label in labels[1:]:
+        if not systems[label].same_test_set(first):
+            raise LsloError(f"bootstrap: '{label}' was scored on other directions or sentences than '{labels[0]}'")
+    for name, label in baselines.items():
+        if label not in systems:
+            raise LsloError(f"bootstrap: baseline '{label}' ({name}) is not among the systems {labels}")
+    counts = resample_counts(first.stats.shape[1], n_resamples, seed)
+    results = {label: cell_replicates(systems[label], counts) for label in labels}
+    rows = []
+    for label in labels:
+        observed, replicates = results[label]
+        for cell, value in observed.items():
+            low, high = np.percentile(replicates[cell], [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+            row = {"method": label, "pair": cell, "spbleu": value, "ci_low": float(low), "ci_high": float(high)}
+            for name, base in baselines.items():
+                base_observed, base_replicates = results[base]
+                row[f"p_{name}"] = np.nan if base == label else paired_p_value(
+                    value, base_observed[cell], replicates[cell], base_replicates[cell])
+            rows.append(row)
+    return pd.DataFrame(rows)
+

@@ -1,0 +1,148 @@
+"""What a finished run reproduces of the paper: its findings as measured targets with pass/miss, in Markdown.
+
+    demo_targets(stats, labels, weights_tsv, table9_tsv)  -> DataFrame: target, measured, needed, result
+    write_summary(..., out_md)                             the summary file (results/summary.md, `make report`)
+    update_readme(summary_md, readme, assets_dir)           README's demo section and its figures, from a run
+
+Roles name the Table 1 rows the findings are about (config `summary`): pretrain (zero-shot), ft_all (full
+fine-tuning), full_rank (8;8;8+WL), low_rank (2;2;8+WL), pruned (2;2;8+WL+GPS(0.9)). The thresholds are the demo's
+targets; the paper's own numbers (Table 1, Table 9) are quoted next to them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lslo.errors import LsloError
+from lslo.io import atomic_write, read_tsv
+
+ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
+PRETRAIN_H2H_MIN = 25.0  # a competent pretrained model on high-resource directions
+V2V_RATIO_MAX = 1 / 3  # ... and a weak one on very-low-resource directions (paper Table 1: H2H 31.76, V2V 0.52)
+V2V_GAIN_MIN = 5.0  # 8;8;8+WL over Pretrain on V2V (paper Table 1: +6.5)
+WEIGHT_GAP_MIN = 0.2  # weight learning picks an index: |w_src - w_tgt| in at least one layer per side (Figure 1)
+ISE_R_MIN = 0.5  # Table 9 encoder AVG r (paper: 0.64)
+ALPHA = 0.05
+README_START, README_END = "<!-- demo-summary:start -->", "<!-- demo-summary:end -->"
+
+
+def _result(passed: bool) -> str:
+    return "pass" if passed else "miss"
+
+
+def _significance(p: float) -> str:
+    return f"p = {p:.3f}, {'significant' if p < ALPHA else 'not significant'}"
+
+
+def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataFrame:
+    """The targets, measured. stats: {role: sentence_stats.npz}; labels: {role: Table 1 label}."""
+    from lslo.bootstrap import compare_systems, read_sentence_stats
+
+    missing = [role for role in ROLES if role not in stats or role not in labels]
+    if missing:
+        raise LsloError(f"summary: no variant for role(s) {missing} (config summary: {', '.join(ROLES)})")
+    systems = {labels[role]: read_sentence_stats(stats[role]) for role in ROLES}
+    frame = compare_systems(systems, {role: labels[role] for role in ("pretrain", "ft_all", "low_rank")})
+    cell = frame.set_index(["method", "pair"])
+    for pair in ("H2H", "V2V", "AVG"):
+        if (labels["pretrain"], pair) not in cell.index:
+            raise LsloError(f"summary: no {pair} directions in {stats['pretrain']}; the targets need H and V languages")
+
+    def at(role, pair, column="spbleu"):
+        return float(cell.loc[(labels[role], pair), column])
+
+    rows = []
+    h2h, v2v = at("pretrain", "H2H"), at("pretrain", "V2V")
+    rows.append(("Pretrain H2H spBLEU", f"{h2h:.2f} [{at('pretrain', 'H2H', 'ci_low'):.2f}, "
+                 f"{at('pretrain', 'H2H', 'ci_high'):.2f}]", f">= {PRETRAIN_H2H_MIN:g}", _result(h2h >= PRETRAIN_H2H_MIN)))
+    rows.append(("Pretrain V2V / H2H", f"{v2v:.2f} / {h2h:.2f} = {v2v / h2h if h2h else np.nan:.2f}",
+                 "<= 1/3", _result(v2v <= V2V_RATIO_MAX * h2h)))
+    gain, p_gain = at("full_rank", "V2V") - v2v, at("full_rank", "V2V", "p_pretrain")
+    rows.append((f"{labels['full_rank']} V2V gain over Pretrain", f"{gain:+.2f} ({_significance(p_gain)})",
+                 f">= +{V2V_GAIN_MIN:g}, significant", _result(gain >= V2V_GAIN_MIN and p_gain < ALPHA)))
+    weights = read_tsv(weights_tsv, ["side", "layer", "w_src", "w_tgt"], "weight-learning table", allow_empty=False)
+    for side, name in (("enc", "encoder"), ("dec", "decoder")):
+        sub = weights[weights["side"] == side]
+        if sub.empty:
+            raise LsloError(f"{weights_tsv}: no {side} layers")
+        gaps = (sub["w_src"] - sub["w_tgt"]).abs()
+        layer = int(sub.loc[gaps.idxmax(), "layer"])
+        rows.append((f"Weight learning, {name}: max |w_src - w_tgt|", f"{gaps.max():.3f} (layer {layer})",
+                     f">= {WEIGHT_GAP_MIN:g}", _result(gaps.max() >= WEIGHT_GAP_MIN)))
+    table9 = read_tsv(table9_tsv, ["module", "r", "p_value"], "Table 9", allow_empty=False).set_index("module")
+    if "AVG" not in table9.index:
+        raise LsloError(f"{table9_tsv}: no AVG row")
+    r, p = float(table9.loc["AVG", "r"]), float(table9.loc["AVG", "p_value"])
+    rows.append(("ISE: Pearson r, bitext vs eq. 6 score, encoder AVG (Table 9)", f"{r:.2f} (mean p {p:.3f})",
+                 f">= {ISE_R_MIN:g} (paper 0.64)", _result(r >= ISE_R_MIN)))
+    for versus in ("low_rank", "ft_all"):
+        diff = at("pruned", "AVG") - at(versus, "AVG")
+        p_diff = at("pruned", "AVG", f"p_{versus}")
+        rows.append((f"{labels['pruned']} vs {labels[versus]}, AVG", f"{diff:+.2f} ({_significance(p_diff)})",
+                     "report (paper: -0.06)" if versus == "low_rank" else "> 0 (paper: +0.69)",
+                     "report" if versus == "low_rank" else _result(diff > 0)))
+    return pd.DataFrame(rows, columns=["target", "measured", "needed", "result"])
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    return "\n".join([header, rule, *("| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False))])
+
+
+def _demote_title(markdown: str) -> str:
+    """A table file's bold title line becomes a level-4 heading inside the summary."""
+    return re.sub(r"^\*\*(.+)\*\*$", r"#### \1", markdown.strip(), count=1, flags=re.M)
+
+
+def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds: list, figures: dict,
+                  out_md) -> pd.DataFrame:
+    """results/summary.md: the targets with measured values, then the given tables and figures (paths relative
+    to the summary file's directory)."""
+    targets = demo_targets(stats, labels, weights_tsv, table9_tsv)
+    out_md = Path(out_md)
+    passed = (targets["result"] == "pass").sum()
+    judged = targets["result"].isin(["pass", "miss"]).sum()
+    parts = ["### The paper's findings in this run", "",
+             f"{passed} of {judged} targets met. Intervals: 95% bootstrap over test sentences; p: paired bootstrap "
+             "test (lslo.bootstrap).", "", _markdown_table(targets), ""]
+    for md in table_mds:
+        parts += [_demote_title(Path(md).read_text(encoding="utf-8")), ""]
+    for caption, path in figures.items():
+        relative = Path(path).resolve().relative_to(out_md.resolve().parent) if Path(path).is_absolute() else path
+        parts += [f"![{caption}]({Path(relative).as_posix()})", ""]
+    with atomic_write(out_md) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return targets
+
+
+def update_readme(summary_md, readme, assets_dir) -> list[Path]:
+    """Replace README's block between the demo-summary markers with a run's summary; copy the figures the
+    summary shows into assets_dir (committed with the README) and point its image links there."""
+    summary_md, readme, assets_dir = Path(summary_md), Path(readme), Path(assets_dir)
+    if not summary_md.is_file():
+        raise LsloError(f"{summary_md}: no summary; run the workflow first (make demo)")
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise LsloError(f"{readme}: expected one '{README_START}' and one '{README_END}' marker")
+    body = summary_md.read_text(encoding="utf-8")
+    copied = []
+    for link in dict.fromkeys(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body)):
+        figure = summary_md.parent / link
+        if not figure.is_file():
+            raise LsloError(f"{summary_md}: figure {link} not found at {figure}")
+        assets_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, assets_dir / figure.name)
+        copied.append(assets_dir / figure.name)
+        relative = (assets_dir / figure.name).resolve().relative_to(readme.resolve().parent).as_posix()
+        body = body.replace(f"]({link})", f"]({relative})")
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    with atomic_write(readme) as tmp:
+        tmp.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}", encoding="utf-8")
+    return copied
