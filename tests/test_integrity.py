@@ -13,22 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lslo.data import prepare_data, read_parallel  # noqa: E402
-from lslo.errors import LsloError  # noqa: E402
+from test_validation import raises  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "config" / "languages.tsv"
 FLORES101 = {"en": "eng", "fr": "fra", "oc": "oci"}
 LANGS = list(FLORES101)
-
-
-def raises(call, *parts, **kwargs):
-    """Run call(**kwargs); it must raise LsloError whose message contains every part. Returns the message."""
-    with pytest.raises(LsloError) as err:
-        call(**kwargs)
-    message = str(err.value)
-    for part in parts:
-        assert str(part) in message, f"{part!r} not in {message!r}"
-    return message
 
 
 # ---------------------------------------------------------------------------------------------- FLORES bytes

@@ -17,21 +17,13 @@ import pytest
 import torch
 import yaml
 
-from test_workflow import GPU_RULES, ROOT, WORKFLOW_FILES, snakemake
+from test_workflow import GPU_RULES, ROOT, copy_workflow, snakemake
 
 pytestmark = pytest.mark.smoke
 
 LSLO = "lslo-2-2-8-wl-gps0.9"  # learned index plan (weight learning), GPS on H and M
 OTHER = "lslo-2-2-8-src"  # another LSLo variant: must stay untouched when LSLO's settings change
 ONE_THREAD = ["--set-threads", *[f"{rule}=1" for rule in sorted(GPU_RULES)]]
-
-
-def copy_workflow(workdir: Path) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
-    return workdir
 
 
 def run(workdir: Path, config: dict, *args) -> None:

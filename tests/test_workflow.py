@@ -25,12 +25,33 @@ ALLOWED_LINTS = {  # the workflow runs in the environment that has lslo installe
 }
 
 
-@pytest.fixture
-def workdir(tmp_path):
+def copy_workflow(dst: Path) -> Path:
+    """The workflow's files (Snakefile, rules, scripts, configs, profiles) copied into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    return tmp_path
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
+    return dst
+
+
+def materialise(workdir: Path, *check_args) -> None:
+    """Every output of the workflow as an empty file (a directory for directory outputs), with the metadata of
+    every job (--touch), so that a dry run shows exactly what a change reruns."""
+    summary = snakemake(workdir, "--summary").stdout.splitlines()[1:]
+    for path in (line.split("\t")[0] for line in summary if line.strip()):
+        target = workdir / path
+        if target.suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+    snakemake(workdir, "--touch", "--forceall", "--cores", "1")
+    assert "Nothing to be done" in snakemake(workdir, "-n", *check_args).stdout
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return copy_workflow(tmp_path)
 
 
 def snakemake(workdir, *args, check=True, env=None):
@@ -151,17 +172,7 @@ def test_slurm_profile_requests_gpus_for_training_and_decoding_only(workdir):
 
 
 def test_changing_one_gps_ratio_reruns_only_that_variant(workdir):
-    # materialise every output as an empty file (directories for directory outputs), record metadata with --touch
-    summary = snakemake(workdir, "--summary").stdout.splitlines()[1:]
-    for path in (line.split("\t")[0] for line in summary if line.strip()):
-        target = workdir / path
-        if target.suffix:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--touch", "--forceall", "--cores", "1")  # every job, so every job has metadata
-    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+    materialise(workdir)
     config = yaml.safe_load((workdir / "config/config.yaml").read_text())
     config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"]["ratio"] = 0.5
     (workdir / "config/changed.yaml").write_text(yaml.safe_dump(config))  # keys re-ordered too: no effect

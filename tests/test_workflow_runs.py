@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_workflow import ROOT, SNAKEMAKE, WORKFLOW_FILES, job_counts, snakemake
+from test_workflow import ROOT, SNAKEMAKE, copy_workflow, job_counts, materialise, snakemake
 
 VARIANT = "lslo-src"  # the LSLo variant of the run config
 # --set-threads takes several values: the options after it keep the targets apart
@@ -32,34 +31,12 @@ ADAPTERS = f"results/finetune/{VARIANT}/adapters.safetensors"
 GROUPS = f"results/evaluate/{VARIANT}/groups.tsv"
 
 
-def copy_workflow(dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
-    return dst
-
-
-def materialise(workdir: Path) -> None:
-    """Every output of the demo config as an empty file (a directory for directory outputs), with metadata."""
-    summary = snakemake(workdir, "--summary").stdout.splitlines()[1:]
-    for path in (line.split("\t")[0] for line in summary if line.strip()):
-        target = workdir / path
-        if target.suffix:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--touch", "--forceall", "--cores", "1")
-    assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local").stdout
-
-
 # ---------------------------------------------------------------------------------------------- dry runs
 
 @pytest.fixture(scope="module")
 def materialised_once(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("materialised") / "wf")
-    materialise(workdir)
+    materialise(workdir, "--profile", "profiles/local")
     return workdir
 
 
