@@ -180,7 +180,7 @@ def encode_bitext(benchmark_dir: str | Path, tokenizer):
 def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: int = 1,
                         max_minutes: float | None = 7.0, max_steps: int | None = 1000, vocab_size: int = 1500,
                         d_model: int = 128, layers: int = 2, ffn_dim: int = 512, heads: int = 4,
-                        max_tokens: int = 768, lr: float = 3e-3, warmup: int = 200,
+                        max_tokens: int = 768, lr: float = 3e-3, warmup: int = 200, temperature: float = 1.0,
                         threads: int | None = None) -> Path:
     """SentencePiece + tokenizer + a tiny M2M100 pretrained from scratch on the benchmark's bitext -> HF directory.
 
@@ -209,13 +209,15 @@ def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: in
                                    tokenizer.eos_token_id, d_model=d_model, layers=layers, ffn_dim=ffn_dim, heads=heads)
         model = M2M100ForConditionalGeneration(config)
         train_log = train_on_bitext(model, corpus, tokenizer, languages, seed=seed, max_tokens=max_tokens, lr=lr,
-                                    warmup=warmup, max_steps=max_steps, max_minutes=max_minutes)
+                                    warmup=warmup, temperature=temperature, max_steps=max_steps,
+                                    max_minutes=max_minutes)
         model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(tmp / "tokenizer")
         settings = dict(seed=seed, vocab_size=vocab_size, d_model=d_model, layers=layers, ffn_dim=ffn_dim,
-                        heads=heads, max_tokens=max_tokens, lr=lr, warmup=warmup, languages=languages)
+                        heads=heads, max_tokens=max_tokens, lr=lr, warmup=warmup, temperature=temperature,
+                        languages=languages)
         write_json({"settings": settings, **train_log}, tmp / "pretrain.json")
     log.info("pretrained demo model: %d steps in %.1f min -> %s", train_log["steps"], train_log["minutes"], out_dir)
     return Path(out_dir)

@@ -31,6 +31,7 @@ rule demo_pretrain:
         max_tokens=config["demo"]["pretrain_tokens"],
         lr=config["demo"]["pretrain_lr"],
         warmup=config["demo"]["pretrain_warmup"],
+        temperature=config["demo"]["pretrain_temperature"],
         code=CODE["demo_pretrain"],
     log:
         "logs/demo_pretrain.log",

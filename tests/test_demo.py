@@ -20,6 +20,7 @@ from lslo.demo_benchmark import (
     sample_frames,
     _rng,
 )
+from lslo.data import TemperatureSampler as _RealSampler
 from lslo.errors import LsloError
 from lslo.languages import read_language_table, select
 
@@ -149,15 +150,25 @@ def test_fast_tokenize_matches_the_tokenizer(bench, tmp_path):
         assert fast_tokenize(lines, tokenizer) == tokenize_column(lines, tokenizer)
 
 
-def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path):
+def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, monkeypatch):
     from transformers import M2M100ForConditionalGeneration
 
+    import lslo.data
+    from lslo.io import read_json
     from lslo.tokenizer import load_tokenizer
 
+    samplers = []
+    monkeypatch.setattr(lslo.data, "TemperatureSampler",
+                        lambda *args, **kwargs: samplers.append(_RealSampler(*args, **kwargs)) or samplers[-1])
     bench = make_benchmark(tmp_path / "small", seed=3, bitext_scale=0.02)
     assert len(read_bitext(bench)[("h1", "v1")][0]) == 4  # 200 * 0.02
     out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
-                              d_model=32, layers=1, ffn_dim=64, max_tokens=512)
+                              d_model=32, layers=1, ffn_dim=64, max_tokens=512, temperature=2.0)
+    # Directions are drawn with p ~ size^(1/2), not in proportion to size: h1-v1 (4 pairs) against h1-h2 (400).
+    (sampler,) = samplers
+    probs = sampler.probs
+    assert probs[("h1", "v1")] / probs[("h1", "h2")] == pytest.approx((4 / 400) ** 0.5)
+    assert read_json(out / "pretrain.json")["settings"]["temperature"] == 2.0
     model = M2M100ForConditionalGeneration.from_pretrained(out).eval()
     tokenizer = load_tokenizer(out)
     assert tokenizer.languages == read_language_table(bench / "languages.tsv")["code"].tolist()
