@@ -16,6 +16,7 @@ decoder_start_token_id = eos), the tokenizer files (lslo.tokenizer.load_tokenize
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -54,18 +55,21 @@ def train_demo_spm(benchmark_dir: str | Path, model_file: str | Path, vocab_size
         rng.shuffle(lines)
         sample += lines[:SPM_SENTENCES_PER_LANGUAGE]
     model_file = Path(model_file)
+    # Trained into memory: with a model_prefix the file would record that (temporary) path, and its sha256, which
+    # sacrebleu's signature carries, would differ from run to run.
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample),
+        model_writer=model_bytes,
+        vocab_size=vocab_size,
+        character_coverage=1.0,  # the demo scripts are small alphabets: keep every character
+        model_type="unigram",
+        hard_vocab_limit=False,  # vocab_size is an upper bound: the small demo world may have fewer pieces
+        num_threads=1,  # a single thread keeps the EM sums, hence the pieces, reproducible
+        minloglevel=2,
+    )
     with atomic_write(model_file) as tmp:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample),
-            model_prefix=str(tmp.with_suffix("")),
-            vocab_size=vocab_size,
-            character_coverage=1.0,  # the demo scripts are small alphabets: keep every character
-            model_type="unigram",
-            hard_vocab_limit=False,  # vocab_size is an upper bound: the small demo world may have fewer pieces
-            num_threads=1,  # a single thread keeps the EM sums, hence the pieces, reproducible
-            minloglevel=2,
-        )
-        tmp.with_suffix("").with_suffix(".model").replace(tmp)
+        tmp.write_bytes(model_bytes.getvalue())
     return model_file
 
 

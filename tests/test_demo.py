@@ -138,6 +138,16 @@ def test_bitext_is_imbalanced_h_m_v(bench):
     assert not devtest & set(bitext[(pivot, "h2")][0])
 
 
+def test_demo_spm_is_the_same_file_wherever_it_is_trained(bench, tmp_path):
+    """Its sha256 is part of the sacrebleu signature of every demo score: two runs must agree on it."""
+    from lslo.demo import train_demo_spm
+
+    first = train_demo_spm(bench, tmp_path / "a" / "spm.model", vocab_size=300)
+    second = train_demo_spm(bench, tmp_path / "elsewhere" / "b.model", vocab_size=300)
+    assert first.read_bytes() == second.read_bytes()
+    assert not list((tmp_path / "a").glob(".*"))  # no temporaries left behind
+
+
 def test_fast_tokenize_matches_the_tokenizer(bench, tmp_path):
     from lslo.data import tokenize_column
     from lslo.demo import fast_tokenize, train_demo_spm
