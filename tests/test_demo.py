@@ -20,7 +20,6 @@ from lslo.demo_benchmark import (
     sample_frames,
     _rng,
 )
-from lslo.data import TemperatureSampler as _RealSampler
 from lslo.errors import LsloError
 from lslo.languages import read_language_table, select
 
@@ -168,8 +167,13 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
     from lslo.tokenizer import load_tokenizer
 
     samplers = []
-    monkeypatch.setattr(lslo.data, "TemperatureSampler",
-                        lambda *args, **kwargs: samplers.append(_RealSampler(*args, **kwargs)) or samplers[-1])
+
+    class RecordedSampler(lslo.data.TemperatureSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(lslo.data, "TemperatureSampler", RecordedSampler)
     bench = make_benchmark(tmp_path / "small", seed=3, bitext_scale=0.02)
     assert len(read_bitext(bench)[("h1", "v1")][0]) == 4  # 200 * 0.02
     out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
