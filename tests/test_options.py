@@ -130,8 +130,9 @@ def test_lslospec_accepts_the_layouts_that_train_options_accept(name, value):
 
 
 def test_demo_defaults_are_the_demo_configs_values():
-    """config/config.yaml is the demo; the schema's demo defaults are its values, so a config that leaves a demo key
-    out gets what the README describes. pretrain_steps is the exception: unset, the time cap alone ends pretraining."""
+    """config/config.yaml is the demo; the schema's demo defaults are its values, so a config that leaves a demo
+    key out gets what the README describes. pretrain_steps is the exception: unset, the time cap alone ends
+    pretraining."""
     demo_config = load_yaml(ROOT / "config" / "config.yaml")["demo"]
     defaults = {k: v["default"] for k, v in SCHEMA["properties"]["demo"]["properties"].items()}
     assert set(demo_config) == set(defaults)
