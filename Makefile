@@ -1,17 +1,18 @@
-# Two entry points for a fresh machine: `make demo` (whole pipeline on the embedded demo) and `make test`.
+# Two entry points for a fresh machine: `make demo` (whole pipeline on the embedded demo) and `make test`;
+# `make lint` checks style and the module layering (configured in pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: install demo test report clean-demo
+.PHONY: install demo test lint report clean-demo
 
 # torch is installed first and pinned: an unpinned torch pulls the CUDA wheels (several GB).
 $(BIN)/.lslo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,slurm]"
+	$(BIN)/pip install --quiet -e ".[test,slurm,lint]"
 	touch $@
 
 install: $(BIN)/.lslo-installed
@@ -24,6 +25,14 @@ report: demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# All three checks run and report before the target fails, so one run lists every finding.
+lint: install
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/snakefmt --check Snakefile rules/ || status=1; \
+	$(BIN)/lint-imports || status=1; \
+	exit $$status
 
 clean-demo:
 	rm -rf results logs .snakemake

@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=run_convert)
     _add_model_commands(commands)
 
-    readme = commands.add_parser("readme-summary", help="put a finished run's results/summary.md into README.md")
+    readme = commands.add_parser("readme-summary", help="put a finished run's results/summary.md into docs/demo.md")
     readme.add_argument("--summary", default="results/summary.md", help="the summary of a run (rule summary)")
-    readme.add_argument("--readme", default="README.md", help="README with the demo-summary markers")
+    readme.add_argument("--readme", default="docs/demo.md", help="the page with the demo-summary markers")
     readme.add_argument("--assets", default="docs/demo", help="where the summary's figures are copied")
     readme.set_defaults(func=run_readme_summary)
     return parser

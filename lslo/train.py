@@ -55,7 +55,11 @@ METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params",
 
 @dataclass
 class TrainOptions:
-    """Training hyper-parameters (config key `options`; docs: /tmp contract "Training options")."""
+    """Training hyper-parameters: the config's `train` blocks (top level, per stage, per variant; later wins).
+
+    Each option's type, default and allowed values (LIMITS) are stated here once; config/schema.yaml repeats them
+    for the workflow's config check and tests/test_options.py keeps the two equal.
+    """
 
     lr: float = 3e-3  # paper §5: 3e-3 for LSLo, 1e-4 for full fine-tuning
     epochs: int = 15  # T
@@ -89,6 +93,35 @@ class TrainOptions:
     max_steps: int | None = None  # stop after this many updates (smoke runs)
     max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
 
+    # The allowed values of every option, in JSON Schema keywords (an option without an entry takes any value of its
+    # type; lora_init and fc_lora take the names in lslo.layer.LORA_INITS and lslo.model.FC_LAYOUTS). validate()
+    # enforces exactly these, and config/schema.yaml's `$defs.train` states the same types, bounds and defaults:
+    # tests/test_options.py compares the two field by field, so a change here must be made there too.
+    LIMITS = {
+        "lr": {"exclusiveMinimum": 0},
+        "epochs": {"minimum": 1},
+        "max_tokens": {"minimum": 1},
+        "update_freq": {"minimum": 1},
+        "tokens_per_update": {"minimum": 1},
+        "temperature": {"exclusiveMinimum": 0},
+        # a probability of 1 would drop everything (dropout) or learn nothing from the reference (label smoothing)
+        "label_smoothing": {"minimum": 0, "exclusiveMaximum": 1},
+        "dropout": {"minimum": 0, "exclusiveMaximum": 1},
+        "attention_dropout": {"minimum": 0, "exclusiveMaximum": 1},
+        "activation_dropout": {"minimum": 0, "exclusiveMaximum": 1},
+        "layerdrop": {"minimum": 0, "exclusiveMaximum": 1},
+        "fc_lora_offset": {"minimum": 0},
+        "fc_lora_width": {"minimum": 1},
+        "warmup_updates": {"minimum": 0},
+        "adam_betas": {"minItems": 2, "maxItems": 2, "items": {"minimum": 0, "exclusiveMaximum": 1}},
+        "weight_decay": {"minimum": 0},
+        "clip_norm": {"minimum": 0},
+        "dev_sentences": {"minimum": 0},
+        "dev_beam": {"minimum": 1},
+        "max_steps": {"minimum": 1},
+        "max_epoch_examples": {"minimum": 1},
+    }
+
     @classmethod
     def from_dict(cls, d: dict | None, path: str = "options") -> "TrainOptions":
         """Build from a config dict; an unknown key or a wrong type raises LsloError naming `path.key`."""
@@ -106,31 +139,62 @@ class TrainOptions:
         options.validate(path)
         return options
 
-    def validate(self, path: str = "options") -> None:
-        positive = {"lr": self.lr, "epochs": self.epochs, "max_tokens": self.max_tokens,
-                    "update_freq": self.update_freq, "temperature": self.temperature, "dev_beam": self.dev_beam}
-        for key, value in positive.items():
-            if value <= 0:
-                raise LsloError(f"{path}.{key} is {value!r}, expected a number > 0")
-        for key in ("label_smoothing", "dropout", "attention_dropout", "activation_dropout", "layerdrop"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number in [0, 1)")
-        for key in ("warmup_updates", "dev_sentences", "weight_decay", "clip_norm"):
-            if getattr(self, key) < 0:
-                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected a number >= 0")
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise LsloError(f"{path}.adam_betas is {self.adam_betas!r}, expected two numbers in [0, 1)")
-        for key in ("max_steps", "max_epoch_examples", "tokens_per_update", "fc_lora_width"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected null or a whole number >= 1")
+    @classmethod
+    def json_schema(cls) -> dict:
+        """The JSON Schema of each option (type, bounds, allowed names), as config/schema.yaml must state it."""
         from lslo.layer import LORA_INITS
         from lslo.model import FC_LAYOUTS
 
-        for key, allowed in (("lora_init", LORA_INITS), ("fc_lora", FC_LAYOUTS)):
-            if getattr(self, key) not in allowed:
-                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of {', '.join(allowed)}")
-        if self.fc_lora_offset < 0:
-            raise LsloError(f"{path}.fc_lora_offset is {self.fc_lora_offset!r}, expected a whole number >= 0")
+        types = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
+                 "int | None": {"type": ["integer", "null"]}, "list": {"type": "array"}}
+        enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS)}
+        schema = {}
+        for f in fields(cls):
+            limits = dict(cls.LIMITS.get(f.name, {}))
+            if f.name in enums:
+                schema[f.name] = {"enum": enums[f.name]}
+                continue
+            if "items" in limits:  # adam_betas: a list of numbers
+                limits["items"] = {"type": "number", **limits["items"]}
+            schema[f.name] = {**types[str(f.type)], **limits}
+        return schema
+
+    @staticmethod
+    def _expected(limits: dict, kind: str) -> str:
+        """'a number in [0, 1)', 'a whole number >= 1', ... from JSON Schema bounds."""
+        low = (f"[{limits['minimum']}" if "minimum" in limits
+               else f"({limits['exclusiveMinimum']}" if "exclusiveMinimum" in limits else None)
+        if "exclusiveMaximum" in limits and low is not None:
+            return f"{kind} in {low}, {limits['exclusiveMaximum']})"
+        if "minimum" in limits:
+            return f"{kind} >= {limits['minimum']}"
+        return f"{kind} > {limits['exclusiveMinimum']}"
+
+    @staticmethod
+    def _within(value, limits: dict) -> bool:
+        return (value >= limits.get("minimum", value) and value > limits.get("exclusiveMinimum", value - 1)
+                and value < limits.get("exclusiveMaximum", value + 1))
+
+    def validate(self, path: str = "options") -> None:
+        """Check every option against LIMITS; the first one out of range raises LsloError naming `path.key`."""
+        schema = self.json_schema()
+        for key, limits in self.LIMITS.items():
+            value = getattr(self, key)
+            if key == "adam_betas":
+                if not (len(value) == 2 and all(self._within(b, limits["items"]) for b in value)):
+                    raise LsloError(f"{path}.{key} is {value!r}, expected two "
+                                    f"{self._expected(limits['items'], 'numbers')}")
+                continue
+            if value is None or self._within(value, limits):
+                continue
+            json_type = schema[key]["type"]
+            kind = ("a number" if json_type == "number" else "a whole number" if json_type == "integer"
+                    else "null or a whole number")
+            raise LsloError(f"{path}.{key} is {value!r}, expected {self._expected(limits, kind)}")
+        for key in ("lora_init", "fc_lora"):
+            if getattr(self, key) not in schema[key]["enum"]:
+                raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of "
+                                f"{', '.join(schema[key]['enum'])}")
         if self.tokens_per_update is not None and self.update_freq != 1:
             raise LsloError(f"{path}: set tokens_per_update or update_freq, not both (update_freq is derived from "
                             "tokens_per_update, max_tokens and the number of processes)")

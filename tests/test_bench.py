@@ -25,7 +25,8 @@ def test_quick_report_has_every_system_and_target(bench, tmp_path):
     assert out.read_text(encoding="utf-8") == report
     for name in bench.TRAIN_SYSTEMS + bench.DECODE_SYSTEMS:
         assert re.search(rf"^\| {name} \| \d+\.\d ", report, re.M), name
-    verdicts = re.findall(r"^\| (LSLo|merged)[^|]*\| (\d+\.\d+) \| (<=|>=) (\d+\.\d+) \| (PASS|MISS) \|$", report, re.M)
+    verdicts = re.findall(r"^\| (LSLo|merged)[^|]*\| (\d+\.\d+) \| (<=|>=) (\d+\.\d+) \| (PASS|MISS) \|$",
+                          report, re.M)
     assert len(verdicts) == len(bench.TARGETS)
     for _, ratio, op, bound, verdict in verdicts:  # the verdict follows from the printed ratio and bound
         ok = float(ratio) <= float(bound) if op == "<=" else float(ratio) >= float(bound)

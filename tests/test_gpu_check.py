@@ -46,8 +46,8 @@ def test_cpu_smoke_runs_every_step_and_writes_the_table(tmp_path):
         # tokens/s follows from the ms: 4 sentences x 32 tokens, source and target
         assert tokens_per_s == pytest.approx(2 * 4 * 32 / (ms / 1000), rel=0.01, abs=1)
     assert sum(c.startswith("target: ") for c in bench) == 9
-    assert by_step["ddp"] == [("finetune_full rule scheduled with --set-resources finetune_full:gpu=1 (dry run)", "PASS",
-                               "gpu per finetune job: [1]")]
+    assert by_step["ddp"] == [("finetune_full rule scheduled with --set-resources finetune_full:gpu=1 (dry run)",
+                               "PASS", "gpu per finetune job: [1]")]
     assert "bf16 autocast" in report and "### Shape `tiny`" in report
 
 

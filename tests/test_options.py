@@ -1,0 +1,141 @@
+"""Each training option has one truth: lslo.train.TrainOptions (type, LIMITS, default).
+
+config/schema.yaml's `$defs.train` block repeats it for the workflow's config check, and lslo.model.LSLoSpec checks
+the LoRA-layout options again when the stages build their models. These tests compare the copies field by field,
+structurally and by probing the boundaries, so that a bound or a default changed on one side only fails here.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from lslo.config import load_yaml
+from lslo.errors import LsloError
+from lslo.model import LSLoSpec
+from lslo.train import TrainOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = load_yaml(ROOT / "config" / "schema.yaml")
+TRAIN_SCHEMA = SCHEMA["$defs"]["train"]
+OPTIONS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+
+
+def schema_default(name: str):
+    """The default the schema states for option `name`: its description starts with "unset: <YAML value>"."""
+    description = " ".join(TRAIN_SCHEMA["properties"][name].get("description", "").split())
+    match = re.match(r"unset: (.+?)(?: \(|;|$)", description)
+    assert match, f"schema.yaml $defs.train.{name}: description does not start with 'unset: <default>'"
+    import yaml
+    return yaml.safe_load(match.group(1))
+
+
+def library_default(name: str):
+    f = OPTIONS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def test_schema_names_every_option_and_no_other():
+    assert set(TRAIN_SCHEMA["properties"]) == set(OPTIONS)
+    assert TRAIN_SCHEMA["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_schema_states_the_options_type_and_bounds(name):
+    stated = {k: v for k, v in TRAIN_SCHEMA["properties"][name].items() if k != "description"}
+    assert stated == TrainOptions.json_schema()[name]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_schema_states_the_options_default(name):
+    stated, default = schema_default(name), library_default(name)
+    assert stated == default and type(stated) is type(default), f"{name}: schema says {stated!r}, library {default!r}"
+    # the default itself is allowed on both sides
+    assert_same_verdict(name, default)
+
+
+def probes(name: str) -> list:
+    """Values at and just beyond every bound of option `name`, plus a wrong type."""
+    props = TRAIN_SCHEMA["properties"][name]
+    if "enum" in props:
+        return [*props["enum"], "none-of-these", 1]
+    if name == "adam_betas":
+        return [[0.0, 0.5], [0.9, 1.0], [-1e-9, 0.5], [0.9, 0.999999], [0.9], [0.9, 0.98, 0.99], ["a", "b"]]
+    step = 1 if "integer" in props["type"] else 1e-9
+    values = ["1", True]
+    if "null" in props["type"]:
+        values.append(None)
+    for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        if key in props:
+            values += [props[key] - step, props[key], props[key] + step]
+    return values
+
+
+def schema_accepts(name: str, value) -> bool:
+    validator = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], "$ref": "#/$defs/train"})
+    return validator.is_valid({name: value})
+
+
+def options_accept(name: str, value) -> bool:
+    try:
+        TrainOptions.from_dict({name: value}, "train")
+    except LsloError:
+        return False
+    return True
+
+
+def assert_same_verdict(name: str, value):
+    schema, options = schema_accepts(name, value), options_accept(name, value)
+    assert schema == options, (f"train.{name} = {value!r}: schema.yaml {'accepts' if schema else 'rejects'} it, "
+                               f"TrainOptions {'accepts' if options else 'rejects'} it")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_schema_and_options_accept_the_same_values(name):
+    for value in probes(name):
+        assert_same_verdict(name, value)
+
+
+def test_probes_reach_both_sides_of_the_bounds():
+    """The probes are not vacuous: each bounded option has a probe accepted and one rejected."""
+    for name in ("lr", "dropout", "label_smoothing", "epochs", "fc_lora_width", "adam_betas", "lora_init"):
+        verdicts = {options_accept(name, value) for value in probes(name)}
+        assert verdicts == {True, False}, name
+    assert not options_accept("dropout", 1.0) and options_accept("dropout", 0.999)
+
+
+LAYOUT_PROBES = [("lora_init", v) for v in ("authors", "peft", "gaussian", "xavier")] + \
+    [("fc_lora", v) for v in ("slice", "full", "half")] + \
+    [("fc_lora_offset", v) for v in (-1, 0, 1)] + [("fc_lora_width", v) for v in (None, 0, 1, 2)]
+
+
+@pytest.mark.parametrize("name, value", LAYOUT_PROBES)
+def test_lslospec_accepts_the_layouts_that_train_options_accept(name, value):
+    """The stages build LSLoSpec(**options.lora_layout()); it must not refuse what the config check let through."""
+    options = TrainOptions()
+    setattr(options, name, value)
+    try:
+        options.validate("train")
+        options_ok = True
+    except LsloError:
+        options_ok = False
+    try:
+        LSLoSpec(languages=["en", "fr"], ranks={"en": 2, "fr": 2}, **options.lora_layout())
+        spec_ok = True
+    except LsloError:
+        spec_ok = False
+    assert spec_ok == options_ok
+
+
+def test_demo_defaults_are_the_demo_configs_values():
+    """config/config.yaml is the demo; the schema's demo defaults are its values, so a config that leaves a demo
+    key out gets what the README describes. pretrain_steps is the exception: unset, the time cap alone ends
+    pretraining."""
+    demo_config = load_yaml(ROOT / "config" / "config.yaml")["demo"]
+    defaults = {k: v["default"] for k, v in SCHEMA["properties"]["demo"]["properties"].items()}
+    assert set(demo_config) == set(defaults)
+    differing = {k for k in defaults if demo_config[k] != defaults[k]}
+    assert differing == {"pretrain_steps"}
+    assert defaults["pretrain_temperature"] == 2.0
