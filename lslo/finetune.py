@@ -13,9 +13,7 @@ target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as
 use for lang30; a path ending in .json = another run's plan.json.
 GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
 gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
-Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}; its paths
-are relative to variant.json (lslo.io.portable_path; a base model given as an absolute path stays absolute), so a
-copied results directory reads its own files. lslo.evaluate.read_variant resolves them.
+Every method writes out_dir/variant.json (lslo.variant: the methods, the record and its reader).
 """
 
 from __future__ import annotations
@@ -28,25 +26,24 @@ import torch
 
 from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
-from lslo.io import atomic_write, portable_path, read_json, write_json, write_tsv
+from lslo.io import atomic_write, portable_path, read_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
-from lslo.pruning import gps_ratio, prune, validate_gps
-from lslo.ranks import validate_rank_plan
+from lslo.pruning import gps_ratio, prune
+from lslo.ranks import read_rank_plan
 from lslo.tokenizer import nllb_codes_of
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
                         load_stage_data, train)
+from lslo.variant import METHODS, method_of, write_variant
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pretrain", "full", "lslo")
 INDEX_PLANS = {"src": {"enc": "src", "dec": "tgt"}, "tgt": {"enc": "tgt", "dec": "tgt"}}
 FULL_LR = 1e-4  # paper §5
 
 
 def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, languages, index_plan, plan_json,
                  ranks_json, modules, options: dict, out_dir, out_metrics, checkpoint_dir) -> None:
-    if method not in METHODS:
-        raise LsloError(f"finetune method '{method}' not understood; expected one of {list(METHODS)}")
+    method_of(method, "finetune")
     options = dict(options or {})
     if method == "full":
         options.setdefault("lr", FULL_LR)
@@ -54,8 +51,6 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
     codes, groups, train_table, dev_table = load_stage_data(train_tsv, dev_tsv, language_table, languages)
     hf_model, tokenizer = load_base(model_dir, codes, language_table)
     out_dir = Path(out_dir)
-    variant = {"method": method, "base_model": portable_path(model_dir, out_dir), "adapters": None, "model": None,
-               "languages": codes, "nllb_codes": nllb_codes_of(tokenizer)}
     if method == "pretrain":
         _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics)
     elif method == "full":
@@ -64,16 +59,14 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
               dev_table=dev_table, groups=groups, identity={"stage": "finetune", "method": method,
                                                             "base_model": model_identity(model_dir)})
         if is_main_process():
-            with atomic_write(out_dir / "model", is_dir=True) as tmp:
+            with atomic_write(out_dir / METHODS["full"].artifact_path, is_dir=True) as tmp:
                 hf_model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-        variant["model"] = "model"
     else:
-        variant["adapters"] = _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan,
-                                             plan_json, ranks_json, modules, options, out_dir, out_metrics,
-                                             checkpoint_dir, model_dir).name
+        _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan, plan_json, ranks_json,
+                       modules, options, out_dir, out_metrics, checkpoint_dir, model_dir)
     if is_main_process():
-        write_json(variant, out_dir / "variant.json")
+        write_variant(out_dir, method, model_dir, codes, nllb_codes_of(tokenizer))
 
 
 def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan, plan_json, ranks_json,
@@ -99,7 +92,7 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
           dev_table=dev_table, groups=groups, identity=identity)
     gps(options.epochs)  # masks only grow: a no-op once the target is in force, it makes the end state sure
-    path = out_dir / "adapters.safetensors"
+    path = out_dir / METHODS["lslo"].artifact_path
     if not is_main_process():
         return path
     return save_adapters(model, path, base_model=portable_path(model_dir, out_dir),  # as variant.json names it
@@ -123,23 +116,6 @@ def resolve_index_plan(index_plan: str, plan_json) -> dict:
         raise LsloError(f"index plan '{index_plan}' not understood; expected learned, src, tgt, paper or the path "
                         "of a plan.json")
     return INDEX_PLANS[index_plan]
-
-
-def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dict, dict | None]:
-    """(ranks, GPS target per language, {"start", "duration"} or None) from results/ranks/{variant}.json."""
-    if not ranks_json:
-        raise LsloError("method 'lslo' needs ranks_json (results/ranks/{variant}.json)")
-    plan = read_json(ranks_json)
-    validate_rank_plan(plan, codes, ranks_json)  # a hand-edited plan: one line per schema violation
-    ranks, targets = plan["ranks"], plan["prune"]
-    targets = {code: float(targets.get(code, 0.0)) for code in codes}
-    schedule = plan.get("gps")
-    if any(targets.values()):
-        if not schedule:
-            raise LsloError(f"{ranks_json}: languages have pruning targets but field 'gps' is empty")
-        for target in set(targets.values()):
-            validate_gps(target, schedule["start"], schedule["duration"], epochs)
-    return {code: ranks[code] for code in codes}, targets, schedule
 
 
 def _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, out_metrics) -> None:

@@ -30,7 +30,7 @@ import os
 import pandas as pd
 
 from lslo.errors import LsloError
-from lslo.io import write_json
+from lslo.io import read_json, write_json
 from lslo.languages import RESOURCE_GROUPS, read_language_table, select
 from lslo.pruning import check_ratio, validate_gps
 
@@ -104,6 +104,23 @@ def validate_rank_plan(plan, languages: list[str], source) -> None:
     lines = schema_errors(plan, rank_plan_schema(languages), what="field")
     if lines:
         raise LsloError(f"{source}: invalid rank plan (languages {list(languages)}):\n  " + "\n  ".join(lines))
+
+
+def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dict, dict | None]:
+    """(ranks, GPS target per language, {"start", "duration"} or None) from results/ranks/{variant}.json."""
+    if not ranks_json:
+        raise LsloError("method 'lslo' needs ranks_json (results/ranks/{variant}.json)")
+    plan = read_json(ranks_json)
+    validate_rank_plan(plan, codes, ranks_json)  # a hand-edited plan: one line per schema violation
+    ranks, targets = plan["ranks"], plan["prune"]
+    targets = {code: float(targets.get(code, 0.0)) for code in codes}
+    schedule = plan.get("gps")
+    if any(targets.values()):
+        if not schedule:
+            raise LsloError(f"{ranks_json}: languages have pruning targets but field 'gps' is empty")
+        for target in set(targets.values()):
+            validate_gps(target, schedule["start"], schedule["duration"], epochs)
+    return {code: ranks[code] for code in codes}, targets, schedule
 
 
 def _check_schedule(gps: dict | None, epochs: int | None) -> dict | None:

@@ -234,7 +234,7 @@ def rank_plan(tmp_path):
 def read_plan(path, plan):
     import json
 
-    from lslo.finetune import read_rank_plan
+    from lslo.ranks import read_rank_plan
 
     path.write_text(json.dumps(plan))
     return read_rank_plan(path, LANGS, 15)
