@@ -130,3 +130,29 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(LsloError, match="w_src"):
         figures.figure1_weights(tmp_path / "w.tsv", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_table_markdown_escapes_a_pipe_in_a_label(tmp_path):
+    """A '|' in a variant label stays inside its cell: every row has the header's number of cells."""
+    import re
+
+    paths = {}
+    for label in ("Pretrain", "LSLo | WL"):
+        path = tmp_path / f"{len(paths)}.tsv"
+        pd.DataFrame({"pair": ["H2H", "H2V", "V2H", "V2V", "AVG"], "spbleu": [1.0, 2.0, 3.0, 4.0, 2.5],
+                      "chrf": 1.0, "n_directions": 4}).to_csv(path, sep="\t", index=False)
+        paths[label] = path
+    tables.make_table(paths, {"Pretrain": None, "LSLo | WL": 1234}, tmp_path / "t.tsv", tmp_path / "t.md",
+                      "Table 1", "spm")
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("|")]
+    cells = [re.split(r"(?<!\\)\|", row.strip())[1:-1] for row in rows]  # a GFM reader's cell split
+    assert [len(c) for c in cells] == [7] * len(rows)
+    assert cells[-1][:2] == [r" LSLo \| WL ", " 1,234 "]
+
+
+def test_table_rows_by_label_refuse_a_repeated_label():
+    """workflow/scripts/table.py pairs labels with inputs: a repeated label would drop a row and put one
+    variant's numbers under the other's name."""
+    assert tables.by_label(["A", "B"], [1, 2], "Table 1") == {"A": 1, "B": 2}
+    with pytest.raises(LsloError, match=r"Table 1: variant label\(s\) \['A'\] given to more than one row"):
+        tables.by_label(["A", "B", "A"], [1, 2, 3], "Table 1")
