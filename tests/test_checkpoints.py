@@ -278,3 +278,27 @@ def test_parameters_loaded_equal_meta_count(nllb_dir):
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in loaded.parameters())
     assert loaded.model.shared.weight.data_ptr() == loaded.lm_head.weight.data_ptr()
     assert torch.equal(loaded.model.encoder.embed_tokens.weight, loaded.model.shared.weight)
+
+
+def test_docs_name_the_spm_files_sacrebleu_reads():
+    """Every spBLEU SentencePiece file name in README.md, docs/*.md and config/*.yaml is one sacrebleu reads: the
+    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/checkpoints.md once
+    named a flores200_sacrebleu_tokenizer_spm.model that sacrebleu never reads)."""
+    import os
+    import re
+    from pathlib import Path
+
+    from sacrebleu.tokenizers.tokenizer_spm import SPM_MODELS
+
+    read = {os.path.basename(model["url"]) for model in SPM_MODELS.values()}
+    root = Path(__file__).resolve().parents[1]
+    named = {}
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "config").glob("*.yaml"))]
+    for path in texts:
+        for name in re.findall(r"[\w.-]+", path.read_text(encoding="utf-8")):
+            if "spm" in name and ("sacrebleu" in name or name.endswith("_spm.model")):
+                named.setdefault(name, []).append(path.name)
+    assert {name: files for name, files in named.items() if name not in read} == {}
+    flores = {name for key, model in SPM_MODELS.items() if key in ("flores101", "flores200")
+              for name in [os.path.basename(model["url"])]}
+    assert flores <= set(named)  # both FLORES files are named somewhere, so the check reads real mentions
