@@ -296,7 +296,8 @@ def test_docs_name_the_spm_files_sacrebleu_reads():
     texts = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "config").glob("*.yaml"))]
     for path in texts:
         for name in re.findall(r"[\w.-]+", path.read_text(encoding="utf-8")):
-            if "spm" in name and ("sacrebleu" in name or name.endswith("_spm.model")):
+            is_file_name = name.endswith(".model") or "sacrebleuspm" in name  # not a word such as a test name
+            if "spm" in name and is_file_name and ("sacrebleu" in name or name.endswith("_spm.model")):
                 named.setdefault(name, []).append(path.name)
     assert {name: files for name, files in named.items() if name not in read} == {}
     flores = {name for key, model in SPM_MODELS.items() if key in ("flores101", "flores200")
