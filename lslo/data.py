@@ -87,20 +87,20 @@ def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFra
         layout = detect_layout(root, table, languages)
     if layout not in LAYOUTS:
         raise LsloError(f"unknown FLORES layout '{layout}'; expected 'auto' or one of {list(LAYOUTS)}")
-    columns, ids, first = {}, {}, None
+    columns, ids, paths = {}, {}, {}
     for code in languages:
-        path = flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), SPLIT_FILES[split])
+        path = paths[code] = flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), SPLIT_FILES[split])
         if path.suffix in RECORD_FILES:
             ids[code], columns[code] = _read_records(path, code)
         else:
             columns[code] = _read_lines(path, code)
-        if first is None:
-            first = (path, len(columns[code]))
-        elif len(columns[code]) != first[1]:
-            raise LsloError(f"unequal line counts: {first[0]} has {first[1]} lines, "
-                            f"{path} has {len(columns[code])} (language '{code}')")
-    _check_same_ids(ids, SPLIT_FILES[split], root)
-    return pd.DataFrame({"id": range(first[1]), **columns})
+    _check_same_ids(ids, SPLIT_FILES[split], root)  # names the missing ids, where line counts would only differ
+    first = languages[0]
+    for code in languages[1:]:
+        if len(columns[code]) != len(columns[first]):
+            raise LsloError(f"unequal line counts: {paths[first]} has {len(columns[first])} lines, "
+                            f"{paths[code]} has {len(columns[code])} (language '{code}')")
+    return pd.DataFrame({"id": range(len(columns[first])), **columns})
 
 
 def _check_same_ids(ids: dict[str, list[int]], flores_split: str, root) -> None:
@@ -112,9 +112,9 @@ def _check_same_ids(ids: dict[str, list[int]], flores_split: str, root) -> None:
         if own != union:
             missing = sorted(set(union) - set(own))
             having = next(other for other, theirs in ids.items() if set(missing) & set(theirs))
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise LsloError(f"{root}: FLORES+ split {flores_split}: language '{code}' lacks sentence id(s) "
-                            f"{missing[:5]}{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''} that "
-                            f"language '{having}' has; every language needs the same ids")
+                            f"{missing[:5]}{more} that language '{having}' has; every language needs the same ids")
 
 
 RECORD_FILES = (".jsonl", ".parquet")  # FLORES+ on the Hugging Face hub: records with fields id and text

@@ -133,6 +133,12 @@ def test_floresplus_rows_are_aligned_by_sentence_id(tmp_path, table):
     with pytest.raises(LsloError) as err:
         read_flores(root, ["en", "fr"], table, "test", "floresplus")
     assert "split devtest: language 'en' lacks sentence id(s) [3] that language 'fr' has" in str(err.value)
+    en = {i: f"english {i}" for i in range(12)}
+    fr = {i: f"francais {i}" for i in range(12) if i % 2 == 0}  # fewer lines: the ids, not the counts, are named
+    root = write_floresplus(tmp_path / "half", table, {"en": en, "fr": fr})
+    with pytest.raises(LsloError, match=r"split dev: language 'fr' lacks sentence id\(s\) \[1, 3, 5, 7, 9\] and 1 "
+                       "more that language 'en' has"):
+        read_flores(root, ["en", "fr"], table, "train", "floresplus")
     fr = {i: f"francais {i}" for i in range(6)}
     en = {i: f"english {i}" for i in range(6)}
     test = read_flores(write_floresplus(tmp_path / "full", table, {"en": en, "fr": fr}), ["en", "fr"], table,
