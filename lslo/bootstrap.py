@@ -12,7 +12,11 @@ The paper reports no intervals; these follow Koehn (2004) as sacrebleu implement
   stays hard in all directions of a replicate, and systems are compared on the same resample (paired).
 - Cells. A cell (group pair such as V2V, or AVG) of one replicate = mean over the cell's directions of corpus
   spBLEU of that direction on the resampled sentences, the same definition as the cell itself
-  (lslo.evaluate.aggregate). The 95% interval is the 2.5th-97.5th percentile of the replicates.
+  (lslo.evaluate.aggregate). The 95% interval is the 2.5th-97.5th percentile of the replicates. A percentile
+  interval need not contain the point estimate: the cell of the full test set is not a replicate, and when
+  (nearly) every replicate scores the same, a bound can lie on the wrong side of it by a rounding error (dev
+  H2H 2.8e-17 above its upper bound, seen in a run) or, with a skewed replicate distribution, by more. Users
+  of the bounds must not assume low <= score <= high (lslo.figures clamps its error bars to the point).
 - Paired test (sacrebleu's paired bootstrap, `_paired_bs_test`): the observed difference d = |X - Y| of the cell
   is compared with the replicate differences |X_b - Y_b| centred on their mean; p = (#{centred > d} + 1) / (B + 1)
   (`sacrebleu.significance._compute_p_value`).

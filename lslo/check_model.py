@@ -52,6 +52,7 @@ def check_model(model_dir, languages: list[str] | None = None, table=None) -> Mo
     codes = nllb_codes(table, languages) if table is not None else None
     tokenizer = _check_tokenizer(report, codes)
     if tokenizer is not None:
+        _check_tokenizer_against_model(report, tokenizer, config)
         _check_languages(report, tokenizer, list(languages or []), config.vocab_size)
     _check_decoder_start(report, config)
     return report
@@ -169,6 +170,59 @@ def _check_tokenizer(report: ModelReport, nllb_codes):
         kind = f"M2M100 ({type(tokenizer).__name__}, {len(tokenizer.lang_code_to_id)} language tokens __xx__)"
     report.facts.append(f"tokenizer: {kind}, {len(tokenizer)} tokens")
     return tokenizer
+
+
+SPECIALS = ("bos", "pad", "eos")  # ids config.json and the tokenizer must agree on
+
+
+def _check_tokenizer_against_model(report: ModelReport, tokenizer, config) -> None:
+    """The tokenizer's ids are the embedding's rows: a tokenizer that loads and knows every language can still
+    be off by one (one entry short in vocab.json shifts every language token id onto its neighbour's row), and
+    nothing downstream would notice. Checked: the special-token ids against config.json and, for the M2M100
+    format, vocab.json's ids 0..n-1 in fairseq order, the language tokens right after them and the rows they
+    add up to against vocab_size."""
+    from lslo.tokenizer import FAIRSEQ_SPECIALS, LsloM2M100Tokenizer, model_vocab_size
+
+    before = len(report.problems)
+    for name in SPECIALS:
+        token_id, config_id = getattr(tokenizer, f"{name}_token_id", None), getattr(config, f"{name}_token_id")
+        if config_id is not None and token_id != config_id:
+            report.problems.append(f"{report.model_dir}: the tokenizer's {name} token "
+                                   f"{getattr(tokenizer, f'{name}_token', None)!r} has id {token_id}, config.json's "
+                                   f"{name}_token_id is {config_id}")
+    if isinstance(tokenizer, LsloM2M100Tokenizer):
+        vocab = report.model_dir / "vocab.json"
+        ids = sorted(tokenizer.encoder.values())
+        if ids != list(range(len(ids))):
+            gap = next((i for i, token_id in enumerate(ids) if token_id != i), len(ids))
+            report.problems.append(f"{vocab}: ids are not 0..{len(ids) - 1} (first gap or repeat at id {gap}); the "
+                                   f"language tokens take the ids after the {len(ids)} entries, so they would "
+                                   "collide with the entries' ids")
+        heads = [tokenizer.decoder.get(i) for i in range(len(FAIRSEQ_SPECIALS))]
+        if heads != FAIRSEQ_SPECIALS:
+            report.problems.append(f"{vocab}: ids 0-3 are {heads}, expected {FAIRSEQ_SPECIALS} (fairseq order)")
+        clashes = [token for token in tokenizer.lang_code_to_token.values() if token in tokenizer.encoder]
+        if clashes:
+            report.problems.append(f"{vocab}: holds language token(s) {clashes[:5]} among the pieces; M2M100 "
+                                   "places them after the vocabulary")
+        rows = model_vocab_size(tokenizer)
+        if rows != config.vocab_size:
+            report.problems.append(
+                f"{report.model_dir}: the tokenizer accounts for {rows} embedding rows ({len(ids)} vocab.json entries "
+                f"+ {len(tokenizer.lang_code_to_id)} language tokens + {tokenizer.num_madeup_words} madeup words), "
+                f"the model has vocab_size {config.vocab_size}: every language token id would be off by "
+                f"{config.vocab_size - rows} (a vocab.json or num_madeup_words not of these weights)")
+        elif len(report.problems) == before:
+            report.facts.append(f"token ids: {len(ids)} vocab.json entries, language tokens at ids {len(ids)}.."
+                                f"{len(ids) + len(tokenizer.lang_code_to_id) - 1}, {tokenizer.num_madeup_words} "
+                                f"madeup words = vocab_size {config.vocab_size}; bos/pad/eos as config.json")
+    else:
+        ids = list(tokenizer.lang_code_to_id.values())
+        if len(set(ids)) != len(ids):
+            report.problems.append(f"{report.model_dir}: two language codes share a token id "
+                                   f"({tokenizer.lang_code_to_token})")
+        elif len(report.problems) == before:
+            report.facts.append("token ids: bos/pad/eos as config.json")
 
 
 def _check_languages(report: ModelReport, tokenizer, languages: list[str], vocab_size: int) -> None:

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--spm", required=True, help="the SentencePiece model of that dictionary")
     convert.add_argument("--languages", help="comma list of language codes in the checkpoint's order "
                                              "(default: the checkpoint's own list, else the 124 M2M-124 codes)")
-    convert.add_argument("--out", required=True, help="output HF checkpoint directory")
+    convert.add_argument("--out", required=True, help="output HF checkpoint directory (new or empty)")
+    convert.add_argument("--force", action="store_true",
+                         help="replace --out if it is an earlier lslo output (never a directory lslo did not write)")
     convert.set_defaults(func=run_convert)
     _add_model_commands(commands)
 
@@ -117,7 +119,9 @@ def _add_model_commands(commands) -> None:
     which.add_argument("--direction", help="SRC-TGT, e.g. en-oc")
     which.add_argument("--all-directions", action="store_true",
                        help="every direction of the variant's languages, one directory each (OUT/<src>-<tgt>)")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--out", required=True, help="output directory (new or empty)")
+    export.add_argument("--force", action="store_true",
+                        help="replace --out if it is an earlier lslo output (never a directory lslo did not write)")
     export.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of a merged model")
     export.set_defaults(func=run_export)
 
@@ -185,7 +189,7 @@ def run_export(args) -> int:
         if not sep or not src or not tgt:
             raise LsloError(f"--direction '{args.direction}' not understood; expected SRC-TGT such as en-oc")
         pairs = [(src, tgt)]
-    for path in export_variant(args.variant, args.out, pairs, peft=args.peft):
+    for path in export_variant(args.variant, args.out, pairs, peft=args.peft, force=args.force):
         print(f"wrote {path}")
     return 0
 
@@ -202,7 +206,8 @@ def run_convert(args) -> int:
     from lslo.convert import convert_fairseq_m2m
 
     languages = _split(args.languages, ",") if args.languages else None
-    out = convert_fairseq_m2m(args.checkpoint, args.dict, args.spm, args.out, languages=languages)
+    out = convert_fairseq_m2m(args.checkpoint, args.dict, args.spm, args.out, languages=languages,
+                              force=args.force)
     print(f"wrote {out}")
     return 0
 

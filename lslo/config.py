@@ -77,6 +77,20 @@ def _short(value, limit: int = 60) -> str:
 def _describe(error, what: str = "config key") -> str:
     """One line: the key path, its value and what the schema expects."""
     path = _key_path(error)
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # "is not valid under any of the given schemas" says nothing; when the value has the type of exactly
+        # one alternative (a list for "subset name or list of codes"), that alternative's complaint is the one
+        branches: dict = {}
+        for sub in error.context:
+            branches.setdefault(sub.schema_path[0], []).append(sub)
+        typed = [subs for subs in branches.values()
+                 if not any(sub.validator == "type" and not sub.relative_path for sub in subs)]
+        if len(typed) == 1:
+            return "; ".join(dict.fromkeys(_describe(sub, what) for sub in typed[0]))
+    if error.validator == "uniqueItems" and isinstance(error.instance, list):
+        items = [repr(item) for item in error.instance]
+        twice = list(dict.fromkeys(item for item in items if items.count(item) > 1))
+        return f"{what} '{path or '<top level>'}': {', '.join(twice)} listed more than once; list each once"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed)) if allowed else []
@@ -104,6 +118,32 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
 
     Defaults are not filled in here (snakemake.utils.validate(..., set_default=True) does that afterwards).
     """
-    lines = schema_errors(config, load_yaml(schema_path))
+    lines = schema_errors(config, load_yaml(schema_path)) + label_errors(config)
     if lines:
         raise LsloError(f"invalid config (schema {schema_path}):\n  " + "\n  ".join(lines))
+
+
+def label_errors(config) -> list[str]:
+    """Tables and figures name their rows by variant label, so two variants with one label would merge into one
+    row (one lost, the other's numbers under its name), and so would a variant listed twice in one table."""
+    variants = config.get("variants") if isinstance(config, dict) else None
+    lines = []
+    if isinstance(variants, dict):
+        by_label: dict = {}
+        for name, spec in variants.items():
+            if isinstance(spec, dict) and isinstance(spec.get("label"), str):
+                by_label.setdefault(spec["label"], []).append(str(name))
+        for label, names in by_label.items():
+            if len(names) > 1:
+                lines.append(f"config key 'variants': variants {' and '.join(repr(n) for n in names)} have the same "
+                             f"label {label!r}; tables and figures name their rows by label, so labels must be unique")
+    rows = {f"tables.{name}": value for name, value in (config.get("tables") or {}).items()} \
+        if isinstance(config, dict) and isinstance(config.get("tables"), dict) else {}
+    if isinstance(config, dict) and isinstance(config.get("figure3"), list):
+        rows["figure3"] = config["figure3"]
+    for key, value in rows.items():
+        if isinstance(value, list):
+            twice = list(dict.fromkeys(v for v in value if isinstance(v, str) and value.count(v) > 1))
+            if twice:
+                lines.append(f"config key '{key}': variant(s) {twice} listed more than once; each row once")
+    return lines

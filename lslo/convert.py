@@ -21,7 +21,7 @@ import torch
 from transformers import M2M100Config, M2M100ForConditionalGeneration
 
 from lslo.errors import LsloError
-from lslo.io import atomic_write
+from lslo.io import atomic_write, check_output_dir
 from lslo.tokenizer import FAIRSEQ_SPECIALS, M2M124_LANGUAGE_CODES, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,12 @@ _EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "de
 
 
 def convert_fairseq_m2m(checkpoint: str | os.PathLike, dict_txt: str | os.PathLike, spm_model: str | os.PathLike,
-                        out_dir: str | os.PathLike, languages: list[str] | None = None) -> Path:
-    """Convert and save; languages default to the checkpoint's own list (langs / lang_pairs), else M2M-124's."""
+                        out_dir: str | os.PathLike, languages: list[str] | None = None, force: bool = False) -> Path:
+    """Convert and save; languages default to the checkpoint's own list (langs / lang_pairs), else M2M-124's.
+
+    out_dir must not exist or be empty; `force` lets it replace an earlier output of lslo, never a directory
+    holding anything else (lslo.io.check_output_dir)."""
+    check_output_dir(out_dir, force)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise LsloError(f"{checkpoint}: fairseq checkpoint not found")

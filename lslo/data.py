@@ -87,23 +87,42 @@ def read_flores(root: str | os.PathLike, languages: list[str], table: pd.DataFra
         layout = detect_layout(root, table, languages)
     if layout not in LAYOUTS:
         raise LsloError(f"unknown FLORES layout '{layout}'; expected 'auto' or one of {list(LAYOUTS)}")
-    columns, first = {}, None
+    columns, ids, paths = {}, {}, {}
     for code in languages:
-        path = flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), SPLIT_FILES[split])
-        columns[code] = _read_records(path, code) if path.suffix in RECORD_FILES else _read_lines(path, code)
-        if first is None:
-            first = (path, len(columns[code]))
-        elif len(columns[code]) != first[1]:
-            raise LsloError(f"unequal line counts: {first[0]} has {first[1]} lines, "
-                            f"{path} has {len(columns[code])} (language '{code}')")
-    return pd.DataFrame({"id": range(first[1]), **columns})
+        path = paths[code] = flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), SPLIT_FILES[split])
+        if path.suffix in RECORD_FILES:
+            ids[code], columns[code] = _read_records(path, code)
+        else:
+            columns[code] = _read_lines(path, code)
+    _check_same_ids(ids, SPLIT_FILES[split], root)  # names the missing ids, where line counts would only differ
+    first = languages[0]
+    for code in languages[1:]:
+        if len(columns[code]) != len(columns[first]):
+            raise LsloError(f"unequal line counts: {paths[first]} has {len(columns[first])} lines, "
+                            f"{paths[code]} has {len(columns[code])} (language '{code}')")
+    return pd.DataFrame({"id": range(len(columns[first])), **columns})
+
+
+def _check_same_ids(ids: dict[str, list[int]], flores_split: str, root) -> None:
+    """FLORES+ records carry sentence ids: every language must hold the same ones, or sentences sorted by id
+    would stand beside other sentences' translations (two files that each lack a different id have equal line
+    counts). `ids`: {language: its sorted ids}."""
+    union = sorted(set().union(*ids.values())) if ids else []
+    for code, own in ids.items():
+        if own != union:
+            missing = sorted(set(union) - set(own))
+            having = next(other for other, theirs in ids.items() if set(missing) & set(theirs))
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise LsloError(f"{root}: FLORES+ split {flores_split}: language '{code}' lacks sentence id(s) "
+                            f"{missing[:5]}{more} that language '{having}' has; every language needs the same ids")
 
 
 RECORD_FILES = (".jsonl", ".parquet")  # FLORES+ on the Hugging Face hub: records with fields id and text
 
 
-def _read_records(path: Path, language: str) -> list[str]:
-    """The `text` field of a FLORES+ .jsonl/.parquet file, in `id` order (ids must be distinct)."""
+def _read_records(path: Path, language: str) -> tuple[list[int], list[str]]:
+    """(sorted ids, texts in that order) of a FLORES+ .jsonl/.parquet file (ids must be distinct integers).
+    Each text gets the checks of a line of a text file (_read_lines): not empty, no line break, no CR."""
     import json
 
     if path.suffix == ".parquet":
@@ -124,14 +143,38 @@ def _read_records(path: Path, language: str) -> list[str]:
     if bad is not None or not records:
         raise LsloError(f"{path}: FLORES+ file for language '{language}' needs records with fields 'id' and "
                         f"'text'{'' if records else ' (it has none)'}")
+    bad = next((r["id"] for r in records if not _is_whole_number(r["id"])), None)
+    if bad is not None:
+        raise LsloError(f"{path}: sentence id {bad!r} is not a whole number (language '{language}')")
     ids = [int(r["id"]) for r in records]
     if len(set(ids)) != len(ids):
         raise LsloError(f"{path}: sentence ids repeat (language '{language}')")
-    texts = [str(r["text"]) for r in sorted(records, key=lambda r: int(r["id"]))]
-    for number, text in enumerate(texts, start=1):
-        if not text.strip() or "\n" in text:
-            raise LsloError(f"{path}: sentence {number} is empty or spans lines (language '{language}')")
-    return texts
+    records = sorted(records, key=lambda r: int(r["id"]))
+    for record in records:
+        text = record["text"]
+        where = f"{path}: sentence id {int(record['id'])}"
+        if not isinstance(text, str):
+            raise LsloError(f"{where}: text is {type(text).__name__} {text!r}, expected a string "
+                            f"(language '{language}')")
+        if "\r" in text:
+            raise LsloError(f"{where}: carriage return (CR) inside the sentence at character {text.index(chr(13)) + 1} "
+                            f"(language '{language}'); a sentence holds no line break")
+        if "\n" in text:
+            raise LsloError(f"{where}: line feed (LF) inside the sentence at character {text.index(chr(10)) + 1} "
+                            f"(language '{language}'); a sentence holds no line break")
+        if not text.strip():
+            raise LsloError(f"{where} is empty (language '{language}')")
+    return sorted(ids), [record["text"] for record in records]
+
+
+def _is_whole_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    if isinstance(value, str):
+        return value.strip().isdigit()
+    return False
 
 
 def _read_lines(path: Path, language: str) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lslo.errors import LsloError
-from lslo.io import atomic_write
+from lslo.io import atomic_write, check_output_dir
 from lslo.layer import LSLoLinear
 
 
@@ -96,29 +96,47 @@ def _sites(model) -> list[tuple[str, LSLoLinear]]:
 
 
 def export_direction(model, src: str, tgt: str, out_dir, tokenizer=None, peft: bool = False) -> Path:
-    """Write one direction: a plain HF model directory (merge_direction) or a PEFT adapter directory."""
-    from lslo.adapters import merge_direction
+    """Write one direction: a plain HF model directory (merge_direction) or a PEFT adapter directory.
 
+    The directory appears complete or not at all (lslo.io.atomic_write: an existing directory is replaced only
+    when it is empty or an earlier lslo output)."""
     _check_direction(model, src, tgt)
     with atomic_write(out_dir, is_dir=True) as tmp:
-        if peft:
-            peft_direction(model, src, tgt).save_pretrained(tmp)
-        else:
-            merge_direction(model, src, tgt).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_direction(model, src, tgt, tmp, tokenizer, peft)
     return Path(out_dir)
 
 
-def export_variant(variant_json, out_dir, directions: list[tuple[str, str]], peft: bool = False) -> list[Path]:
-    """Export `directions` of an lslo variant: one direction to out_dir, several to out_dir/<src>-<tgt>/."""
+def _write_direction(model, src: str, tgt: str, directory: Path, tokenizer, peft: bool) -> None:
+    from lslo.adapters import merge_direction
+
+    if peft:
+        peft_direction(model, src, tgt).save_pretrained(directory)
+    else:
+        merge_direction(model, src, tgt).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def export_variant(variant_json, out_dir, directions: list[tuple[str, str]], peft: bool = False,
+                   force: bool = False) -> list[Path]:
+    """Export `directions` of an lslo variant: one direction to out_dir, several to out_dir/<src>-<tgt>/.
+
+    out_dir must not exist or be empty; `force` lets it replace an earlier export (a directory lslo wrote),
+    never a directory holding anything else (lslo.io.check_output_dir). Several directions are written as one
+    directory: all of them appear, or none."""
     from lslo.evaluate import load_variant
 
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force)
     translator = load_variant(variant_json, device="cpu")
     if not translator.is_lslo:
         raise LsloError(f"{variant_json}: method is not lslo; a pretrain/full variant is already a plain HF model")
-    out_dir = Path(out_dir)
     if len(directions) == 1:
         return [export_direction(translator.model, *directions[0], out_dir, translator.tokenizer, peft)]
-    return [export_direction(translator.model, src, tgt, out_dir / f"{src}-{tgt}", translator.tokenizer, peft)
-            for src, tgt in directions]
+    for src, tgt in directions:
+        _check_direction(translator.model, src, tgt)
+    with atomic_write(out_dir, is_dir=True) as tmp:
+        for src, tgt in directions:
+            (tmp / f"{src}-{tgt}").mkdir()
+            _write_direction(translator.model, src, tgt, tmp / f"{src}-{tgt}", translator.tokenizer, peft)
+    return [out_dir / f"{src}-{tgt}" for src, tgt in directions]

@@ -240,6 +240,17 @@ def dev_interval(metrics_tsv, column: str, epochs) -> tuple[pd.Series | None, pd
     return logged[bounds[0]], logged[bounds[1]]
 
 
+def error_bar_lengths(point: pd.Series, low: pd.Series, high: pd.Series) -> list[np.ndarray]:
+    """[below, above] lengths of error bars from `point` to its interval bounds, clamped at 0.
+
+    A percentile bootstrap bound may lie on the wrong side of the point estimate (lslo.bootstrap: a bound equal to
+    the score up to rounding came out 2.8e-17 below it); matplotlib refuses negative lengths, and the bar then
+    ends at the point, which is what the interval says there."""
+    below = (point - low).to_numpy(dtype=float)
+    above = (high - point).to_numpy(dtype=float)
+    return [np.clip(below, 0.0, None), np.clip(above, 0.0, None)]
+
+
 def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -> None:
     """Figure 3: dev spBLEU per epoch, H2H (a) and V2V (b), one line per variant label.
 
@@ -255,7 +266,7 @@ def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -
             if low is None:
                 ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, label=label)
             else:  # 95% bootstrap interval of each point (lslo.train.dev_scores)
-                ax.errorbar(curve.index, curve.to_numpy(), yerr=[curve - low, high - curve], marker="o",
+                ax.errorbar(curve.index, curve.to_numpy(), yerr=error_bar_lengths(curve, low, high), marker="o",
                             markersize=3, capsize=2, label=label)
         for label, path in (baselines or {}).items():
             curve = dev_curve(path, column)

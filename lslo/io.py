@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+# Written into every directory atomic_write(is_dir=True) publishes: the directory is lslo's output, which a later
+# run may replace as a whole. A directory without it holds someone else's files, and lslo never deletes it.
+OUTPUT_MARKER = ".lslo-output"
+_MARKER_TEXT = "This directory was written by lslo; a later lslo run may replace it as a whole.\n"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
-    The temporary lives in the same directory so the final `os.replace` is atomic on POSIX.
+    The temporary lives in the same directory so the final `os.replace` is atomic on POSIX. A directory
+    (is_dir) gets the OUTPUT_MARKER file and replaces an existing `path` only when that is empty or itself
+    carries the marker (an earlier lslo output); any other existing directory or file stops with an LsloError
+    and is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,13 +32,56 @@ def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     target = tmp / path.name
     if is_dir:
         target.mkdir()
+        (target / OUTPUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
     try:
         yield target
-        if is_dir and path.exists():
-            shutil.rmtree(path)
-        os.replace(target, path)
+        if is_dir and (path.exists() or path.is_symlink()):
+            _refuse_foreign_directory(path)
+            previous = tmp / "replaced"
+            os.replace(path, previous)  # removed with tmp below, once the new directory is in place
+            try:
+                os.replace(target, path)
+            except BaseException:
+                os.replace(previous, path)
+                raise
+        else:
+            os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_foreign_directory(path: Path) -> None:
+    from lslo.errors import LsloError
+
+    if path.is_symlink() or not path.is_dir():
+        raise LsloError(f"{path}: exists and is not a directory; lslo writes a directory there and replaces only "
+                        "an empty directory or one it wrote")
+    if any(path.iterdir()) and not (path / OUTPUT_MARKER).is_file():
+        raise LsloError(f"{path}: directory holds files lslo did not write (no {OUTPUT_MARKER}); nothing was "
+                        "replaced: move them away or choose another output directory")
+
+
+def check_output_dir(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
+    """Before a command writes directory `path`: it must not exist or be empty; with `force` it may also be an
+    earlier output of lslo (OUTPUT_MARKER), which is then replaced. A directory holding anything else is never
+    replaced, with or without force."""
+    from lslo.errors import LsloError
+
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise LsloError(f"{option} {path}: exists and is not a directory")
+    if not any(path.iterdir()):
+        return
+    ours = (path / OUTPUT_MARKER).is_file()
+    if not force:
+        hint = ("give --force to replace it (it is an earlier lslo output)" if ours
+                else "it was not written by lslo, so choose another directory")
+        raise LsloError(f"{option} {path}: directory exists and is not empty; {hint}")
+    if not ours:
+        raise LsloError(f"{option} {path}: --force replaces only a directory lslo wrote (one holding "
+                        f"{OUTPUT_MARKER}); this one was not, and nothing in it was changed")
 
 
 @contextlib.contextmanager

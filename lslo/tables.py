@@ -25,11 +25,28 @@ def _read_groups(path) -> pd.DataFrame:
     return read_tsv(path, GROUP_COLUMNS, "groups table").set_index("pair")
 
 
+def markdown_cell(value) -> str:
+    """A value as the text of one Markdown table cell: a `|` in it (a variant label such as "LSLo | WL") would
+    otherwise end the cell and shift the rest of the row."""
+    return str(value).replace("|", "\\|")
+
+
 def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    header = "| " + " | ".join(map(markdown_cell, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    rows = ["| " + " | ".join(map(markdown_cell, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
+
+
+def by_label(labels: list, values: list, what: str) -> dict:
+    """{label: value} of the rows of a table or figure; two rows with one label would silently merge into one
+    (a row lost, another's numbers under its name), so that is an error naming the label."""
+    twice = sorted({label for label in labels if list(labels).count(label) > 1})
+    if twice:
+        raise LsloError(f"{what}: variant label(s) {twice} given to more than one row; labels must be unique")
+    if len(labels) != len(values):
+        raise LsloError(f"{what}: {len(labels)} labels for {len(values)} inputs")
+    return dict(zip(labels, values))
 
 
 def _write_text(text: str, path) -> None:

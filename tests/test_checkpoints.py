@@ -162,6 +162,45 @@ def test_check_model_languages_and_cli(nllb_dir, table, tmp_path, capsys):
     assert "problem  language 'oc': the tokenizer has no language token '__oc__'" in capsys.readouterr().out
 
 
+def test_check_model_checks_the_tokenizer_against_the_weights(tmp_path, table):
+    """One entry short in vocab.json: the tokenizer loads, knows every language, and puts each language token
+    one row before the one the model was trained with. check-model says so; so it does for a gap in the ids and
+    for special-token ids that differ from config.json."""
+    good = make_m2m100_checkpoint(tmp_path / "good", ["en", "fr", "oc"])
+    report = check_model(good, ["en", "fr", "oc"], table)
+    assert report.ok, report.problems
+    vocab = json.loads((good / "vocab.json").read_text(encoding="utf-8"))
+    rows = json.loads((good / "config.json").read_text())["vocab_size"]
+    # the rows the weights give the language tokens, computed from the checkpoint's own layout
+    assert load_tokenizer(good).lang_code_to_id["en"] == len(vocab)
+
+    short = tmp_path / "short"
+    shutil.copytree(good, short)
+    tokens = sorted(vocab, key=vocab.get)
+    del tokens[10]  # one piece lost, the rest renumbered: a vocab.json of another dictionary
+    (short / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    assert load_tokenizer(short).lang_code_to_id["en"] == len(vocab) - 1  # shifted by one
+    report = check_model(short, ["en", "fr", "oc"], table)
+    assert len(report.problems) == 1, report.problems
+    assert f"accounts for {rows - 1} embedding rows ({len(vocab) - 1} vocab.json entries + 3 language tokens" in \
+        report.problems[0] and f"vocab_size {rows}: every language token id would be off by 1" in report.problems[0]
+
+    gap = tmp_path / "gap"
+    shutil.copytree(good, gap)
+    del vocab[next(token for token, i in vocab.items() if i == 10)]  # lost without renumbering
+    (gap / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    problems = check_model(gap, ["en", "fr", "oc"], table).problems
+    assert any(f"ids are not 0..{len(vocab) - 1} (first gap or repeat at id 10)" in p for p in problems), problems
+
+    specials = tmp_path / "specials"
+    shutil.copytree(good, specials)
+    config = json.loads((specials / "config.json").read_text())
+    (specials / "config.json").write_text(json.dumps({**config, "pad_token_id": 3}))
+    problems = check_model(specials, ["en", "fr"], table).problems
+    assert any("the tokenizer's pad token '<pad>' has id 1, config.json's pad_token_id is 3" in p
+               for p in problems), problems
+
+
 def test_workflow_precheck_names_config_key_and_table(nllb_dir, table):
     table_path = table.attrs["path"]
     assert workflow_problems(["en", "fr"], table_path, nllb_dir, "run.yaml") == []
@@ -239,3 +278,28 @@ def test_parameters_loaded_equal_meta_count(nllb_dir):
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in loaded.parameters())
     assert loaded.model.shared.weight.data_ptr() == loaded.lm_head.weight.data_ptr()
     assert torch.equal(loaded.model.encoder.embed_tokens.weight, loaded.model.shared.weight)
+
+
+def test_docs_name_the_spm_files_sacrebleu_reads():
+    """Every spBLEU SentencePiece file name in README.md, docs/*.md and config/*.yaml is one sacrebleu reads: the
+    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/checkpoints.md once
+    named a flores200_sacrebleu_tokenizer_spm.model that sacrebleu never reads)."""
+    import os
+    import re
+    from pathlib import Path
+
+    from sacrebleu.tokenizers.tokenizer_spm import SPM_MODELS
+
+    read = {os.path.basename(model["url"]) for model in SPM_MODELS.values()}
+    root = Path(__file__).resolve().parents[1]
+    named = {}
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "config").glob("*.yaml"))]
+    for path in texts:
+        for name in re.findall(r"[\w.-]+", path.read_text(encoding="utf-8")):
+            is_file_name = name.endswith(".model") or "sacrebleuspm" in name  # not a word such as a test name
+            if "spm" in name and is_file_name and ("sacrebleu" in name or name.endswith("_spm.model")):
+                named.setdefault(name, []).append(path.name)
+    assert {name: files for name, files in named.items() if name not in read} == {}
+    flores = {name for key, model in SPM_MODELS.items() if key in ("flores101", "flores200")
+              for name in [os.path.basename(model["url"])]}
+    assert flores <= set(named)  # both FLORES files are named somewhere, so the check reads real mentions

@@ -227,6 +227,35 @@ def test_convert_command_writes_the_same_checkpoint(fake, spm_model, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_convert_out_never_replaces_a_directory_lslo_did_not_write(fake, spm_model, tmp_path, capsys):
+    from lslo.cli import main
+
+    directory, _ = fake
+    command = ["convert", "--checkpoint", str(directory / "model.pt"), "--dict", str(directory / "dict.txt"),
+               "--spm", str(spm_model), "--languages", "kam,de,en", "--out"]
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "m2m100_418M").mkdir()
+    (models / "m2m100_418M" / "model.safetensors").write_bytes(b"weights")
+    (models / "README").write_text("my checkpoints")
+    for force in ([], ["--force"]):
+        assert main([*command, str(models), *force]) == 2
+        assert ("only a directory lslo wrote" if force else "not empty") in capsys.readouterr().err
+        assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == [
+            "README", "m2m100_418M", "m2m100_418M/model.safetensors"]
+        assert (models / "m2m100_418M" / "model.safetensors").read_bytes() == b"weights"
+    out = tmp_path / "hf"
+    assert main([*command, str(out)]) == 0
+    assert main([*command, str(out)]) == 2 and "give --force" in capsys.readouterr().err
+    (out / "config.json").write_text("{}")  # so the replacement is visible
+    assert main([*command, str(out), "--force"]) == 0
+    assert load_tokenizer(out).languages == ["kam", "de", "en"]
+    from lslo.check_model import check_model
+
+    report = check_model(out, ["kam", "de", "en"])  # the tokenizer's ids are the converted embedding's rows
+    assert report.ok and any(fact.startswith("token ids: ") for fact in report.facts), report.problems
+
+
 # ---------------------------------------------------------------- safe loading (weights_only) and bad files
 
 class _OpensAFile:

@@ -110,6 +110,58 @@ def test_bad_flores_input_names_file_and_writes_nothing(tmp_path, table, case):
     assert not (out / "train.tsv").exists() and not (out / "test.tsv").exists()
 
 
+def write_floresplus(root, table, texts: dict):
+    """FLORES+ hub layout: <split>/<flores200>.jsonl records, here in reverse id order. texts: {code: {id: text}}
+    for devtest; dev gets the same."""
+    import json
+
+    for split in ("dev", "devtest"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for code, by_id in texts.items():
+            records = [json.dumps({"id": i, "text": text}, ensure_ascii=False) for i, text in by_id.items()]
+            (root / split / f"{table.loc[code, 'flores200']}.jsonl").write_text(
+                "\n".join(reversed(records)) + "\n", encoding="utf-8")
+    return root
+
+
+def test_floresplus_rows_are_aligned_by_sentence_id(tmp_path, table):
+    """Two languages that each lack a different id have equal line counts; sorted and paired by position, en
+    sentence 3 would stand beside fr sentence 4. Refused, naming the language, the split and the ids."""
+    en = {i: f"english {i}" for i in (0, 1, 2, 4, 5)}   # lacks id 3
+    fr = {i: f"francais {i}" for i in (0, 1, 3, 4, 5)}  # lacks id 2
+    root = write_floresplus(tmp_path / "plus", table, {"en": en, "fr": fr})
+    with pytest.raises(LsloError) as err:
+        read_flores(root, ["en", "fr"], table, "test", "floresplus")
+    assert "split devtest: language 'en' lacks sentence id(s) [3] that language 'fr' has" in str(err.value)
+    en = {i: f"english {i}" for i in range(12)}
+    fr = {i: f"francais {i}" for i in range(12) if i % 2 == 0}  # fewer lines: the ids, not the counts, are named
+    root = write_floresplus(tmp_path / "half", table, {"en": en, "fr": fr})
+    with pytest.raises(LsloError, match=r"split dev: language 'fr' lacks sentence id\(s\) \[1, 3, 5, 7, 9\] and 1 "
+                       "more that language 'en' has"):
+        read_flores(root, ["en", "fr"], table, "train", "floresplus")
+    fr = {i: f"francais {i}" for i in range(6)}
+    en = {i: f"english {i}" for i in range(6)}
+    test = read_flores(write_floresplus(tmp_path / "full", table, {"en": en, "fr": fr}), ["en", "fr"], table,
+                       "test", "floresplus")
+    assert [(e.split()[1], f.split()[1]) for e, f in zip(test["en"], test["fr"])] == [(str(i), str(i))
+                                                                                    for i in range(6)]
+
+
+@pytest.mark.parametrize("text, what", [("one\rtwo", "carriage return (CR) inside the sentence at character 4"),
+                                        ("one\ntwo", "line feed (LF) inside the sentence at character 4"),
+                                        ("  ", "is empty")])
+def test_floresplus_text_gets_the_line_checks(tmp_path, table, text, what):
+    """A CR inside a jsonl text used to reach the data stage's TSV and crash training later with
+    "invalid literal for int()"; it is refused like a CR inside a line of a text file, naming file and id."""
+    texts = {"en": {i: f"english {i}" for i in range(4)}, "fr": {i: f"francais {i}" for i in range(4)}}
+    texts["fr"][2] = text
+    root = write_floresplus(tmp_path / "plus", table, texts)
+    with pytest.raises(LsloError) as err:
+        read_flores(root, ["en", "fr"], table, "train", "floresplus")
+    assert f"{root / 'dev' / 'fra_Latn.jsonl'}: sentence id 2" in str(err.value) and what in str(err.value)
+    assert "(language 'fr')" in str(err.value)
+
+
 def test_unknown_language_and_layout(tmp_path, table):
     root = write_flores(tmp_path / "flores", "flores101", table)
     with pytest.raises(LsloError, match="'xx'"):

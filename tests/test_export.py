@@ -116,11 +116,62 @@ def test_export_cli_one_and_all_directions(tmp_path, m2m_base, capsys):
     assert config["peft_type"] == "LORA" and ranks == [2] * 13 + [4] * 13
     assert config["alpha_pattern"] == config["rank_pattern"]
     assert main(["export", "--variant", str(variant), "--all-directions", "--out", str(tmp_path / "all")]) == 0
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == sorted(
         f"{s}-{t}" for s in LANGS for t in LANGS if s != t)
     assert (tmp_path / "all" / "fr-en" / "model.safetensors").is_file()
     assert main(["export", "--variant", str(variant), "--direction", "en-xx", "--out", str(tmp_path / "x")]) == 2
     assert "unknown language 'xx'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_export_out_never_replaces_a_directory_lslo_did_not_write(tmp_path, m2m_base, capsys):
+    """--out naming a directory of the user's: refused with and without --force, every file kept; an earlier
+    export is refused without --force and replaced as a whole with it."""
+    variant = lslo_variant(tmp_path, m2m_base, PLANS["mixed"])
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _files(mine)
+    for which in (["--direction", "en-oc"], ["--all-directions"]):
+        for force in ([], ["--force"]):
+            assert main(["export", "--variant", str(variant), *which, "--out", str(mine), *force]) == 2
+            err = capsys.readouterr().err
+            assert ("only a directory lslo wrote" if force else "not empty") in err and str(mine) in err
+            assert _files(mine) == before
+    ours = tmp_path / "ours"
+    assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(ours), "--peft"]) == 0
+    assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(ours)]) == 2
+    assert "give --force" in capsys.readouterr().err and (ours / "adapter_config.json").is_file()
+    assert main(["export", "--variant", str(variant), "--all-directions", "--out", str(ours), "--force"]) == 0
+    assert not (ours / "adapter_config.json").exists() and (ours / "fr-en" / "model.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(empty)]) == 0
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_atomic_directory_never_replaces_a_foreign_directory(tmp_path):
+    """Every stage that writes a directory (finetune's model/, the demo benchmark and model, export, convert)
+    goes through atomic_write(is_dir=True): it replaces an earlier lslo output, never anything else."""
+    from lslo.io import OUTPUT_MARKER, atomic_write
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(LsloError, match="lslo did not write"):
+        with atomic_write(mine, is_dir=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temporary left behind
+    ours = tmp_path / "ours"
+    for text in ("first", "second"):
+        with atomic_write(ours, is_dir=True) as tmp:
+            (tmp / f"{text}.txt").write_text(text)
+    assert sorted(p.name for p in ours.iterdir()) == sorted([OUTPUT_MARKER, "second.txt"])
 
 
 @pytest.mark.parametrize("kind", ["m2m100", "nllb"])

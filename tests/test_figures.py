@@ -130,3 +130,49 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(LsloError, match="w_src"):
         figures.figure1_weights(tmp_path / "w.tsv", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_table_markdown_escapes_a_pipe_in_a_label(tmp_path):
+    """A '|' in a variant label stays inside its cell: every row has the header's number of cells."""
+    import re
+
+    paths = {}
+    for label in ("Pretrain", "LSLo | WL"):
+        path = tmp_path / f"{len(paths)}.tsv"
+        pd.DataFrame({"pair": ["H2H", "H2V", "V2H", "V2V", "AVG"], "spbleu": [1.0, 2.0, 3.0, 4.0, 2.5],
+                      "chrf": 1.0, "n_directions": 4}).to_csv(path, sep="\t", index=False)
+        paths[label] = path
+    tables.make_table(paths, {"Pretrain": None, "LSLo | WL": 1234}, tmp_path / "t.tsv", tmp_path / "t.md",
+                      "Table 1", "spm")
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("|")]
+    cells = [re.split(r"(?<!\\)\|", row.strip())[1:-1] for row in rows]  # a GFM reader's cell split
+    assert [len(c) for c in cells] == [7] * len(rows)
+    assert cells[-1][:2] == [r" LSLo \| WL ", " 1,234 "]
+
+
+def test_table_rows_by_label_refuse_a_repeated_label():
+    """workflow/scripts/table.py pairs labels with inputs: a repeated label would drop a row and put one
+    variant's numbers under the other's name."""
+    assert tables.by_label(["A", "B"], [1, 2], "Table 1") == {"A": 1, "B": 2}
+    with pytest.raises(LsloError, match=r"Table 1: variant label\(s\) \['A'\] given to more than one row"):
+        tables.by_label(["A", "B", "A"], [1, 2, 3], "Table 1")
+
+
+def test_figure3_draws_a_bound_on_the_wrong_side_of_its_point(tmp_path):
+    """The recorded case: epoch 2's dev_H2H lay 2.8e-17 above dev_H2H_high (a percentile bootstrap bound need not
+    contain the point, lslo.bootstrap); matplotlib stopped the figure3 rule with "'yerr' must not contain negative
+    values". The bar is clamped to end at the point."""
+    h2h = [0.15, 0.2, 0.22]
+    high = [0.3, np.nextafter(0.2, 0.0), 0.4]  # one unit in the last place below the point
+    metrics = pd.DataFrame({"epoch": [1, 2, 3], "step": [10, 20, 30], "dev_H2H": h2h, "dev_H2H_low": [0.1, 0.1, 0.1],
+                            "dev_H2H_high": high, "dev_V2V": [1.0, 2.0, 3.0], "dev_V2V_low": [0.5, 1.5, 2.5],
+                            "dev_V2V_high": [1.5, 2.5, 3.5]})
+    metrics.to_csv(tmp_path / "metrics.tsv", sep="\t", index=False)
+    curve = figures.dev_curve(tmp_path / "metrics.tsv", "dev_H2H")
+    low, high = figures.dev_interval(tmp_path / "metrics.tsv", "dev_H2H", curve.index)
+    assert curve[2] - high[2] == pytest.approx(2.8e-17, rel=0.01)  # what the figure reads back
+    figures.figure3_dev_curves({"x": tmp_path / "metrics.tsv"}, tmp_path / "fig3.png")
+    assert_png(tmp_path / "fig3.png")
+    below, above = figures.error_bar_lengths(curve, low, high)
+    assert list(above) == pytest.approx([0.15, 0.0, 0.18]) and above[1] == 0.0
+    assert list(below) == pytest.approx([0.05, 0.1, 0.12])

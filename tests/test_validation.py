@@ -232,6 +232,31 @@ def test_validate_config_names_the_key_path(config):
            schema_path=SCHEMA)
 
 
+def test_variant_labels_must_be_unique(config):
+    """Tables and figures name rows by label: two variants with one label, or one variant twice in a table, is
+    a config error naming both variants (before, Table 1 silently lost a row)."""
+    names = list(config["variants"])
+    same = copy.deepcopy(config)
+    same["variants"][names[2]]["label"] = same["variants"][names[1]]["label"]
+    raises(validate_config, f"config key 'variants': variants '{names[1]}' and '{names[2]}' have the same label "
+           f"'{config['variants'][names[1]]['label']}'", config=same, schema_path=SCHEMA)
+    twice = copy.deepcopy(config)
+    table, rows = next(iter(twice["tables"].items()))
+    rows.append(rows[0])
+    raises(validate_config, f"config key 'tables.{table}': variant(s) ['{rows[0]}'] listed more than once",
+           config=twice, schema_path=SCHEMA)
+
+
+def test_duplicated_language_code_is_named(config):
+    """data.languages is "a subset name or a list of codes" (oneOf): a list with a repeated code names the code,
+    not "is not valid under any of the given schemas"."""
+    repeated = copy.deepcopy(config)
+    repeated["data"]["languages"] = ["en", "fr", "oc", "fr"]
+    message = raises(validate_config, "config key 'data.languages': 'fr' listed more than once", config=repeated,
+                     schema_path=SCHEMA)
+    assert "any of the given schemas" not in message
+
+
 def test_duplicate_variant_name(tmp_path, config):
     text = (REPO / "config" / "config.yaml").read_text(encoding="utf-8")
     assert load_yaml(REPO / "config" / "config.yaml") == config

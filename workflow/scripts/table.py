@@ -5,13 +5,14 @@ from lslo.jobs import stage_job
 with stage_job(snakemake.log[0]):
     import pandas as pd
 
-    from lslo.tables import make_table
+    from lslo.tables import by_label, make_table
 
     inp, out, params = snakemake.input, snakemake.output, snakemake.params
     # #Params: the trainable count of the last logged epoch (metrics.tsv); "-" for pretrain (nothing trained)
     trainable = [int(pd.read_csv(path, sep="\t")["trainable_params"].iloc[-1]) if trained else None
                  for path, trained in zip(inp.metrics, params.trained)]
-    make_table(groups_tsvs=dict(zip(params.labels, inp.groups)), params=dict(zip(params.labels, trainable)),
+    labels, what = list(params.labels), params.title
+    make_table(groups_tsvs=by_label(labels, list(inp.groups), what), params=by_label(labels, trainable, what),
                out_tsv=out.tsv, out_md=out.md, title=params.title, spm_note=params.spm_note,
-               stats_npzs=dict(zip(params.labels, inp.stats)), methods=dict(zip(params.labels, params.methods)),
-               out_intervals=out.intervals)
+               stats_npzs=by_label(labels, list(inp.stats), what),
+               methods=by_label(labels, list(params.methods), what), out_intervals=out.intervals)
