@@ -752,13 +752,13 @@ def run_shape(shape: Shape, args, device) -> list:
 
 
 def auto_choices_report() -> list:
-    """What "auto" chose where it measured (lslo.layer.KernelTimer; CUDA bf16 on compute capability 9.x/10.x)."""
-    from lslo.layer import KERNEL_TIMER
+    """What "auto" chose where it measured (lslo.kernels.KernelTimer; CUDA bf16 on compute capability 9.x/10.x)."""
+    from lslo.kernels import KERNEL_TIMER
 
     if not KERNEL_TIMER.choices:
         return ["\"auto\" measured no kernel choice in this run (it measures only on CUDA with a native grouped GEMM).",
                 ""]
-    lines = ["\"auto\"'s measured kernel choices (lslo.layer.KernelTimer), one per (layer shape, rows, autograd):", "",
+    lines = ["\"auto\"'s measured kernel choices (lslo.kernels.KernelTimer), one per (layer shape, rows, autograd):", "",
              "| in | out | ranks present | rows (rounded up) | autograd | chosen |", "|---:|---:|---|---:|---|---|"]
     for (_, _, d_in, d_out, ranks, rows, grad, _), kernel in sorted(KERNEL_TIMER.choices.items(), key=str):
         lines.append(f"| {d_in} | {d_out} | {len(ranks)} (max {max(ranks)}) | {rows} | {grad} | {kernel} |")

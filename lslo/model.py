@@ -19,7 +19,8 @@ from torch import nn
 
 from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
-from lslo.layer import INDEXES, LORA_INITS, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
+from lslo.kernels import MIXED_PATHS, Routing
+from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LoRABank, LSLoLinear
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -307,8 +308,8 @@ class LSLoModel(nn.Module):
         return {m.site: m for m in self.base.modules() if isinstance(m, LSLoLinear)}
 
     def set_mixed_path(self, path: str) -> None:
-        """Mixed-batch kernel of every bank: one of layer.MIXED_PATHS ("auto" chooses per call, see
-        layer.GATHER_COST)."""
+        """Mixed-batch kernel of every bank: one of kernels.MIXED_PATHS ("auto" chooses per call, see
+        kernels.GATHER_COST)."""
         if path not in MIXED_PATHS:
             raise LsloError(f"mixed path must be one of {', '.join(MIXED_PATHS)}; got {path!r}")
         for module in self.lslo_modules().values():
