@@ -125,13 +125,12 @@ def make_batch(shape: Shape, languages: list, n_sentences: int, length: int, dev
 
 
 def lslo_spec(languages: list, groups: dict, n_layers: int):
-    from lslo.model import LSLoSpec
+    from lslo.model import LSLoSpec, paper_index_plan
 
-    # The paper's learned lang12 plan (§4.1, Table 3): the top quarter of the encoder is target-indexed.
-    n_tgt = n_layers // 4
-    plan = {"enc": ["src"] * (n_layers - n_tgt) + ["tgt"] * n_tgt, "dec": ["tgt"] * n_layers}
+    # The paper's index plan (the top quarter of the encoder target-indexed); fc1/fc2 LoRAs on the whole matrix,
+    # the sites PEFT's LoRA covers in the same table.
     return LSLoSpec(languages=languages, ranks={c: GROUP_RANKS[groups[c]] for c in languages},
-                    modules="all", index_plan=plan)
+                    modules="all", index_plan=paper_index_plan(n_layers, n_layers), fc_lora="full", init="peft")
 
 
 def build_lslo(shape, languages, groups, device):

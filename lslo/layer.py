@@ -95,7 +95,7 @@ class LoRABank(nn.Module):
 
     def __init__(self, languages, ranks: dict, in_features: int, out_features: int,
                  alpha: float | None = None, dropout: float = 0.0, device=None, dtype=torch.float32,
-                 init: str = "peft"):
+                 init: str = "authors"):
         super().__init__()
         if init not in LORA_INITS:
             raise LsloError(f"LoRA init must be one of {', '.join(LORA_INITS)}; got {init!r}")

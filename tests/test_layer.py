@@ -40,7 +40,7 @@ def by_hand(layer, x, langs, index):
 
 
 def test_init_like_peft_and_shapes():
-    bank = LoRABank(LANGS, RANKS, 8, 6)
+    bank = LoRABank(LANGS, RANKS, 8, 6, init="peft")
     for lang in LANGS:
         assert bank.A[lang].shape == (RANKS[lang], 8) and bank.B[lang].shape == (6, RANKS[lang])
         assert torch.all(bank.B[lang] == 0) and bank.A[lang].abs().sum() > 0
@@ -48,6 +48,10 @@ def test_init_like_peft_and_shapes():
         assert bank.A[lang].abs().max() <= 1 / math.sqrt(8) + 1e-6
         assert bank.scaling[lang] == 1.0
     assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
+    torch.manual_seed(0)
+    default = LoRABank(LANGS, RANKS, 8, 6)  # the authors' init by default: U(-1/√r, 1/√r), past PEFT's 1/√8
+    assert default.init == "authors"
+    assert all(1 / math.sqrt(8) < default.A[lang].abs().max() <= 1 / math.sqrt(RANKS[lang]) for lang in LANGS)
 
 
 @pytest.mark.parametrize("mixed_path", KERNELS)
@@ -356,7 +360,7 @@ def test_grouped_kernel_runs_grouped_mm_and_every_kernel_equals_per_sample_refer
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    bank = LoRABank(LANGS, RANKS, 16, 8, alpha=3)
+    bank = LoRABank(LANGS, RANKS, 16, 8, alpha=3, init="peft")
     for lang in LANGS:
         nn.init.normal_(bank.B[lang])
     routing = Routing(LANGS)
@@ -379,7 +383,7 @@ def test_grouped_kernel_runs_grouped_mm_and_every_kernel_equals_per_sample_refer
         assert len(calls) == (2 if kernel == "grouped" else 0)  # A and B, one grouped GEMM each
         calls.clear()
         for name, have, want in zip(["output", "x"] + [f"grad {i}" for i in range(len(params))], got, reference):
-            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=f"{kernel}: {name}")
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{kernel}, {name}: {m}")
 
 
 def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):
