@@ -125,13 +125,12 @@ def make_batch(shape: Shape, languages: list, n_sentences: int, length: int, dev
 
 
 def lslo_spec(languages: list, groups: dict, n_layers: int):
-    from lslo.model import LSLoSpec
+    from lslo.model import LSLoSpec, paper_index_plan
 
-    # The paper's learned lang12 plan (§4.1, Table 3): the top quarter of the encoder is target-indexed.
-    n_tgt = n_layers // 4
-    plan = {"enc": ["src"] * (n_layers - n_tgt) + ["tgt"] * n_tgt, "dec": ["tgt"] * n_layers}
+    # The paper's index plan (the top quarter of the encoder target-indexed); fc1/fc2 LoRAs on the whole matrix,
+    # the sites PEFT's LoRA covers in the same table.
     return LSLoSpec(languages=languages, ranks={c: GROUP_RANKS[groups[c]] for c in languages},
-                    modules="all", index_plan=plan)
+                    modules="all", index_plan=paper_index_plan(n_layers, n_layers), fc_lora="full", init="peft")
 
 
 def build_lslo(shape, languages, groups, device):
@@ -752,13 +751,13 @@ def run_shape(shape: Shape, args, device) -> list:
 
 
 def auto_choices_report() -> list:
-    """What "auto" chose where it measured (lslo.layer.KernelTimer; CUDA bf16 on compute capability 9.x/10.x)."""
-    from lslo.layer import KERNEL_TIMER
+    """What "auto" chose where it measured (lslo.kernels.KernelTimer; CUDA bf16 on compute capability 9.x/10.x)."""
+    from lslo.kernels import KERNEL_TIMER
 
     if not KERNEL_TIMER.choices:
         return ["\"auto\" measured no kernel choice in this run (it measures only on CUDA with a native grouped GEMM).",
                 ""]
-    lines = ["\"auto\"'s measured kernel choices (lslo.layer.KernelTimer), one per (layer shape, rows, autograd):", "",
+    lines = ["\"auto\"'s measured kernel choices (lslo.kernels.KernelTimer), one per (layer shape, rows, autograd):", "",
              "| in | out | ranks present | rows (rounded up) | autograd | chosen |", "|---:|---:|---|---:|---|---|"]
     for (_, _, d_in, d_out, ranks, rows, grad, _), kernel in sorted(KERNEL_TIMER.choices.items(), key=str):
         lines.append(f"| {d_in} | {d_out} | {len(ranks)} (max {max(ranks)}) | {rows} | {grad} | {kernel} |")

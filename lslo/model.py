@@ -1,7 +1,6 @@
 """Injecting LSLo into an HF M2M100 model, and the wrapper that routes languages per batch (paper §3-4).
 
-    spec = LSLoSpec(languages=["en", "fr", "oc"], ranks={"en": 2, "fr": 2, "oc": 8},
-                    modules="all", index_plan={"enc": ["src"] * 9 + ["tgt"] * 3, "dec": ["tgt"] * 12})
+    spec = LSLoSpec(languages=["en", "fr", "oc"], ranks={"en": 2, "fr": 2, "oc": 8})  # the paper's model
     model = inject_lslo(hf_model, spec)          # base parameters frozen, LSLoLinear in place of chosen Linear
     out = model(input_ids=..., attention_mask=..., labels=..., src_lang=ids, tgt_lang=ids)
 
@@ -11,7 +10,7 @@ masks ``....banks.{src|tgt}.{A_mask|B_mask}.{lang}``, and in weight-learning mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -19,7 +18,8 @@ from torch import nn
 
 from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
-from lslo.layer import INDEXES, LORA_INITS, MIXED_PATHS, IndexWeights, LoRABank, LSLoLinear, Routing
+from lslo.kernels import MIXED_PATHS, Routing
+from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LoRABank, LSLoLinear
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -36,9 +36,19 @@ MODULE_SETS = {"all": list(MODULE_NAMES), "attn": ["q", "k", "v", "c-q", "c-k", 
 # [offset:offset + width] and a d × width LoRA reading fc2's input units [offset:offset + width], r (d + width)
 # entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
 FC_LAYOUTS = ("slice", "full")
-# The index plan the paper learned on lang12 (§6.1, Figure 1) and the authors' lang30 command hard-codes:
-# encoder layers 1-9 source-indexed, 10-12 target-indexed; every decoder layer target-indexed.
-PAPER_INDEX_PLAN = {"enc": ["src"] * 9 + ["tgt"] * 3, "dec": ["tgt"] * 12}
+
+
+def paper_index_plan(encoder_layers: int, decoder_layers: int) -> dict:
+    """The paper's index plan for a model of this depth: the top quarter of the encoder target-indexed, the rest
+    source-indexed; every decoder layer target-indexed. At 12 + 12 layers (M2M100 418M, M2M-124 615M) it is the
+    plan the paper learned on lang12 (§6.1, Figure 1) and the authors' lang30 command hard-codes: encoder layers
+    1-9 source-indexed, 10-12 target-indexed."""
+    target_indexed = encoder_layers // 4
+    return {"enc": ["src"] * (encoder_layers - target_indexed) + ["tgt"] * target_indexed,
+            "dec": ["tgt"] * decoder_layers}
+
+
+PAPER_INDEX_PLAN = paper_index_plan(12, 12)
 SUPPORTED = "M2M100ForConditionalGeneration (M2M100, NLLB-200, converted M2M-124)"
 
 
@@ -66,25 +76,29 @@ class LSLoSpec:
 
     modules: "all" | "attn" | "fc" | list of paper names (q k v c-q c-k c-v fc1 fc2; c-* exist in the decoder only).
     layers: None (every layer) or {"enc": [0-based layers], "dec": [...]}.
-    index_plan: {"enc": ["src"|"tgt", one per encoder layer], "dec": [...]}, "src", "tgt" (every layer), or
-    "learn" (weight-learning mode, eq. 5: both banks per site, one softmax pair per layer).
+    index_plan: "paper" (paper_index_plan at the model's depth), {"enc": ["src"|"tgt", one per encoder layer],
+    "dec": [...]}, "src", "tgt" (every layer), or "learn" (weight-learning mode, eq. 5: both banks per site,
+    one softmax pair per layer).
     alpha: LoRA alpha, scaling = alpha / r_l (None: alpha = r_l, scaling 1.0).
-    fc_lora: "full" | "slice" (FC_LAYOUTS); fc_lora_offset, fc_lora_width: the block of the ffn units that a
+    fc_lora: "slice" | "full" (FC_LAYOUTS); fc_lora_offset, fc_lora_width: the block of the ffn units that a
     "slice" LoRA covers (width None = d_model).
-    init: A's initialisation, one of layer.LORA_INITS ("peft" is PEFT's; "authors" the authors' release).
+    init: A's initialisation, one of layer.LORA_INITS ("authors" the authors' release; "peft" is PEFT's).
+
+    The defaults build the paper's model as the authors' release does: every module, the paper's index plan,
+    the slice fc layout and the authors' init. A plain per-language PEFT LoRA is fc_lora="full", init="peft".
     """
 
     languages: list
     ranks: dict
     modules: object = "all"
     layers: dict | None = None
-    index_plan: object = field(default_factory=lambda: {"enc": "src", "dec": "tgt"})
+    index_plan: object = "paper"
     alpha: float | None = None
     dropout: float = 0.0
-    fc_lora: str = "full"
+    fc_lora: str = "slice"
     fc_lora_offset: int = 0
     fc_lora_width: int | None = None
-    init: str = "peft"
+    init: str = "authors"
 
     def __post_init__(self):
         self.languages = list(self.languages)
@@ -129,6 +143,9 @@ class LSLoSpec:
     def resolve(self, n_layers: dict) -> tuple[dict, dict]:
         """Per side: the list of layers carrying LSLo and the per-layer index ("src"|"tgt"|"learn")."""
         layers, plan = {}, {}
+        index_plan = self.index_plan
+        if index_plan == "paper":
+            index_plan = paper_index_plan(n_layers["enc"], n_layers["dec"])
         for side in SIDES:
             n = n_layers[side]
             chosen = list(range(n)) if self.layers is None else list(self.layers.get(side, []))
@@ -136,11 +153,12 @@ class LSLoSpec:
             if bad:
                 raise LsloError(f"layers[{side!r}] has {bad}; the model has {n} {side} layers (0-based)")
             layers[side] = sorted(int(i) for i in chosen)
-            plan[side] = self._side_plan(side, n)
+            plan[side] = self._side_plan(index_plan, side, n)
         return layers, plan
 
-    def _side_plan(self, side: str, n: int) -> list:
-        entry = self.index_plan if isinstance(self.index_plan, str) else self.index_plan.get(side)
+    @staticmethod
+    def _side_plan(index_plan, side: str, n: int) -> list:
+        entry = index_plan if isinstance(index_plan, str) else index_plan.get(side)
         if entry is None:
             raise LsloError(f"index_plan has no {side!r} entry; expected {{'enc': [...], 'dec': [...]}}")
         side_plan = [entry] * n if isinstance(entry, str) else list(entry)
@@ -307,8 +325,8 @@ class LSLoModel(nn.Module):
         return {m.site: m for m in self.base.modules() if isinstance(m, LSLoLinear)}
 
     def set_mixed_path(self, path: str) -> None:
-        """Mixed-batch kernel of every bank: one of layer.MIXED_PATHS ("auto" chooses per call, see
-        layer.GATHER_COST)."""
+        """Mixed-batch kernel of every bank: one of kernels.MIXED_PATHS ("auto" chooses per call, see
+        kernels.GATHER_COST)."""
         if path not in MIXED_PATHS:
             raise LsloError(f"mixed path must be one of {', '.join(MIXED_PATHS)}; got {path!r}")
         for module in self.lslo_modules().values():

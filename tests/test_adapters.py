@@ -79,7 +79,7 @@ def test_merge_equals_lslo_and_survives_save_pretrained(tmp_path, index_plan, ma
 
 
 def test_merge_picks_language_by_index_plan():
-    model = lslo_model({"enc": "src", "dec": "tgt"})
+    model = lslo_model({"enc": "src", "dec": "tgt"}, fc_lora="full")  # the formula below covers all of fc1
     merged = merge_direction(model, "de", "wo")
     site = model.base.model.decoder.layers[1].fc1
     bank = site.banks["tgt"]

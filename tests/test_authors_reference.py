@@ -15,7 +15,7 @@ import torch
 from conftest import DECODER_START, lang_token_id, make_batch, make_tiny_model
 
 from lslo.adapters import merge_direction
-from lslo.layer import MIXED_PATHS
+from lslo.kernels import MIXED_PATHS
 from lslo.model import MODULE_PATHS, LSLoSpec, inject_lslo
 
 LANGS = ["en", "fr", "oc", "wo"]

@@ -51,7 +51,7 @@ def test_a_failing_system_is_dropped_and_named(bench):
 def test_auto_choices_report_lists_each_measured_choice(bench, monkeypatch):
     import torch
 
-    from lslo.layer import KERNEL_TIMER
+    from lslo.kernels import KERNEL_TIMER
 
     key = (torch.device("cuda"), torch.bfloat16, 1024, 4096, (2, 2, 8, 8), 8192, True, ("gathered", "grouped"))
     monkeypatch.setattr(KERNEL_TIMER, "choices", {key: "grouped"})

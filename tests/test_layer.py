@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lslo.errors import LsloError
-from lslo.layer import BufferDict, IndexWeights, LoRABank, LSLoLinear, Routing
+from lslo.kernels import Routing, add_delta, choose_kernel
+from lslo.layer import BufferDict, IndexWeights, LoRABank, LSLoLinear
 
 LANGS = ["en", "fr", "de", "oc"]
 RANKS = {"en": 1, "fr": 2, "de": 3, "oc": 4}
@@ -39,7 +40,7 @@ def by_hand(layer, x, langs, index):
 
 
 def test_init_like_peft_and_shapes():
-    bank = LoRABank(LANGS, RANKS, 8, 6)
+    bank = LoRABank(LANGS, RANKS, 8, 6, init="peft")
     for lang in LANGS:
         assert bank.A[lang].shape == (RANKS[lang], 8) and bank.B[lang].shape == (6, RANKS[lang])
         assert torch.all(bank.B[lang] == 0) and bank.A[lang].abs().sum() > 0
@@ -47,6 +48,10 @@ def test_init_like_peft_and_shapes():
         assert bank.A[lang].abs().max() <= 1 / math.sqrt(8) + 1e-6
         assert bank.scaling[lang] == 1.0
     assert LoRABank(LANGS, RANKS, 8, 6, alpha=8).scaling["de"] == pytest.approx(8 / 3)
+    torch.manual_seed(0)
+    default = LoRABank(LANGS, RANKS, 8, 6)  # the authors' init by default: U(-1/√r, 1/√r), past PEFT's 1/√8
+    assert default.init == "authors"
+    assert all(1 / math.sqrt(8) < default.A[lang].abs().max() <= 1 / math.sqrt(RANKS[lang]) for lang in LANGS)
 
 
 @pytest.mark.parametrize("mixed_path", KERNELS)
@@ -167,12 +172,12 @@ def test_mixed_batch_gradients_equal_per_sample_formula(mixed_path):
 def test_auto_kernel_compares_stacked_and_gathered_costs():
     """auto: gathered when max(r)·(T + GATHER_COST) < T·sum(r). With ranks 1..4 (max 4, sum 10) that is
     T > 4·GATHER_COST / 6: one-token decoding steps stack, long sentences gather, and the switch is there."""
-    from lslo.layer import GATHER_COST
+    from lslo.kernels import GATHER_COST
 
     layer, routing = make_layer("src", mixed_path="auto")
     routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
     bank, grouping = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
-    kernels = {t: bank.mixed_kernel(grouping, torch.zeros(4, t, 8)) for t in range(1, 20 * GATHER_COST)}
+    kernels = {t: choose_kernel(bank, grouping, torch.zeros(4, t, 8)) for t in range(1, 20 * GATHER_COST)}
     first_gathered = min(t for t, kernel in kernels.items() if kernel == "gathered")
     assert first_gathered == 4 * GATHER_COST // 6 + 1
     assert all(kernels[t] == "stacked" for t in range(1, first_gathered))
@@ -317,7 +322,7 @@ def test_a_init_bound_and_std_per_rank(rank):
 
 
 def test_kernel_list_covers_every_mixed_path():
-    from lslo.layer import MIXED_PATHS
+    from lslo.kernels import MIXED_PATHS
 
     assert set(KERNELS) == set(MIXED_PATHS) - {"auto"}
 
@@ -328,7 +333,7 @@ def test_grouped_matmul_equals_one_matmul_per_group(shape):
     plain matmuls of each group's rows, forward and backward, empty groups included."""
     import torch.nn.functional as F
 
-    from lslo.layer import grouped_matmul
+    from lslo.kernels import grouped_matmul
 
     k, n, groups = shape
     rows = torch.randn(11, k, requires_grad=True)
@@ -345,46 +350,53 @@ def test_grouped_matmul_equals_one_matmul_per_group(shape):
     assert hasattr(F, "grouped_mm")  # torch >= 2.10 has it on CPU; the aligned shapes above ran it
 
 
-def test_grouped_kernel_runs_grouped_mm_and_equals_every_kernel(monkeypatch):
-    """At GEMM-aligned widths the grouped kernel calls F.grouped_mm (counted) and gives the outputs and gradients
-    of every other kernel."""
+def test_grouped_kernel_runs_grouped_mm_and_every_kernel_equals_per_sample_reference(monkeypatch):
+    """At GEMM-aligned widths the grouped kernel calls F.grouped_mm (counted); every kernel's output and gradients
+    (input, every A and B) equal those of the reference, LoRABank.per_sample_delta (eq. 3 one sample at a time),
+    with alpha != r so the scaling s_l is exercised."""
     import torch.nn.functional as F
 
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    bank = LoRABank(LANGS, RANKS, 16, 8, alpha=3)
+    bank = LoRABank(LANGS, RANKS, 16, 8, alpha=3, init="peft")
     for lang in LANGS:
         nn.init.normal_(bank.B[lang])
     routing = Routing(LANGS)
-    routing.set(torch.tensor([1, 0, 1, 3, 2]), torch.zeros(5, dtype=torch.long))
+    langs = ["fr", "en", "fr", "oc", "de"]
+    routing.set(torch.tensor([LANGS.index(c) for c in langs]), torch.zeros(5, dtype=torch.long))
     g = routing.grouping("src", 5, torch.device("cpu"))
     x = torch.randn(5, 3, 16)
-    results = {}
+    params = [bank.A[lang] for lang in LANGS] + [bank.B[lang] for lang in LANGS]
+
+    def outputs_and_gradients(delta):
+        inputs = x.clone().requires_grad_(True)
+        out = delta(inputs)
+        return [out.detach(), *torch.autograd.grad((out * out).sum(), [inputs, *params])]
+
+    reference = outputs_and_gradients(lambda inputs: bank.per_sample_delta(inputs, langs))
+    assert not calls and reference[0].abs().max() > 1e-2
     for kernel in KERNELS:
         bank.mixed_path = kernel
-        inputs = x.clone().requires_grad_(True)
-        out = bank.add_delta(torch.zeros(5, 3, 8), inputs, g)
-        params = [bank.A[lang] for lang in LANGS] + [bank.B[lang] for lang in LANGS]
-        results[kernel] = [out.detach(), *torch.autograd.grad((out * out).sum(), [inputs, *params])]
-    assert len(calls) == 2  # A and B, one grouped GEMM each (their backward is torch's)
-    for kernel in KERNELS:
-        for got, want in zip(results[kernel], results["segments"]):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        got = outputs_and_gradients(lambda inputs: add_delta(bank, torch.zeros(5, 3, 8), inputs, g))
+        assert len(calls) == (2 if kernel == "grouped" else 0)  # A and B, one grouped GEMM each
+        calls.clear()
+        for name, have, want in zip(["output", "x"] + [f"grad {i}" for i in range(len(params))], got, reference):
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{kernel}, {name}: {m}")
 
 
 def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):
     """The measured switch (KernelTimer): the faster candidate is kept per key and measured once; on CPU "auto"
     never measures and keeps the cost-model choice."""
-    from lslo.layer import KERNEL_TIMER, KernelTimer
+    from lslo.kernels import KERNEL_TIMER, KernelTimer
 
     layer, routing = make_layer("src", mixed_path="auto")
     routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
     bank, g = layer.banks["src"], routing.grouping("src", 4, torch.device("cpu"))
     x = torch.zeros(4, 500, 8)
     monkeypatch.setattr(KERNEL_TIMER, "faster", lambda *a: pytest.fail("measured on CPU"))
-    assert bank.mixed_kernel(g, x) == "gathered"
+    assert choose_kernel(bank, g, x) == "gathered"
     measured = []
     timer = KernelTimer()
     monkeypatch.setattr(timer, "seconds", lambda b, gr, inputs, kernel: measured.append(kernel) or
@@ -405,7 +417,7 @@ def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):
 
 
 def test_kernel_timer_leaves_parameters_and_rng_alone():
-    from lslo.layer import KernelTimer
+    from lslo.kernels import KernelTimer
 
     layer, routing = make_layer("src", mixed_path="auto")
     routing.set(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
@@ -422,7 +434,7 @@ def test_kernel_timer_leaves_parameters_and_rng_alone():
 def test_kernel_timer_keeps_the_batch_cache_clean():
     """Timing runs on a copy of the bank and of the grouping: nothing it builds enters the batch's weight cache,
     where a later bank could find it under a reused id."""
-    from lslo.layer import KernelTimer
+    from lslo.kernels import KernelTimer
 
     layer, routing = make_layer("src", mixed_path="auto")
     layer.eval()

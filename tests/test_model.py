@@ -9,7 +9,7 @@ from conftest import LANGUAGES, PAD, DECODER_START, lang_token_id, make_batch, m
 
 from lslo.errors import LsloError
 from lslo.layer import LSLoLinear
-from lslo.model import LSLoSpec, inject_lslo
+from lslo.model import MODULE_NAMES, LSLoSpec, inject_lslo
 
 RANKS = {"en": 2, "fr": 1, "de": 3, "oc": 4, "wo": 2}
 MIXED_PLAN = {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}
@@ -39,7 +39,7 @@ def run(model, batch, rows=None, **kw):
 
 
 def test_injection_structure_and_frozen_base():
-    model = lslo_model(modules=["q", "c-k", "fc2"], layers={"enc": [1], "dec": [0, 1]})
+    model = lslo_model(modules=["q", "c-k", "fc2"], layers={"enc": [1], "dec": [0, 1]}, fc_lora="full")
     assert sorted(model.lslo_modules()) == ["dec.0.c-k", "dec.0.fc2", "dec.0.q", "dec.1.c-k", "dec.1.fc2",
                                             "dec.1.q", "enc.1.fc2", "enc.1.q"]
     assert isinstance(model.base.model.decoder.layers[1].encoder_attn.k_proj, LSLoLinear)
@@ -178,7 +178,7 @@ def test_spec_and_model_errors():
 
 def test_single_language_equals_peft_lora():
     peft = pytest.importorskip("peft")
-    spec = LSLoSpec(languages=["en"], ranks={"en": 4}, index_plan="src", alpha=8)
+    spec = LSLoSpec(languages=["en"], ranks={"en": 4}, index_plan="src", alpha=8, fc_lora="full", init="peft")
     model = inject_lslo(make_tiny_model(5), spec)
     randomize_lora(model, seed=9)
     peft_model = peft.get_peft_model(make_tiny_model(5), peft.LoraConfig(
@@ -200,3 +200,29 @@ def test_single_language_equals_peft_lora():
     assert (ours - theirs).abs().max() <= 1e-5
     n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert n_peft == sum(p.numel() for p in model.trainable_parameters())
+
+
+def test_default_spec_builds_the_papers_model():
+    """LSLoSpec(languages, ranks) alone is the paper's model as the authors run it: every module, the slice fc
+    layout (every LoRA d_model x d_model), the authors' init, and the paper's index plan (the top quarter of the
+    encoder target-indexed; at 12 + 12 layers the plan of the workflow's `index: paper`)."""
+    from lslo.finetune import resolve_index_plan
+
+    spec = LSLoSpec(languages=["en", "oc"], ranks={"en": 2, "oc": 8})
+    assert (spec.modules, spec.fc_lora, spec.init) == (list(MODULE_NAMES), "slice", "authors")
+    paper = {"enc": ["src"] * 9 + ["tgt"] * 3, "dec": ["tgt"] * 12}
+    assert spec.resolve({"enc": 12, "dec": 12})[1] == resolve_index_plan("paper", None) == paper
+    assert spec.resolve({"enc": 24, "dec": 24})[1] == {"enc": ["src"] * 18 + ["tgt"] * 6, "dec": ["tgt"] * 24}
+    torch.manual_seed(0)
+    model = inject_lslo(make_tiny_model(0, encoder_layers=4), spec)  # d_model 16, ffn 32
+    modules = model.lslo_modules()
+    assert [modules[f"enc.{i}.q"].index for i in range(4)] == ["src"] * 3 + ["tgt"]
+    assert [modules[f"dec.{i}.c-v"].index for i in range(2)] == ["tgt", "tgt"]
+    assert modules["enc.0.fc1"].out_slice == (0, 16) and modules["dec.1.fc2"].in_slice == (0, 16)
+    for module in modules.values():
+        bank = module.banks[module.index]
+        assert (bank.in_features, bank.out_features) == (16, 16)
+    # the authors' A ~ U(-1/√r, 1/√r) (fan_in r), not PEFT's U(-1/√16, 1/√16): at r = 2 it reaches past 1/4
+    a = torch.cat([m.banks[m.index].A["en"].detach().flatten() for m in modules.values()])
+    assert 0.25 < a.abs().max() <= 1 / 2 ** 0.5
+    assert LSLoSpec(**spec.to_dict()).resolve({"enc": 4, "dec": 2}) == spec.resolve({"enc": 4, "dec": 2})

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from conftest import LANGUAGES, lang_token_id, make_batch, make_tiny_model, randomize_lora
-from lslo.layer import MIXED_PATHS, LoRABank, LSLoLinear, Routing
+from lslo.kernels import MIXED_PATHS, Routing
+from lslo.layer import LoRABank, LSLoLinear
 
 cuda = pytest.mark.cuda
 PRECISIONS = [
