@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lslo.adapters import save_adapters
 from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, portable_path, read_json, write_tsv
@@ -71,7 +72,6 @@ def run_finetune(method, model_dir, train_tsv, dev_tsv, language_table, language
 
 def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, index_plan, plan_json, ranks_json,
                    modules, options, out_dir, out_metrics, checkpoint_dir, model_dir) -> Path:
-    from lslo.adapters import save_adapters
 
     ranks, targets, schedule = read_rank_plan(ranks_json, codes, options.epochs)
     torch.manual_seed(options.seed)  # the A init; on resume the checkpoint overwrites it anyway

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from lslo.errors import LsloError
+
 
 # Written into every directory atomic_write(is_dir=True) publishes: the directory is lslo's output, which a later
 # run may replace as a whole. A directory without it holds someone else's files, and lslo never deletes it.
@@ -51,7 +53,6 @@ def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
 
 
 def _refuse_foreign_directory(path: Path) -> None:
-    from lslo.errors import LsloError
 
     if path.is_symlink() or not path.is_dir():
         raise LsloError(f"{path}: exists and is not a directory; lslo writes a directory there and replaces only "
@@ -65,7 +66,6 @@ def check_output_dir(path: str | os.PathLike, force: bool, option: str = "--out"
     """Before a command writes directory `path`: it must not exist or be empty; with `force` it may also be an
     earlier output of lslo (OUTPUT_MARKER), which is then replaced. A directory holding anything else is never
     replaced, with or without force."""
-    from lslo.errors import LsloError
 
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
@@ -140,7 +140,6 @@ def write_json(obj, path: str | os.PathLike) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    from lslo.errors import LsloError
 
     path = Path(path)
     if not path.is_file():
@@ -155,7 +154,6 @@ def read_tsv(path: str | os.PathLike, columns: list, what: str, allow_empty: boo
     """A stage's TSV with its required columns; a missing file/column names the file and what was expected."""
     import pandas as pd
 
-    from lslo.errors import LsloError
 
     path = Path(path)
     if not path.is_file():
@@ -167,3 +165,9 @@ def read_tsv(path: str | os.PathLike, columns: list, what: str, allow_empty: boo
     if frame.empty and not allow_empty:
         raise LsloError(f"{path}: {what} has no rows")
     return frame
+
+
+def markdown_cell(value) -> str:
+    """A value as the text of one Markdown table cell: a `|` in it (a variant label such as "LSLo | WL") would
+    otherwise end the cell and shift the rest of the row."""
+    return str(value).replace("|", "\\|")

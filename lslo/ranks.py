@@ -29,6 +29,7 @@ import os
 
 import pandas as pd
 
+from lslo.config import schema_errors
 from lslo.errors import LsloError
 from lslo.io import read_json, write_json
 from lslo.languages import RESOURCE_GROUPS, read_language_table, select
@@ -99,7 +100,6 @@ def rank_plan_schema(languages: list[str]) -> dict:
 
 def validate_rank_plan(plan, languages: list[str], source) -> None:
     """Check a rank plan (possibly edited by hand) against `rank_plan_schema`; one line per violation."""
-    from lslo.config import schema_errors
 
     lines = schema_errors(plan, rank_plan_schema(languages), what="field")
     if lines:

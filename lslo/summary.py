@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lslo.bootstrap import compare_systems, read_sentence_stats
 from lslo.errors import LsloError
-from lslo.io import atomic_write, read_tsv
+from lslo.io import atomic_write, markdown_cell, read_tsv
 
 ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
 PRETRAIN_H2H_MIN = 25.0  # a competent pretrained model on high-resource directions
@@ -41,7 +42,6 @@ def _significance(p: float) -> str:
 
 def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataFrame:
     """The targets, measured. stats: {role: sentence_stats.npz}; labels: {role: Table 1 label}."""
-    from lslo.bootstrap import compare_systems, read_sentence_stats
 
     missing = [role for role in ROLES if role not in stats or role not in labels]
     if missing:
@@ -51,7 +51,8 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataF
     cell = frame.set_index(["method", "pair"])
     for pair in ("H2H", "V2V", "AVG"):
         if (labels["pretrain"], pair) not in cell.index:
-            raise LsloError(f"summary: no {pair} directions in {stats['pretrain']}; the targets need H and V languages")
+            raise LsloError(f"summary: no {pair} directions in {stats['pretrain']}; "
+                            "the targets need H and V languages")
 
     def at(role, pair, column="spbleu"):
         return float(cell.loc[(labels[role], pair), column])
@@ -59,7 +60,8 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataF
     rows = []
     h2h, v2v = at("pretrain", "H2H"), at("pretrain", "V2V")
     rows.append(("Pretrain H2H spBLEU", f"{h2h:.2f} [{at('pretrain', 'H2H', 'ci_low'):.2f}, "
-                 f"{at('pretrain', 'H2H', 'ci_high'):.2f}]", f">= {PRETRAIN_H2H_MIN:g}", _result(h2h >= PRETRAIN_H2H_MIN)))
+                 f"{at('pretrain', 'H2H', 'ci_high'):.2f}]", f">= {PRETRAIN_H2H_MIN:g}",
+                 _result(h2h >= PRETRAIN_H2H_MIN)))
     rows.append(("Pretrain V2V / H2H", f"{v2v:.2f} / {h2h:.2f} = {v2v / h2h if h2h else np.nan:.2f}",
                  "<= 1/3", _result(v2v <= V2V_RATIO_MAX * h2h)))
     gain, p_gain = at("full_rank", "V2V") - v2v, at("full_rank", "V2V", "p_pretrain")
@@ -92,7 +94,8 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataF
 def _markdown_table(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    return "\n".join([header, rule, *("| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False))])
+    rows = ("| " + " | ".join(map(markdown_cell, row)) + " |" for row in frame.itertuples(index=False))
+    return "\n".join([header, rule, *rows])
 
 
 def _demote_title(markdown: str) -> str:

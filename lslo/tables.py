@@ -14,21 +14,17 @@ import numpy as np
 import pandas as pd
 from scipy.stats import pearsonr
 
+from lslo.bootstrap import RESAMPLES, compare_systems, read_sentence_stats
 from lslo.errors import LsloError
 from lslo.evaluate import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
-from lslo.io import atomic_write, read_tsv, write_tsv
+from lslo.io import atomic_write, markdown_cell, read_tsv, write_tsv
+from lslo.languages import read_language_table
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
 
 
 def _read_groups(path) -> pd.DataFrame:
     return read_tsv(path, GROUP_COLUMNS, "groups table").set_index("pair")
-
-
-def markdown_cell(value) -> str:
-    """A value as the text of one Markdown table cell: a `|` in it (a variant label such as "LSLo | WL") would
-    otherwise end the cell and shift the rest of the row."""
-    return str(value).replace("|", "\\|")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -65,7 +61,6 @@ def interval_table(stats_npzs: dict, methods: dict) -> pd.DataFrame:
     pretrain is the Pretrain baseline and the first of method full the Ft-all one; p_pretrain / p_ft_all are NaN
     without that row (and on the baseline's own row). Columns: INTERVAL_COLUMNS (docs/formats.md).
     """
-    from lslo.bootstrap import compare_systems, read_sentence_stats
 
     systems = {label: read_sentence_stats(path) for label, path in stats_npzs.items()}
     baselines = {}
@@ -152,7 +147,6 @@ def _check_intervals(intervals: pd.DataFrame, table: pd.DataFrame, columns: list
 
 
 def _interval_note(intervals: pd.DataFrame) -> str:
-    from lslo.bootstrap import RESAMPLES
 
     return (f"[low, high]: 95% bootstrap interval over {RESAMPLES} resamples of the test sentences (the same "
             "resample in every direction and system; a cell is the mean over its directions of corpus spBLEU). "
@@ -250,7 +244,6 @@ def _undefined_notes(undefined: list, modules: list, constant_bitext: bool) -> l
 def _language_table(language_table) -> pd.DataFrame:
     if isinstance(language_table, pd.DataFrame):
         return language_table
-    from lslo.languages import read_language_table
 
     return read_language_table(language_table)
 
