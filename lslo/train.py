@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from lslo import __version__
 from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain,
                              save_checkpoint, set_rng_state, write_epoch_metrics)
+from lslo.code_identity import stage_code_hash
 from lslo.data import Corpus, TemperatureSampler, collate, make_batches
 from lslo.errors import LsloError
 from lslo.io import write_tsv
@@ -576,7 +577,8 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
 def run_identity(stage_identity: dict | None, model, options: TrainOptions, languages: list[str], train_table,
                  dev_table, world_size: int) -> dict:
     """Everything a checkpoint must share with this run to be resumed (lslo.checkpoint): the stage's part, every
-    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data."""
+    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data,
+    and the code that trains (lslo.code_identity.stage_code_hash of the stage)."""
     options_dict = asdict(options)
     dev_columns = [lang for lang in languages if dev_table is not None and lang in dev_table.columns]
     return plain({
@@ -590,6 +592,8 @@ def run_identity(stage_identity: dict | None, model, options: TrainOptions, lang
         "train_data": data_identity(train_table, list(languages)),
         "dev_data": (data_identity(dev_table.head(options.dev_sentences), dev_columns) if dev_columns else None),
         "lslo_version": __version__,
+        # the stage's script and the lslo modules it imports: the `code` param that reruns the job (rules)
+        "code": stage_code_hash((stage_identity or {}).get("stage")),
     })
 
 
