@@ -222,8 +222,8 @@ def test_a_killed_run_rerun_after_a_code_change_starts_fresh(world, tmp_path, mo
         assert torch.equal(rerun[key], fresh[key]), key
     assert (tmp_path / "m2.tsv").read_bytes() == (tmp_path / "m3.tsv").read_bytes()
     lines = [r.getMessage() for r in caplog.records if r.name == "lslo.checkpoint"]
-    assert lines == [f"{ckpt}: epoch002.pt was trained with other code; set aside as ckpt.set-aside-1, training "
-                     "from scratch"]
+    expected = f"{ckpt}: epoch002.pt was trained with other code; set aside as ckpt.set-aside-1, training from scratch"
+    assert lines == [expected]
     assert (tmp_path / "ckpt.set-aside-1" / "epoch002.pt").exists()  # kept, not trained on
 
 
