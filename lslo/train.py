@@ -559,7 +559,8 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
                     checkpoint_dir=None, log_every: int | None = None) -> Iterator[EpochResult]:
     """The one training loop, of every stage and of demo pretraining: for each epoch, epoch_hook(epoch) (GPS
     pruning), then its updates; yields each finished epoch to the caller (the stages score and checkpoint it).
-    Ends after `epochs`, or before the update after options.max_steps updates, or once stop() is true."""
+    Ends after `epochs`, once options.max_steps updates are done, or once stop() is true (both checked before each
+    update and each epoch)."""
     for epoch in epochs:
         if finished(trainer.options, step, stop):
             return
@@ -621,9 +622,9 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     options = TrainOptions.from_dict(options) if not isinstance(options, TrainOptions) else options
     options.validate()
     checkpoint_dir = Path(checkpoint_dir)
+    trainer = make_trainer(model, options)
     corpus = Corpus.multiparallel(train_table, list(languages), tokenizer)  # tokenized once
     corpus.check_lengths(options.max_tokens)
-    trainer = make_trainer(model, options)
     source = BatchSource(corpus, tokenizer, languages, lambda epoch: epoch_plan(corpus, options, epoch))
     identity = run_identity(identity, model, options, languages, train_table, dev_table, trainer.world_size)
     first_epoch, step, metrics = resume_point(trainer, checkpoint_dir, identity)
