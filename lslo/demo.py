@@ -17,8 +17,8 @@ decoder_start_token_id = eos), the tokenizer files (lslo.tokenizer.load_tokenize
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-import math
 import random
 import shutil
 import time
@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lslo.demo_benchmark import make_benchmark, read_bitext  # noqa: F401 - make_benchmark is part of this API
 from lslo.errors import LsloError
@@ -34,6 +33,7 @@ from lslo.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY = 50  # updates between pretraining log lines (and points of the loss curve in pretrain.json)
 SPM_SENTENCES_PER_LANGUAGE = 3000  # balanced SentencePiece training sample, as FLORES' spm upsamples low-resource text
 
 
@@ -73,12 +73,6 @@ def train_demo_spm(benchmark_dir: str | Path, model_file: str | Path, vocab_size
     return model_file
 
 
-def inverse_sqrt_lr(step: int, warmup: int) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, then 1/sqrt(step/warmup) (Vaswani et al., 2017)."""
-    step = max(step, 1)
-    return min(step / warmup, math.sqrt(warmup / step))
-
-
 def demo_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_model: int = 256,
                       layers: int = 3, ffn_dim: int = 512, heads: int = 4, max_positions: int = 256):
     """A tiny M2M100 configuration (same class as M2M-124; eos starts decoding as in fairseq)."""
@@ -111,47 +105,49 @@ def demo_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_
 def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int = 1, max_tokens: int = 4096,
                     lr: float = 2e-3, warmup: int = 200, label_smoothing: float = 0.1, temperature: float = 1.0,
                     max_steps: int | None = None, max_minutes: float | None = None) -> dict:
-    """Adam + inverse-sqrt warmup, label-smoothed cross-entropy, until max_steps or max_minutes run out.
+    """The stages' training loop (lslo.train.training_epochs) on CPU until max_steps or max_minutes run out: Adam,
+    the inverse-sqrt schedule, label-smoothed cross-entropy, gradient norm clipped at 1, the model's own dropout.
 
-    `corpus` is an lslo.data.Corpus of the bitext (both directions of every pair); temperature 1 samples
-    directions in proportion to their size, which keeps the H >> M >> V imbalance. Returns the training log.
+    `corpus` is an lslo.data.Corpus of the bitext (both directions of every pair); one TemperatureSampler draws the
+    epochs one after the other (temperature 1 samples directions in proportion to their size, which keeps the
+    H >> M >> V imbalance). label_smoothing is in torch's definition (ε spread over all V tokens, the gold one
+    included), as the demo was pretrained. Returns the training log.
     """
-    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-
-    from lslo.data import TemperatureSampler, epoch_batches
-    from lslo.train import make_adam
+    from lslo.data import TemperatureSampler, make_batches
+    from lslo.train import BatchSource, make_trainer, training_epochs
 
     if max_steps is None and max_minutes is None:
         raise LsloError("pretraining needs max_steps or max_minutes")
-    torch.manual_seed(seed)
+    options = pretrain_options(model.config, seed=seed, max_tokens=max_tokens, lr=lr, warmup=warmup,
+                               label_smoothing=label_smoothing, temperature=temperature, max_steps=max_steps)
+    trainer = make_trainer(model, options, device=torch.device("cpu"))  # the demo's numbers are CPU numbers
     sampler = TemperatureSampler(corpus.sizes(), temperature=temperature, seed=seed)
-    optimizer = make_adam(model.parameters(), lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_lr(s + 1, warmup))
-    pad, start_id = tokenizer.pad_token_id, model.config.decoder_start_token_id
+    source = BatchSource(corpus, tokenizer, languages,
+                         lambda epoch: make_batches(sampler.epoch(), corpus, max_tokens, rng=sampler.rng))
     start, step, epoch, losses = time.monotonic(), 0, 0, []
-    done = lambda: (max_steps is not None and step >= max_steps) or (  # noqa: E731
-        max_minutes is not None and time.monotonic() - start >= 60 * max_minutes)
-    model.train()
-    while not done():
-        epoch += 1
-        for batch in epoch_batches(corpus, sampler, tokenizer, languages, max_tokens):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=shift_tokens_right(batch["labels"], pad, start_id)).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                                   label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step % 50 == 0 or step == 1:
-                losses.append({"step": step, "loss": round(loss.item(), 4)})
-                log.info("pretrain step %d epoch %d loss %.3f", step, epoch, loss.item())
-            if done():
-                break
+    out_of_time = lambda: max_minutes is not None and time.monotonic() - start >= 60 * max_minutes
+    for done in training_epochs(trainer, source, itertools.count(1), stop=out_of_time, log_every=LOG_EVERY):
+        step, epoch = done.step, done.epoch
+        losses += [{"step": s, "loss": round(loss / n_tokens, 4)} for s, loss, n_tokens in done.updates
+                   if s == 1 or s % LOG_EVERY == 0]
     model.eval()
     return {"steps": step, "epochs": epoch, "minutes": round((time.monotonic() - start) / 60, 3), "loss": losses}
+
+
+def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: int, label_smoothing: float,
+                     temperature: float, max_steps: int | None):
+    """lslo.train.TrainOptions of demo pretraining: dropout as the model's config has it, no AMP, no dev scores.
+
+    torch's label smoothing ε over all V tokens equals fairseq's (lslo.train.label_smoothed_nll_loss, ε over the
+    V - 1 tokens other than the gold one) at ε·(V - 1)/V: the same loss."""
+    from lslo.train import TrainOptions
+
+    vocab = config.vocab_size
+    return TrainOptions(lr=lr, max_tokens=max_tokens, warmup_updates=warmup, seed=seed, temperature=temperature,
+                        label_smoothing=label_smoothing * (vocab - 1) / vocab, dropout=config.dropout,
+                        attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,
+                        layerdrop=config.encoder_layerdrop, clip_norm=1.0, amp=False, mixed_directions=True,
+                        dev_sentences=0, max_steps=max_steps)
 
 
 def fast_tokenize(texts: list[str], tokenizer) -> list[list[int]]:

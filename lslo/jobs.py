@@ -3,19 +3,18 @@
 - `stage_job(log_path)`: the body of every workflow/scripts/*.py runs inside it. Log records and stray stderr go
   to the rule log; an LsloError ends the job with its one-line message in the log and on stderr (no traceback:
   the message already names the file, field or language at fault); any other exception keeps its traceback.
-- `code_hash(script)`: a hash of a wrapper script and of every `lslo` module it imports, directly or through
-  other lslo modules. Each rule carries it in `params`, so a change in the library code a stage runs reruns the
-  stage (Snakemake's params trigger), while a touched but unchanged script does not (the profiles leave out the
-  `code` rerun trigger, which compares the script's mtime only).
+- `code_hash(script)` (from lslo.code_identity): a hash of a wrapper script and of every `lslo` module it imports,
+  directly or through other lslo modules. Each rule carries it in `params`, so a change in the library code a
+  stage runs reruns the stage (Snakemake's params trigger), while a touched but unchanged script does not (the
+  profiles leave out the `code` rerun trigger, which compares the script's mtime only); the training checkpoints
+  hold the same hash in their identity, so such a rerun does not resume the old code's epochs.
 - `run_processes(fn, n_processes, ...)`: fn(**kwargs) in n_processes DDP processes started by torchrun
   (lslo.train.distributed_setup then uses NCCL on GPUs and gloo on CPU); one process runs fn in the job's own.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from lslo.code_identity import code_hash, imported_modules  # noqa: F401 - rules/common.smk's CODE
 from lslo.errors import LsloError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 log = logging.getLogger(__name__)
 
@@ -57,56 +56,6 @@ def stage_job(log_path, rank: int | None = None) -> Iterator[None]:
             print(line, file=original_stderr, flush=True)
         raise SystemExit(1) from None
     # any other exception propagates with its traceback, which Python prints to sys.stderr: the rule log
-
-
-# ---------------------------------------------------------------------------------------------- code identity
-
-def lslo_imports(path: Path) -> set[str]:
-    """The lslo module names a Python file imports anywhere in it (function-level imports included)."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "lslo")
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.split(".")[0] != "lslo":
-                continue
-            names.add(node.module)
-            # `from lslo import figures` imports the submodule lslo.figures
-            names.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if module_file(f"{node.module}.{alias.name}") is not None)
-    return names
-
-
-def module_file(name: str) -> Path | None:
-    """lslo.x.y -> lslo/x/y.py (or lslo/x/y/__init__.py); None when it is not a module of the package."""
-    base = PACKAGE_DIR.joinpath(*name.split(".")[1:])
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def imported_modules(script) -> dict[str, Path]:
-    """{module name: file} of every lslo module `script` imports, transitively (lslo/__init__.py always)."""
-    found, todo = {"lslo": PACKAGE_DIR / "__init__.py"}, set(lslo_imports(script))
-    while todo:
-        name = todo.pop()
-        path = module_file(name)
-        if name in found or path is None:
-            continue
-        found[name] = path
-        todo |= lslo_imports(path) - set(found)
-    return found
-
-
-def code_hash(script) -> str:
-    """sha256 (16 hex digits) over the script's text and the text of every lslo module it imports."""
-    digest = hashlib.sha256(Path(script).read_bytes())
-    for name, path in sorted(imported_modules(script).items()):
-        digest.update(f"\0{name}\0".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- N processes

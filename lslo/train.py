@@ -1,7 +1,11 @@
-"""The one training loop of every training stage (weight learning, subspace estimation, fine-tuning; paper §5).
+"""The one training loop of every training stage (weight learning, subspace estimation, fine-tuning; paper §5) and
+of demo pretraining (lslo.demo.train_on_bitext).
 
-Read `train` top to bottom: data -> model/optimizer -> resume -> for each epoch: epoch_hook (GPS pruning),
-updates, dev spBLEU, metrics row, checkpoint. As in the paper's fairseq setup:
+Read `training_epochs` top to bottom: for each epoch, epoch_hook (GPS pruning), then updates of update_freq
+micro-batches at the schedule's lr; each finished epoch goes back to the caller. `train` (a stage's run) reads as:
+data -> model/optimizer (`make_trainer`) -> resume -> for each epoch of the loop: dev spBLEU, metrics row,
+checkpoint. What differs between runs is the batch source (`BatchSource`): a stage's epoch plan, or the demo's
+running temperature sampler. As in the paper's fairseq setup:
 
 - Adam (betas 0.9, 0.98) over the trainable parameters only; fairseq's inverse_sqrt schedule (`get_lr`);
 - label-smoothed cross entropy, fairseq's definition (`label_smoothed_nll_loss`), summed over target tokens and
@@ -27,7 +31,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 from lslo import __version__
 from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain,
                              save_checkpoint, set_rng_state, write_epoch_metrics)
+from lslo.code_identity import stage_code_hash
 from lslo.data import Corpus, TemperatureSampler, collate, make_batches
 from lslo.errors import LsloError
 from lslo.io import write_tsv
@@ -543,6 +548,129 @@ def amp_setup(options: TrainOptions, device) -> tuple[Callable, object]:
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
+@dataclass
+class Trainer:
+    """What the loop trains and updates with, set up once per run (make_trainer)."""
+
+    model: torch.nn.Module  # the model itself: its state is checkpointed and measured
+    forward_model: torch.nn.Module  # what the updates run: the DDP wrapper under torchrun, else the model
+    optimizer: torch.optim.Optimizer
+    options: TrainOptions
+    device: torch.device
+    rank: int
+    world_size: int
+    update_freq: int  # micro-batches per update in each process (TrainOptions.update_freq_for)
+    autocast: Callable
+    scaler: object  # torch.amp.GradScaler (fp16 autocast) or None
+
+
+@dataclass
+class BatchSource:
+    """A run's training data: each epoch's batches (lists of lslo.data.Example) and what collates them. The stages'
+    of_epoch is epoch_plan, a pure function of (seed, epoch) so that a run resumes; demo pretraining's draws from
+    one running TemperatureSampler (lslo.demo.train_on_bitext)."""
+
+    corpus: Corpus
+    tokenizer: object
+    languages: list[str]  # the model's ordered language list: collated language ids index it
+    of_epoch: Callable[[int], list[list]]
+
+
+@dataclass
+class EpochResult:
+    """What one epoch of the loop did: its number, the updates so far, and (step, summed loss, target tokens) of each
+    of its updates on this process."""
+
+    epoch: int
+    step: int
+    updates: list[tuple[int, float, int]]
+
+    @property
+    def loss_sum(self) -> float:
+        return sum(loss for _, loss, _ in self.updates)
+
+    @property
+    def token_sum(self) -> int:
+        return sum(n_tokens for _, _, n_tokens in self.updates)
+
+
+def make_trainer(model, options: TrainOptions, device: torch.device | None = None) -> Trainer:
+    """Seed every RNG, move the model to the device (this process's, unless `device` says), set its dropout, build
+    Adam over its trainable parameters, AMP and, under torchrun, the DDP wrapper."""
+    rank, world_size, process_device = distributed_setup()
+    device = device or process_device
+    log.info("training: world size %d, rank %d, device %s", world_size, rank, device)  # read by gpu_check.py
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    torch.manual_seed(options.seed)
+    model.to(device)
+    set_dropout(model, options.dropout, options.attention_dropout, options.activation_dropout, options.layerdrop)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LsloError("the model has no trainable parameters")
+    optimizer = make_adam(params, options.lr, options.adam_betas, weight_decay=options.weight_decay)
+    autocast, scaler = amp_setup(options, device)
+    forward_model = model
+    if world_size > 1:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return Trainer(model, forward_model, optimizer, options, device, rank, world_size,
+                   options.update_freq_for(world_size), autocast, scaler)
+
+
+def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int], step: int = 0,
+                    epoch_hook: Callable[[int], None] | None = None, stop: Callable[[], bool] | None = None,
+                    checkpoint_dir=None, log_every: int | None = None) -> Iterator[EpochResult]:
+    """The one training loop, of every stage and of demo pretraining: for each epoch, epoch_hook(epoch) (GPS
+    pruning), then its updates; yields each finished epoch to the caller (the stages score and checkpoint it).
+    Ends after `epochs`, once options.max_steps updates are done, or once stop() is true (both checked before each
+    update and each epoch)."""
+    for epoch in epochs:
+        if finished(trainer.options, step, stop):
+            return
+        if epoch_hook is not None:
+            epoch_hook(epoch)
+        trainer.model.train()
+        batches = shard(source.of_epoch(epoch), trainer.rank, trainer.world_size)
+        updates = [batches[i:i + trainer.update_freq] for i in range(0, len(batches), trainer.update_freq)]
+        done = []
+        bar = tqdm(updates, desc=f"epoch {epoch}", disable=None if trainer.rank == 0 else True, leave=False)
+        for group in bar:
+            if finished(trainer.options, step, stop):
+                break
+            step += 1
+            loss, n_tokens = update_step(trainer, source, group, step)
+            if not math.isfinite(loss):
+                raise non_finite_loss(loss, epoch, step, checkpoint_dir)
+            done.append((step, loss, n_tokens))
+            bar.set_postfix(loss=f"{loss / max(n_tokens, 1):.3f}")
+            if log_every and (step == 1 or step % log_every == 0):
+                log.info("update %d, epoch %d: loss %.3f", step, epoch, loss / max(n_tokens, 1))
+        yield EpochResult(epoch, step, done)
+
+
+def finished(options: TrainOptions, step: int, stop: Callable[[], bool] | None) -> bool:
+    return (options.max_steps is not None and step >= options.max_steps) or (stop is not None and stop())
+
+
+def update_step(trainer: Trainer, source: BatchSource, group: list[list], step: int) -> tuple[float, int]:
+    """Update number `step` (1-based) over the micro-batches `group`, at the schedule's lr of that update."""
+    micro = [collate(batch, source.corpus, source.tokenizer, source.languages) for batch in group]
+    options = trainer.options
+    return train_update(trainer.forward_model, trainer.optimizer, micro, options,
+                        get_lr(step, options.lr, options.warmup_updates), trainer.device, trainer.scaler,
+                        trainer.autocast, trainer.world_size)
+
+
+def non_finite_loss(loss: float, epoch: int, step: int, checkpoint_dir) -> LsloError:
+    last = last_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    return LsloError(f"non-finite training loss ({loss}) at epoch {epoch}, update {step}; training stopped, last "
+                     f"good checkpoint: {last or 'none'} (try a lower lr, more warmup_updates, clip_norm, or amp: "
+                     "false)")
+
+
+# ---------------------------------------------------------------------------------------------- a stage's run
+
 def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], options, checkpoint_dir,
           metrics_path, epoch_hook: Callable[[int], None] | None = None, dev_table: pd.DataFrame | None = None,
           groups: dict | None = None, identity: dict | None = None):
@@ -557,90 +685,54 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     """
     options = TrainOptions.from_dict(options) if not isinstance(options, TrainOptions) else options
     options.validate()
-    rank, world_size, device = distributed_setup()
-    update_freq = options.update_freq_for(world_size)
-    log.info("training: world size %d, rank %d, device %s", world_size, rank, device)  # read by gpu_check.py
     checkpoint_dir = Path(checkpoint_dir)
-
-    # ---- data: tokenized once; each epoch's batches come from (seed, epoch)
-    corpus = Corpus.multiparallel(train_table, list(languages), tokenizer)
+    trainer = make_trainer(model, options)
+    corpus = Corpus.multiparallel(train_table, list(languages), tokenizer)  # tokenized once
     corpus.check_lengths(options.max_tokens)
-
-    # ---- model and optimizer
-    random.seed(options.seed)
-    np.random.seed(options.seed)
-    torch.manual_seed(options.seed)
-    model.to(device)
-    set_dropout(model, options.dropout, options.attention_dropout, options.activation_dropout, options.layerdrop)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise LsloError("the model has no trainable parameters")
-    optimizer = make_adam(params, options.lr, options.adam_betas, weight_decay=options.weight_decay)
-    autocast, scaler = amp_setup(options, device)
-    ddp_model = model
-    if world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-
-    # ---- resume after the last complete epoch of a run with the same identity (rank 0 prepares the directory)
-    identity = run_identity(identity, model, options, languages, train_table, dev_table, world_size)
-    state = find_resumable(checkpoint_dir, identity) if rank == 0 else None
-    if world_size > 1:
-        torch.distributed.barrier()
-        if rank != 0:
-            state = find_resumable(checkpoint_dir, identity, may_set_aside=False)
-    if state is not None:
-        resume(state, model, optimizer, scaler)
-    first_epoch, step, metrics = (1, 0, []) if state is None else (state["epoch"] + 1, state["step"],
-                                                                  state["metrics"])
-
-    for epoch in range(first_epoch, options.epochs + 1):
-        if options.max_steps is not None and step >= options.max_steps:
-            break
-        if epoch_hook is not None:
-            epoch_hook(epoch)
-        model.train()
-        batches = shard(epoch_plan(corpus, options, epoch), rank, world_size)
-        updates = [batches[i:i + update_freq] for i in range(0, len(batches), update_freq)]
-        loss_sum, token_sum = 0.0, 0
-        bar = tqdm(updates, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False)
-        for group in bar:
-            if options.max_steps is not None and step >= options.max_steps:
-                break
-            micro = [collate(b, corpus, tokenizer, languages) for b in group]
-            step += 1
-            loss, n_tokens = train_update(ddp_model, optimizer, micro, options, get_lr(step, options.lr,
-                                          options.warmup_updates), device, scaler, autocast, world_size)
-            if not math.isfinite(loss):
-                last = last_checkpoint(checkpoint_dir)
-                raise LsloError(f"non-finite training loss ({loss}) at epoch {epoch}, update {step}; training "
-                                f"stopped, last good checkpoint: {last or 'none'} (try a lower lr, more "
-                                "warmup_updates, clip_norm, or amp: false)")
-            loss_sum, token_sum = loss_sum + loss, token_sum + n_tokens
-            bar.set_postfix(loss=f"{loss / max(n_tokens, 1):.3f}")
+    source = BatchSource(corpus, tokenizer, languages, lambda epoch: epoch_plan(corpus, options, epoch))
+    identity = run_identity(identity, model, options, languages, train_table, dev_table, trainer.world_size)
+    first_epoch, step, metrics = resume_point(trainer, checkpoint_dir, identity)
+    for done in training_epochs(trainer, source, range(first_epoch, options.epochs + 1), step, epoch_hook,
+                                checkpoint_dir=checkpoint_dir):
         if is_lslo(model):
             from lslo.pruning import reapply_masks
 
             reapply_masks(unwrap(model))  # Adam moves masked raw entries; keep saved weights clean
-        metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch,
-                                     step, loss_sum, token_sum, world_size, rank))
-        if rank == 0:
-            save_checkpoint(checkpoint_dir, epoch, step, identity, trainable_state(model), optimizer, scaler,
-                            metrics)
+        metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, trainer.device,
+                                     done.epoch, done.step, done.loss_sum, done.token_sum, trainer.world_size,
+                                     trainer.rank))
+        if trainer.rank == 0:
+            save_checkpoint(checkpoint_dir, done.epoch, done.step, identity, trainable_state(model),
+                            trainer.optimizer, trainer.scaler, metrics)
             write_epoch_metrics(checkpoint_dir, pd.DataFrame(metrics, columns=METRICS_COLUMNS))
-        log.info("epoch %d: %s", epoch, metrics[-1])
-        if world_size > 1:
+        log.info("epoch %d: %s", done.epoch, metrics[-1])
+        if trainer.world_size > 1:
             torch.distributed.barrier()
-    if rank == 0:
+    if trainer.rank == 0:
         write_tsv(pd.DataFrame(metrics, columns=METRICS_COLUMNS), metrics_path)
         mark_complete(checkpoint_dir, len(metrics))
     return model
 
 
+def resume_point(trainer: Trainer, checkpoint_dir: Path, identity: dict) -> tuple[int, int, list[dict]]:
+    """(first epoch, updates so far, metrics rows so far): after the last complete epoch of a checkpointed run with
+    the same identity, whose state is loaded (resume); (1, 0, []) from scratch. Rank 0 prepares the directory."""
+    state = find_resumable(checkpoint_dir, identity) if trainer.rank == 0 else None
+    if trainer.world_size > 1:
+        torch.distributed.barrier()
+        if trainer.rank != 0:
+            state = find_resumable(checkpoint_dir, identity, may_set_aside=False)
+    if state is None:
+        return 1, 0, []
+    resume(state, trainer.model, trainer.optimizer, trainer.scaler)
+    return state["epoch"] + 1, state["step"], state["metrics"]
+
+
 def run_identity(stage_identity: dict | None, model, options: TrainOptions, languages: list[str], train_table,
                  dev_table, world_size: int) -> dict:
     """Everything a checkpoint must share with this run to be resumed (lslo.checkpoint): the stage's part, every
-    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data."""
+    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data,
+    and the code that trains (lslo.code_identity.stage_code_hash of the stage)."""
     options_dict = asdict(options)
     dev_columns = [lang for lang in languages if dev_table is not None and lang in dev_table.columns]
     return plain({
@@ -654,6 +746,8 @@ def run_identity(stage_identity: dict | None, model, options: TrainOptions, lang
         "train_data": data_identity(train_table, list(languages)),
         "dev_data": (data_identity(dev_table.head(options.dev_sentences), dev_columns) if dev_columns else None),
         "lslo_version": __version__,
+        # the stage's script and the lslo modules it imports: the `code` param that reruns the job (rules)
+        "code": stage_code_hash((stage_identity or {}).get("stage")),
     })
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,10 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import M2M100ForConditionalGeneration
 
 import lslo.checkpoint as C
+import lslo.code_identity
+import lslo.train
 from conftest import LANGUAGES
+from lslo.code_identity import code_hash
 from lslo.errors import LsloError
 from lslo.train import TrainOptions, run_identity, train, trainable_state
 from test_train import GROUPS, lslo_model, make_world, small_options
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +161,70 @@ def test_a_finished_run_is_retrained_and_gives_the_fresh_result(world, tmp_path)
     assert any(not torch.equal(first[k], changed[k]) for k in first)
     for key in fresh:
         assert torch.equal(fresh[key], changed[key]), key
+
+
+@pytest.mark.parametrize("stage", ["finetune", "subspace", "weight_learning"])
+def test_run_identity_holds_the_code_hash_the_rules_carry(world, stage):
+    """The identity's code is the `code` param of the stage's rules (rules/common.smk CODE: code_hash of the
+    workflow script), computed here from the script's file, not through lslo.code_identity.stage_entry."""
+    model_dir, table, _ = world
+    identity = run_identity({"stage": stage}, lslo_model(model_dir), TrainOptions.from_dict(small_options()),
+                            LANGUAGES, table, None, 1)
+    assert identity["code"] == code_hash(ROOT / "workflow" / "scripts" / f"{stage}.py")
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL between two epochs (tests/test_train.py kills a real process mid-epoch)."""
+
+
+def finetune_run(model_dir, table, ckpt, metrics, epoch_hook=None):
+    """Three epochs of LSLo training as the finetune stage; returns the final trainable state."""
+    from lslo.tokenizer import load_tokenizer
+
+    model = lslo_model(model_dir)
+    train(model, load_tokenizer(model_dir), table, LANGUAGES, small_options(epochs=3, dev_sentences=0), ckpt,
+          metrics, epoch_hook=epoch_hook, identity={"stage": "finetune", "base_model": C.model_identity(model_dir)})
+    return trainable_state(model)
+
+
+def test_a_killed_run_rerun_after_a_code_change_starts_fresh(world, tmp_path, monkeypatch, caplog):
+    """Killed after epoch 2, then one line of lslo/train.py changes (the decay of the lr schedule, halved): the rerun
+    sets the old code's checkpoints aside with one INFO line and ends equal to a fresh run of the new code. Resuming
+    would train epochs 1-2 with the old code and epoch 3 with the new one: neither result."""
+    model_dir, table, _ = world
+    repo = tmp_path / "repo"  # lslo/ and workflow/scripts/ side by side, as the rules hash them
+    shutil.copytree(ROOT / "lslo", repo / "lslo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "workflow" / "scripts", repo / "workflow" / "scripts")
+    monkeypatch.setattr(lslo.code_identity, "PACKAGE_DIR", repo / "lslo")
+
+    def kill_after_epoch_2(epoch):
+        if epoch == 3:
+            raise Killed
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        finetune_run(model_dir, table, ckpt, tmp_path / "m1.tsv", kill_after_epoch_2)
+    assert C.last_checkpoint(ckpt) == C.checkpoint_path(ckpt, 2) and not (ckpt / C.COMPLETE).exists()
+
+    # the change: in the file (what the rules and the identity hash) and in the code that runs
+    source = repo / "lslo" / "train.py"
+    old_line = "    return lr * math.sqrt(warmup / step)\n"
+    assert source.read_text().count(old_line) == 1
+    source.write_text(source.read_text().replace(old_line, "    return 0.5 * lr * math.sqrt(warmup / step)\n"))
+    old_get_lr = lslo.train.get_lr
+    monkeypatch.setattr(lslo.train, "get_lr", lambda step, lr, warmup: (
+        0.5 * old_get_lr(step, lr, warmup) if step >= warmup else old_get_lr(step, lr, warmup)))
+
+    with caplog.at_level(logging.INFO, logger="lslo.checkpoint"):
+        rerun = finetune_run(model_dir, table, ckpt, tmp_path / "m2.tsv")
+    fresh = finetune_run(model_dir, table, tmp_path / "fresh", tmp_path / "m3.tsv")
+    assert rerun.keys() == fresh.keys()
+    for key in fresh:
+        assert torch.equal(rerun[key], fresh[key]), key
+    assert (tmp_path / "m2.tsv").read_bytes() == (tmp_path / "m3.tsv").read_bytes()
+    lines = [r.getMessage() for r in caplog.records if r.name == "lslo.checkpoint"]
+    expected = f"{ckpt}: epoch002.pt was trained with other code; set aside as ckpt.set-aside-1, training from scratch"
+    assert lines == [expected]
+    assert (tmp_path / "ckpt.set-aside-1" / "epoch002.pt").exists()  # kept, not trained on
 
 
 # ---------------------------------------------------------------------------------------------- durability

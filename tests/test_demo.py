@@ -196,3 +196,26 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
     directions, groups = zero_shot_report(out, bench, n_sentences=2, languages=["h1", "m1", "v1"])
     assert len(directions) == 6
     assert list(groups["pair"]) == ["H2M", "H2V", "M2H", "M2V", "V2H", "V2M", "AVG"]
+
+
+def test_pretraining_loss_is_torchs_label_smoothing_through_the_one_loss():
+    """Demo pretraining runs the stages' loss (fairseq's ε over the V - 1 non-gold tokens, summed, divided by the
+    target tokens); the ε it passes makes it torch's cross_entropy(label_smoothing=0.1), the demo's loss."""
+    import torch.nn.functional as F
+
+    from lslo.demo import demo_model_config, pretrain_options
+    from lslo.train import label_smoothed_nll_loss
+
+    config = demo_model_config(vocab_size=37, pad_id=1, bos_id=0, eos_id=2, d_model=16, layers=1, ffn_dim=32, heads=2)
+    options = pretrain_options(config, seed=1, max_tokens=64, lr=1e-3, warmup=4, label_smoothing=0.1,
+                               temperature=2.0, max_steps=3)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 37, dtype=torch.float64)
+    target = torch.randint(0, 37, (4, 6))
+    target[1, 4:] = -100
+    loss, _ = label_smoothed_nll_loss(logits, target, options.label_smoothing)
+    expected = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
+    assert (loss / (target != -100).sum()).item() == pytest.approx(expected.item(), rel=1e-12)
+    # the model's own dropout, no AMP, the demo's clipping
+    assert (options.dropout, options.attention_dropout, options.activation_dropout) == (0.1, 0.0, 0.0)
+    assert options.clip_norm == 1.0 and options.amp is False

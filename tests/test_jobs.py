@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lslo.jobs
+import lslo.code_identity
 from lslo.data import write_parallel
 from lslo.finetune import run_finetune
 from lslo.io import write_json
@@ -87,7 +87,7 @@ def test_the_hash_changes_with_the_library_code_a_stage_runs_only(tmp_path, monk
     shutil.copytree(ROOT / "lslo", package, ignore=shutil.ignore_patterns("__pycache__"))
     script = tmp_path / "finetune.py"
     shutil.copy(SCRIPTS / "finetune.py", script)
-    monkeypatch.setattr(lslo.jobs, "PACKAGE_DIR", package)
+    monkeypatch.setattr(lslo.code_identity, "PACKAGE_DIR", package)
     before = code_hash(script)
     os.utime(script, (1, 1))  # a checkout that rewrites the same bytes
     assert code_hash(script) == before

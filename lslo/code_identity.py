@@ -1,0 +1,80 @@
+"""The code a stage runs, as one hash: its workflow script and every lslo module the script imports.
+
+The rules carry `code_hash(script)` as the `code` param of every job (rules/common.smk CODE), so a change in the
+library code a stage runs reruns the job (Snakemake's params trigger), while a touched but unchanged script does
+not. The training checkpoints hold the same hash in their identity (`stage_code_hash`, lslo.train.run_identity),
+so the rerun of a killed job after a code change starts from scratch instead of finishing the old code's run.
+Standard library only: the rules import it while building the DAG.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCRIPTS_DIR = Path("workflow", "scripts")  # the workflow's scripts, relative to the directory above the package
+
+
+def lslo_imports(path: Path) -> set[str]:
+    """The lslo module names a Python file imports anywhere in it (function-level imports included)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "lslo")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] != "lslo":
+                continue
+            names.add(node.module)
+            # `from lslo import figures` imports the submodule lslo.figures
+            names.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if module_file(f"{node.module}.{alias.name}") is not None)
+    return names
+
+
+def module_file(name: str) -> Path | None:
+    """lslo.x.y -> lslo/x/y.py (or lslo/x/y/__init__.py); None when it is not a module of the package."""
+    base = PACKAGE_DIR.joinpath(*name.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(script) -> dict[str, Path]:
+    """{module name: file} of every lslo module `script` imports, transitively (lslo/__init__.py always)."""
+    found, todo = {"lslo": PACKAGE_DIR / "__init__.py"}, set(lslo_imports(script))
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if name in found or path is None:
+            continue
+        found[name] = path
+        todo |= lslo_imports(path) - set(found)
+    return found
+
+
+def code_hash(script) -> str:
+    """sha256 (16 hex digits) over the script's text and the text of every lslo module it imports."""
+    digest = hashlib.sha256(Path(script).read_bytes())
+    for name, path in sorted(imported_modules(script).items()):
+        digest.update(f"\0{name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_entry(stage: str | None) -> Path:
+    """The file stage `stage` runs from: its workflow script (workflow/scripts/<stage>.py beside the package, the
+    file whose hash the rules carry), else its library module (lslo/<stage>.py: the package used without the
+    workflow), else the training loop (lslo/train.py: a stage of the caller's own)."""
+    for path in (PACKAGE_DIR.parent / SCRIPTS_DIR / f"{stage}.py", PACKAGE_DIR / f"{stage}.py"):
+        if stage and path.is_file():
+            return path
+    return PACKAGE_DIR / "train.py"
+
+
+def stage_code_hash(stage: str | None) -> str:
+    """code_hash of the stage's entry file (stage_entry): for a workflow stage, the rules' `code` param itself."""
+    return code_hash(stage_entry(stage))
