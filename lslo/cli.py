@@ -158,17 +158,19 @@ def _workflow_config(path) -> dict:
 
 
 def run_translate(args) -> int:
-    from lslo.evaluate import load_variant
+    from lslo.inference import DecodingOptions, load_variant
     from lslo.translate import translate_lines
 
     if args.beam < 1 or args.max_tokens < 1:
         raise LsloError("--beam and --max-tokens must be >= 1")
+    options = DecodingOptions(beam=args.beam, max_tokens=args.max_tokens, max_len_a=args.max_len_a,
+                              max_len_b=args.max_len_b)
     lines = sys.stdin.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     translator = load_variant(args.variant, args.device)
-    hyps = translate_lines(translator, [line.rstrip("\r") for line in lines], args.src, args.tgt, args.beam,
-                           args.max_tokens, args.max_len_a, args.max_len_b, progress=not args.quiet)
+    hyps = translate_lines(translator, [line.rstrip("\r") for line in lines], args.src, args.tgt, options,
+                           progress=not args.quiet)
     sys.stdout.write("".join(f"{hyp}\n" for hyp in hyps))
     return 0
 

@@ -112,7 +112,7 @@ def export_direction(model, src: str, tgt: str, out_dir, tokenizer=None, peft: b
 
 def export_variant(variant_json, out_dir, directions: list[tuple[str, str]], peft: bool = False) -> list[Path]:
     """Export `directions` of an lslo variant: one direction to out_dir, several to out_dir/<src>-<tgt>/."""
-    from lslo.evaluate import load_variant
+    from lslo.inference import load_variant
 
     translator = load_variant(variant_json, device="cpu")
     if not translator.is_lslo:

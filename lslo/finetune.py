@@ -15,7 +15,7 @@ GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target
 gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
 Every method writes out_dir/variant.json {"method", "base_model", "adapters", "model", "languages"}; its paths
 are relative to variant.json (lslo.io.portable_path; a base model given as an absolute path stays absolute), so a
-copied results directory reads its own files. lslo.evaluate.read_variant resolves them.
+copied results directory reads its own files. lslo.inference.read_variant resolves them.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ import pandas as pd
 from scipy.stats import pearsonr
 
 from lslo.errors import LsloError
-from lslo.evaluate import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
+from lslo.evaluate import signature_path
 from lslo.io import atomic_write, read_tsv, write_tsv
+from lslo.metrics import GROUP_COLUMNS, GROUP_ORDER, pair_order
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
 
