@@ -1,15 +1,23 @@
-"""lslo.inference: the decoding options, one generate call site, no import cycles."""
+"""lslo.inference: the decoding options, one generate call site, no import cycles, and a quiet loader."""
 
 import ast
 import json
+import os
+import warnings
 from pathlib import Path
 
 import pytest
 
-from lslo.errors import LsloError
-from lslo.inference import DecodingOptions, decoding_options_path, read_decoding_options, write_decoding_options
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from checkpoints import make_m2m100_checkpoint, syllable_sentences  # noqa: E402
+
+from lslo.errors import LsloError  # noqa: E402
+from lslo.inference import (DecodingOptions, decoding_options_path, load_variant, read_decoding_options,  # noqa: E402
+                            translate_many, write_decoding_options)
 
 LSLO = Path(__file__).resolve().parents[1] / "lslo"
+LANGS = ["en", "fr", "oc"]
 
 
 def lslo_imports() -> dict:
@@ -73,3 +81,26 @@ def test_decoding_options_round_trip_and_refuse_bad_values(tmp_path):
     for bad in (dict(max_tokens=0), dict(max_len_b=-1), dict(max_len_a=-0.5), dict(max_sentences=2.5)):
         with pytest.raises(LsloError, match=f"{next(iter(bad))} is"):
             DecodingOptions(**bad)
+
+
+@pytest.fixture(scope="module")
+def pretrain_variant(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    base = make_m2m100_checkpoint(root / "base", LANGS, init_std=0.5)
+    variant = root / "variant.json"
+    variant.write_text(json.dumps({"method": "pretrain", "base_model": str(base), "languages": LANGS}))
+    return variant
+
+
+def test_loading_and_beam_decoding_print_no_bar_and_no_warning(pretrain_variant, capfd):
+    """transformers' weight-loading bar and its FutureWarning about generate(past_key_values=...) appeared in
+    every decode log; the loader hides the bar and the beam cache is handed over under generate's own name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        translator = load_variant(pretrain_variant, device="cpu")
+        hyps = translate_many(translator, syllable_sentences(3, seed=1, words=4), ["en"] * 3, ["oc"] * 3,
+                              DecodingOptions(beam=3, max_len_b=5))
+    assert len(hyps) == 3
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "deprecated" not in err, err
