@@ -388,9 +388,9 @@ def bench_decoding(shape, languages, groups, batch, args, device) -> dict:
 def bench_directions(args, device) -> list:
     """Decode ``args.sentences_per_direction`` sentences in every direction as the evaluate stage does: generate
     calls of at most ``args.direction_max_tokens`` source tokens, each with one target language and every source
-    language into it (``lslo.evaluate.make_decoding_batches`` keyed by target), LSLo on a demo-sized random
+    language into it (``lslo.inference.make_decoding_batches`` keyed by target), LSLo on a demo-sized random
     model; 12 vs 30 languages."""
-    from lslo.evaluate import make_decoding_batches
+    from lslo.inference import make_decoding_batches
     from lslo.languages import read_language_table, select
 
     table = read_language_table(REPO / "config" / "languages.tsv")

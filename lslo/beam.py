@@ -27,8 +27,28 @@ def with_beam_cache(hf_model, gen_kwargs: dict) -> dict:
     beams = gen_kwargs.get("num_beams", config.num_beams) or 1
     use_cache = gen_kwargs.get("use_cache", config.use_cache)
     if (beams <= 1 or not use_cache or not hf_model.config.is_encoder_decoder
-            or gen_kwargs.get("past_key_values") is not None or config.cache_implementation is not None):
+            or gen_kwargs.get("past_key_values") is not None or gen_kwargs.get("cache") is not None
+            or config.cache_implementation is not None):
         return gen_kwargs
     decoder_config = hf_model.config.get_text_config(decoder=True)
     cache = BeamSearchCache(DynamicCache(config=decoder_config), DynamicCache(config=decoder_config))
-    return {**gen_kwargs, "past_key_values": cache}
+    return {**gen_kwargs, cache_keyword(hf_model): cache}
+
+
+def cache_keyword(hf_model) -> str:
+    """The keyword ``generate`` takes a cache under. transformers 5 renamed ``past_key_values`` to ``cache``
+    (``@deprecate_kwarg("past_key_values", new_name="cache")`` on ``generate``): the old name still works there
+    but warns (a FutureWarning in every decoding); earlier versions know only ``past_key_values``. The rename
+    hides in **kwargs, not in the signature, so it is read from the decorator's closure."""
+    func = getattr(type(hf_model), "generate", None)
+    while func is not None:
+        cells = dict(zip(getattr(getattr(func, "__code__", None), "co_freevars", ()), func.__closure__ or ()))
+        try:
+            renamed = (cells["old_name"].cell_contents, cells["new_name"].cell_contents) == ("past_key_values",
+                                                                                              "cache")
+        except (KeyError, ValueError):  # not the decorator, or an empty cell
+            renamed = False
+        if renamed:
+            return "cache"
+        func = getattr(func, "__wrapped__", None)
+    return "past_key_values"

@@ -3,16 +3,17 @@
 The paper reports no intervals; these follow Koehn (2004) as sacrebleu implements them (sacrebleu.significance):
 
 - Sufficient statistics. Corpus BLEU is a function of per-sentence counts summed over the corpus
-  (hypothesis length, reference length, matching and total n-grams for n = 1..4). `sentence_stats` keeps those
-  counts for every test sentence of every direction (sacrebleu's own extraction), so the BLEU of any resample is
-  `bleu_from_stats` of a weighted sum: exactly corpus spBLEU of the resampled sentences, without re-scoring text.
+  (hypothesis length, reference length, matching and total n-grams for n = 1..4). `lslo.metrics.sentence_stats`
+  keeps those counts for every test sentence of every direction (sacrebleu's own extraction), so the BLEU of any
+  resample is `bleu_from_stats` of a weighted sum: exactly corpus spBLEU of the resampled sentences, without
+  re-scoring text.
 - Resample. One bootstrap replicate draws n sentence ids with replacement from the n test sentences (numpy
   `default_rng(seed).choice`, as sacrebleu draws them). The test set is multi-parallel (line i is the same
   sentence in every language), so the same draw is used for every direction, and for every system: a hard sentence
   stays hard in all directions of a replicate, and systems are compared on the same resample (paired).
 - Cells. A cell (group pair such as V2V, or AVG) of one replicate = mean over the cell's directions of corpus
   spBLEU of that direction on the resampled sentences, the same definition as the cell itself
-  (lslo.evaluate.aggregate). The 95% interval is the 2.5th-97.5th percentile of the replicates. A percentile
+  (lslo.metrics.aggregate). The 95% interval is the 2.5th-97.5th percentile of the replicates. A percentile
   interval need not contain the point estimate: the cell of the full test set is not a replicate, and when
   (nearly) every replicate scores the same, a bound can lie on the wrong side of it by a rounding error (dev
   H2H 2.8e-17 above its upper bound, seen in a run) or, with a skewed replicate distribution, by more. Users
@@ -31,26 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sacrebleu
 from sacrebleu.significance import _compute_p_value
 
 from lslo.errors import LsloError
 from lslo.io import atomic_write
+from lslo.metrics import pair_order
 
 BLEU_ORDER = 4  # sacrebleu's default max n-gram order
 N_STATS = 2 + 2 * BLEU_ORDER  # sys_len, ref_len, correct_1..4, total_1..4 (sacrebleu's layout)
 RESAMPLES = 1000  # sacrebleu's default number of bootstrap resamples
 SEED = 12345  # sacrebleu's default SACREBLEU_SEED
 ALPHA = 0.05
-
-
-def sentence_stats(hyp_pieces: list[str], ref_pieces: list[str]) -> np.ndarray:
-    """Per-sentence BLEU sufficient statistics (n, 10) of SentencePiece-tokenized lines (sacrebleu BLEU defaults,
-    tokenize="none": the same metric as lslo.evaluate.spbleu)."""
-    if len(hyp_pieces) != len(ref_pieces):
-        raise LsloError(f"{len(hyp_pieces)} hypotheses but {len(ref_pieces)} references")
-    bleu = sacrebleu.BLEU(tokenize="none")
-    return np.asarray(bleu._extract_corpus_statistics(list(hyp_pieces), [list(ref_pieces)]), dtype=np.int64)
 
 
 def bleu_from_stats(sums: np.ndarray) -> np.ndarray:
@@ -107,9 +99,7 @@ class SentenceStats:
         return bleu_from_stats(sums.reshape(len(counts), directions, n_stats))
 
     def cells(self) -> dict[str, np.ndarray]:
-        """Cell name (group pair, then AVG) -> mask over directions (lslo.evaluate.aggregate's cells)."""
-        from lslo.evaluate import pair_order
-
+        """Cell name (group pair, then AVG) -> mask over directions (lslo.metrics.aggregate's cells)."""
         pairs = np.asarray(self.pair)
         groups = {g for p in self.pair for g in p.split("2")}
         cells = {p: pairs == p for p in pair_order(groups) if (pairs == p).any()}

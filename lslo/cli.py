@@ -105,10 +105,12 @@ def _add_model_commands(commands) -> None:
     translate.add_argument("--variant", required=True, help="results/finetune/<variant>/variant.json")
     translate.add_argument("--src", required=True, help="source language code")
     translate.add_argument("--tgt", required=True, help="target language code")
-    translate.add_argument("--beam", type=int, default=5, help="beam size (default 5, as the evaluate stage)")
-    translate.add_argument("--max-tokens", type=int, default=4000, help="source tokens per batch (default 4000)")
-    translate.add_argument("--max-len-a", type=float, default=0.0, help="max new tokens = a * source length + b")
-    translate.add_argument("--max-len-b", type=int, default=200)
+    # decoding options: by default the run's own (decoding.json next to variant.json, from config eval)
+    translate.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam)")
+    translate.add_argument("--max-tokens", type=int, help="source tokens per batch (default: the run's)")
+    translate.add_argument("--max-len-a", type=float, help="max new tokens = a * source length + b (default: the run's)")
+    translate.add_argument("--max-len-b", type=int, help="(default: the run's)")
+    translate.add_argument("--lenpen", type=float, help="length penalty (default: the run's, 1.0)")
     translate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     translate.set_defaults(func=run_translate)
@@ -162,17 +164,21 @@ def _workflow_config(path) -> dict:
 
 
 def run_translate(args) -> int:
-    from lslo.evaluate import load_variant
-    from lslo.translate import translate_lines
+    from lslo.inference import decoding_options_path, load_variant
+    from lslo.translate import OPTION_FLAGS, read_input_lines, run_decoding_options, translate_lines
 
-    if args.beam < 1 or args.max_tokens < 1:
+    if (args.beam is not None and args.beam < 1) or (args.max_tokens is not None and args.max_tokens < 1):
         raise LsloError("--beam and --max-tokens must be >= 1")
-    lines = sys.stdin.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    overrides = {key: getattr(args, key) for key in OPTION_FLAGS if getattr(args, key) is not None}
+    options, source = run_decoding_options(args.variant, overrides)
+    # bytes, so that text that is not UTF-8 is refused with its offset (a test's stdin may be a text stream)
+    stdin = getattr(sys.stdin, "buffer", None)
+    data = stdin.read() if stdin else sys.stdin.read().encode("utf-8", "surrogateescape")
+    lines = read_input_lines(data, "<stdin>")
     translator = load_variant(args.variant, args.device)
-    hyps = translate_lines(translator, [line.rstrip("\r") for line in lines], args.src, args.tgt, args.beam,
-                           args.max_tokens, args.max_len_a, args.max_len_b, progress=not args.quiet)
+    if overrides or not args.quiet or not decoding_options_path(args.variant).is_file():
+        print(f"lslo translate: {source}", file=sys.stderr)
+    hyps = translate_lines(translator, lines, args.src, args.tgt, options, progress=not args.quiet)
     sys.stdout.write("".join(f"{hyp}\n" for hyp in hyps))
     return 0
 

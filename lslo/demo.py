@@ -228,15 +228,15 @@ def zero_shot_report(model_dir: str | Path, benchmark_dir: str | Path, split: st
                      batch_size: int = 128):
     """Zero-shot spBLEU/chrF++ of a demo checkpoint on every direction of the benchmark, and by group pair.
 
-    Scored as the evaluate stage scores (lslo.evaluate: spBLEU = sacrebleu BLEU on pieces of the checkpoint's
-    own spm.model, chrF++, group means, AVG over directions). n_sentences=None uses the whole split.
+    Decoded and scored as the evaluate stage does (lslo.inference; lslo.metrics: spBLEU = sacrebleu BLEU on
+    pieces of the checkpoint's own spm.model, chrF++, group means, AVG over directions). n_sentences=None uses the whole split.
     Returns (directions DataFrame, groups DataFrame in Table 1 column order).
     """
     import pandas as pd
-    from transformers import M2M100ForConditionalGeneration
 
-    from lslo.evaluate import Translator, aggregate, chrf, spbleu
+    from lslo.inference import DecodingOptions, Translator, load_hf_model, translate_many
     from lslo.languages import read_language_table
+    from lslo.metrics import aggregate, chrf, spbleu
     from lslo.tokenizer import load_tokenizer
 
     model_dir, root = Path(model_dir), Path(benchmark_dir)
@@ -244,16 +244,14 @@ def zero_shot_report(model_dir: str | Path, benchmark_dir: str | Path, split: st
     languages = languages or table["code"].tolist()
     text = {c: (root / split / f"{c}.{split}").read_text(encoding="utf-8").splitlines()[:n_sentences]
             for c in languages}
-    model = M2M100ForConditionalGeneration.from_pretrained(model_dir).eval()
-    translator = Translator(model, load_tokenizer(model_dir), languages, is_lslo=False)
+    translator = Translator(load_hf_model(model_dir).eval(), load_tokenizer(model_dir), languages, is_lslo=False)
+    # the demo's sentences are short: at most 64 new tokens; batch_size sentences a batch, no token budget
+    decoding = DecodingOptions(beam=num_beams, max_len_a=0.0, max_len_b=64, max_tokens=None,
+                               max_sentences=batch_size)
     rows = []
     for src in languages:
-        encoded = [translator.encode(line, src) for line in text[src]]
         for tgt in (t for t in languages if t != src):
-            hyps = []
-            for i in range(0, len(encoded), batch_size):
-                chunk = encoded[i : i + batch_size]
-                hyps += translator.translate(chunk, [src] * len(chunk), [tgt] * len(chunk), num_beams, 64)
+            hyps = translate_many(translator, text[src], [src] * len(text[src]), [tgt] * len(text[src]), decoding)
             src_group, tgt_group = table.loc[src, "resource"], table.loc[tgt, "resource"]
             rows.append({"src": src, "tgt": tgt, "src_group": src_group, "tgt_group": tgt_group,
                          "pair": f"{src_group}2{tgt_group}", "spbleu": spbleu(hyps, text[tgt], model_dir / "spm.model").score,

@@ -1,13 +1,10 @@
-"""Stage 6, evaluation (paper §5 "Evaluation", Tables 1-4/8): beam-5 decoding, spBLEU, chrF++, group pairs.
+"""Stage 6, evaluation (paper §5 "Evaluation", Tables 1-4/8): decoding the test directions, spBLEU, chrF++, group pairs.
 
-Decoding (`decode_shard`) translates every sentence of a shard's directions with one model: pretrain (the base
-HF checkpoint), full (a fine-tuned HF directory) or lslo (base + language-specific adapters). Batches mix
-directions; each sample carries its own source/target language (encoder input "__src__ ... </s>", decoder
-prefix [decoder_start = </s>, __tgt__], the fairseq / HF M2M100 convention).
+Decoding (`decode_shard`) translates every sentence of a shard's directions with one variant (pretrain, full or
+lslo) through lslo.inference (the loader, the decoding options, the one translate-many loop).
 
-Scoring (`score_variant`) computes per direction spBLEU (sacrebleu BLEU on SentencePiece pieces, Goyal et al.
-2021: with the FLORES-101/200 SentencePiece model it equals sacrebleu's tokenize="flores101"/"flores200") and
-chrF++ (CHRF word_order=2), then averages by resource-group pair (H2H ... V2V) and over all directions (AVG).
+Scoring (`score_variant`) computes per direction spBLEU and chrF++ (lslo.metrics), then averages by
+resource-group pair (H2H ... V2V) and over all directions (AVG).
 
 Files (docs/formats.md):
     hyps TSV        columns src, tgt, id, hyp       (one row per direction and test sentence)
@@ -19,112 +16,24 @@ Files (docs/formats.md):
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
-import os
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sacrebleu
-import sentencepiece
 from tqdm.auto import tqdm
 
+from lslo.bootstrap import SentenceStats, write_sentence_stats
 from lslo.errors import LsloError
-from lslo.io import atomic_write, atomic_write_all, read_json, stage_path, write_json, write_tsv
+from lslo.inference import DecodingOptions, Translator, load_variant, one_line, translate_many
+from lslo.io import atomic_write, atomic_write_all, write_json, write_tsv
+from lslo.metrics import aggregate, chrf, load_spm, sentence_stats, signatures, spbleu, spm_pieces
 
 log = logging.getLogger(__name__)
 
-GROUP_ORDER = ("H", "M", "L", "V")  # FLORES-101 resource types, high to very low (paper §5)
 HYP_COLUMNS = ["src", "tgt", "id", "hyp"]
 DIRECTION_COLUMNS = ["src", "tgt", "src_group", "tgt_group", "pair", "spbleu", "chrf", "n"]
-GROUP_COLUMNS = ["pair", "spbleu", "chrf", "n_directions"]
 _TSV = dict(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # same dialect as results/data/*.tsv
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-@lru_cache(maxsize=4)
-def _load_spm(path: str) -> sentencepiece.SentencePieceProcessor:
-    processor = sentencepiece.SentencePieceProcessor()
-    processor.Load(path)
-    return processor
-
-
-def load_spm(spm_model: str | os.PathLike) -> sentencepiece.SentencePieceProcessor:
-    path = Path(spm_model)
-    if not path.is_file():
-        raise LsloError(f"{path}: spBLEU SentencePiece model not found (config: the FLORES-101/200 spm file)")
-    return _load_spm(str(path.resolve()))
-
-
-def spm_pieces(lines: list[str], spm_model: str | os.PathLike) -> list[str]:
-    """Lines as space-joined SentencePiece pieces, exactly as sacrebleu's TokenizerSPM (rstrip, then encode)."""
-    processor = load_spm(spm_model)
-    return [" ".join(processor.EncodeAsPieces(line.rstrip())) for line in lines]
-
-
-def spbleu(hyps: list[str], refs: list[str], spm_model: str | os.PathLike) -> sacrebleu.BLEUScore:
-    """Corpus spBLEU: sacrebleu BLEU (defaults: exp smoothing, mixed case) on SentencePiece-tokenized text."""
-    _check_lengths(hyps, refs)
-    bleu = sacrebleu.BLEU(tokenize="none")
-    return bleu.corpus_score(spm_pieces(hyps, spm_model), [spm_pieces(refs, spm_model)])
-
-
-def chrf(hyps: list[str], refs: list[str]) -> sacrebleu.CHRFScore:
-    """Corpus chrF++ (character 6-grams + word bigrams) on detokenized text."""
-    _check_lengths(hyps, refs)
-    return sacrebleu.CHRF(word_order=2).corpus_score(list(hyps), [list(refs)])
-
-
-def _check_lengths(hyps, refs) -> None:
-    if len(hyps) != len(refs):
-        raise LsloError(f"{len(hyps)} hypotheses but {len(refs)} references")
-
-
-def spm_label(spm_model: str | os.PathLike) -> str:
-    """Names the SentencePiece model by file name and content hash (a signature must identify the tokenizer)."""
-    path = Path(spm_model)
-    load_spm(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return f"spm[{path.name}@sha256:{digest}]"
-
-
-def signatures(spm_model: str | os.PathLike) -> dict:
-    """sacrebleu signatures; spBLEU's tok field names our spm file instead of sacrebleu's 'none'."""
-    label = spm_label(spm_model)
-    bleu, chrf_metric = sacrebleu.BLEU(tokenize="none"), sacrebleu.CHRF(word_order=2)
-    for metric in (bleu, chrf_metric):  # a signature knows the number of references only after one score
-        metric.corpus_score(["x"], [["x"]])
-    return {"spbleu": bleu.get_signature().format().replace("tok:none", f"tok:{label}"),
-            "chrf": chrf_metric.get_signature().format(), "spm_model": str(spm_model), "spm": label}
-
-
-# ---------------------------------------------------------------------------------------------- groups
-
-def pair_order(groups) -> list[str]:
-    """Group-pair columns in the paper's order (H2H H2M H2L H2V M2H ... V2V) for the groups present."""
-    present = [g for g in GROUP_ORDER if g in set(groups)]
-    return [f"{s}2{t}" for s in present for t in present]
-
-
-def aggregate(direction_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean spBLEU/chrF++ per group pair, then AVG = mean over all directions (not over group cells, Table 1).
-
-    Pairs with no directions (e.g. H2L when no L language is evaluated) are omitted.
-    """
-    groups = set(direction_df["src_group"]) | set(direction_df["tgt_group"])
-    rows = []
-    for pair in pair_order(groups):
-        cell = direction_df[direction_df["pair"] == pair]
-        if len(cell):
-            rows.append({"pair": pair, "spbleu": cell["spbleu"].mean(), "chrf": cell["chrf"].mean(),
-                         "n_directions": len(cell)})
-    rows.append({"pair": "AVG", "spbleu": direction_df["spbleu"].mean(), "chrf": direction_df["chrf"].mean(),
-                 "n_directions": len(direction_df)})
-    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -229,8 +138,6 @@ def _id_order(sentence_id: str):
 def direction_sentence_stats(hyps: pd.DataFrame, test: pd.DataFrame, scored: pd.DataFrame, spm_model):
     """Per-sentence spBLEU statistics (lslo.bootstrap) of the directions of `scored` (score_directions' output,
     which has checked that every direction holds exactly the test ids), sentences in test-table order."""
-    from lslo.bootstrap import SentenceStats, sentence_stats
-
     by_direction = {key: sub.set_index("id")["hyp"] for key, sub in hyps.groupby(["src", "tgt"], sort=False)}
     ids = [str(i) for i in test.index]
     stats = [sentence_stats(spm_pieces(by_direction[(src, tgt)].loc[ids].tolist(), spm_model),
@@ -262,8 +169,6 @@ def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions,
         write_tsv(groups, temporaries[1], float_format="%.4f")
         write_json({"label": label, **signatures(spm_model)}, temporaries[2])
         if out_stats:
-            from lslo.bootstrap import write_sentence_stats
-
             write_sentence_stats(direction_sentence_stats(hyps, test, by_direction, spm_model), temporaries[3])
     avg = groups.iloc[-1]
     log.info("%s: spBLEU AVG %.2f, chrF++ AVG %.2f over %d directions", label or out_groups, avg.spbleu,
@@ -287,169 +192,27 @@ def shard_directions(directions, n_shards: int) -> list[list[tuple[str, str]]]:
     return [ordered[i::n_shards] for i in range(n_shards)]
 
 
-@dataclass
-class Translator:
-    """One interface over a plain HF model (pretrain/full) and an LSLoModel (lslo): codes in, strings out."""
-
-    model: object
-    tokenizer: object
-    languages: list[str]  # the LSLo model's ordered language list (its language ids)
-    is_lslo: bool
-    device: str = "cpu"
-
-    def encode(self, text: str, src: str) -> list[int]:
-        self.tokenizer.src_lang = src  # M2M100: "__src__ tokens </s>"
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    def translate(self, batch_ids: list[list[int]], srcs: list[str], tgts: list[str], beam: int,
-                  max_new_tokens: int) -> list[str]:
-        import torch
-
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch_ids)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch_ids], device=self.device)
-        attention_mask = (input_ids != pad).long()
-        start = getattr(self.model, "base", self.model).config.decoder_start_token_id  # LSLoModel wraps HF
-        prefix = torch.tensor([[start, self.tokenizer.get_lang_id(t)] for t in tgts], device=self.device)
-        # length_penalty 1: fairseq-generate's --lenpen 1, as the authors decode (whatever the checkpoint's
-        # generation_config says)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=prefix,
-                      num_beams=beam, max_new_tokens=max_new_tokens, length_penalty=1.0)
-        if self.is_lslo:
-            kwargs["src_lang"] = self._lang_ids(srcs)
-            kwargs["tgt_lang"] = self._lang_ids(tgts)
-        else:  # the same beam loop as LSLoModel.generate, so every method is decoded alike
-            from lslo.beam import with_beam_cache
-
-            kwargs = with_beam_cache(self.model, kwargs)
-        with torch.inference_mode():
-            out = self.model.generate(**kwargs)
-        return self.tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
-
-    def _lang_ids(self, codes):
-        import torch
-
-        unknown = sorted(set(codes) - set(self.languages))
-        if unknown:
-            raise LsloError(f"language(s) {unknown} have no adapters; the model knows {self.languages}")
-        return torch.tensor([self.languages.index(c) for c in codes], device=self.device)
-
-
-def read_variant(variant_json) -> dict:
-    """A finetune stage's variant.json with its paths (base_model, adapters, model) resolved against the file's
-    own directory: a results directory copied elsewhere reads its own adapters, never the original's."""
-    variant = read_json(variant_json)
-    for key in ("method", "base_model"):
-        if not variant.get(key):
-            raise LsloError(f"{variant_json}: field '{key}' is missing")
-    for key in ("base_model", "adapters", "model"):
-        if variant.get(key):
-            variant[key] = str(stage_path(variant[key], variant_json))
-    return variant
-
-
-def load_variant(variant_json, device: str | None = None) -> Translator:
-    """Model + tokenizer named by a finetune stage's variant.json (method pretrain | full | lslo)."""
-    import torch
-    from transformers import M2M100ForConditionalGeneration
-
-    from lslo.tokenizer import load_tokenizer
-
-    variant = read_variant(variant_json)
-    method = variant["method"]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if method == "pretrain":
-        model_dir = variant["base_model"]
-    elif method == "full":
-        model_dir = variant.get("model") or _missing(variant_json, "model", method)
-    elif method == "lslo":
-        model_dir = variant["base_model"]
-        variant.get("adapters") or _missing(variant_json, "adapters", method)
-    else:
-        raise LsloError(f"{variant_json}: method '{method}', expected pretrain, full or lslo")
-    from lslo.model import check_model_dir
-    from lslo.tokenizer import require_languages
-
-    check_model_dir(model_dir)
-    tokenizer = load_tokenizer(variant["base_model"], variant.get("nllb_codes"))
-    languages = list(variant.get("languages") or [])
-    require_languages(tokenizer, languages, f"{variant_json}: base_model {variant['base_model']}")
-    model = M2M100ForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
-    if method == "lslo":
-        from lslo.adapters import load_adapters
-
-        from lslo.checkpoint import model_identity
-
-        model = load_adapters(model, variant["adapters"], languages=languages or None,
-                              base_identity=model_identity(model_dir), base_model=model_dir)
-        languages = list(model.languages)
-    model.to(device).eval()
-    return Translator(model, tokenizer, languages, method == "lslo", device)
-
-
-def _missing(variant_json, key, method):
-    raise LsloError(f"{variant_json}: method '{method}' needs field '{key}'")
-
-
-def make_decoding_batches(lengths: list[int], max_tokens: int, max_sentences: int | None = None,
-                          keys: list | None = None) -> list[list[int]]:
-    """Sample indices sorted by source length, cut into batches with n * longest <= max_tokens (fairseq).
-    With ``keys`` (one per sample) a batch never mixes keys: samples are ordered by key, then by length."""
-    if keys is not None and len(keys) != len(lengths):
-        raise LsloError(f"make_decoding_batches: {len(keys)} keys for {len(lengths)} samples")
-    key = (lambda i: (lengths[i], i)) if keys is None else (lambda i: (keys[i], lengths[i], i))
-    batches, current, longest = [], [], 0
-    for i in sorted(range(len(lengths)), key=key):
-        new_longest = max(longest, lengths[i])
-        full = max_sentences is not None and len(current) >= max_sentences
-        new_key = keys is not None and current and keys[current[-1]] != keys[i]
-        if current and (new_longest * (len(current) + 1) > max_tokens or full or new_key):
-            batches.append(current)
-            current, new_longest = [], lengths[i]
-        current.append(i)
-        longest = new_longest
-    if current:
-        batches.append(current)
-    return batches
-
-
-def decode_shard(variant_json, test_tsv, directions, out_hyps, beam: int = 5, max_tokens: int = 4000,
-                 max_sentences: int | None = None, max_len_a: float = 0.0, max_len_b: int = 200,
+def decode_shard(variant_json, test_tsv, directions, out_hyps, options: DecodingOptions = DecodingOptions(),
                  device: str | None = None, translator: Translator | None = None) -> pd.DataFrame:
-    """Translate the test sentences of `directions` ([[src, tgt], ...]) and write the hyps TSV atomically.
-
-    Each batch holds one target language and mixes the source languages into it, sorted by source length: an
-    LSLo model's target-indexed sites (the whole decoder in the paper's index plans) then run as merged layers
-    W + s·BA, and only source-indexed sites route sample by sample. Each batch generates at most
-    max_len_a * longest_source + max_len_b new tokens (fairseq's max_len_a/b); with max_len_a = 0 a sentence's
-    hypothesis does not depend on which batch it lands in.
-    """
-    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-        raise LsloError(f"beam is {beam!r}, expected a whole number >= 1 (config eval.beam)")
+    """Translate the test sentences of `directions` ([[src, tgt], ...]) with `options` and write the hyps TSV
+    atomically (lslo.inference.translate_many: one target language per batch, sources mixed and sorted by
+    length)."""
     from lslo.tokenizer import require_languages
 
     translator = translator or load_variant(variant_json, device)
     codes = sorted({lang for direction in directions for lang in direction})
     require_languages(translator.tokenizer, codes, variant_json)
     test = _read_test(test_tsv)
-    samples = []  # (src, tgt, id, source token ids)
+    samples = []  # (src, tgt, id, source text)
     for src, tgt in directions:
         for lang in (src, tgt):
             if lang not in test.columns:
                 raise LsloError(f"{test_tsv}: no column for language '{lang}' (direction {src}-{tgt})")
-        for sent_id, text in test[src].items():
-            samples.append((src, tgt, sent_id, translator.encode(text, src)))
-    hyps = [""] * len(samples)
-    batches = make_decoding_batches([len(s[3]) for s in samples], max_tokens, max_sentences,
-                                    keys=[s[1] for s in samples])
-    for batch in tqdm(batches, desc=f"decoding {Path(out_hyps).stem}", disable=None):
-        longest = max(len(samples[i][3]) for i in batch)
-        outputs = translator.translate([samples[i][3] for i in batch], [samples[i][0] for i in batch],
-                                       [samples[i][1] for i in batch], beam,
-                                       int(max_len_a * longest + max_len_b))
-        for i, hyp in zip(batch, outputs):
-            hyps[i] = " ".join(hyp.split())  # one line, no tabs: the TSV stays one row per sentence
-    frame = pd.DataFrame([(s[0], s[1], s[2], h) for s, h in zip(samples, hyps)], columns=HYP_COLUMNS)
+        samples += [(src, tgt, sent_id, text) for sent_id, text in test[src].items()]
+    hyps = translate_many(translator, [s[3] for s in samples], [s[0] for s in samples], [s[1] for s in samples],
+                          options, progress=f"decoding {Path(out_hyps).stem}")
+    # one line, no tabs: the TSV stays one row per sentence
+    frame = pd.DataFrame([(s[0], s[1], s[2], one_line(h)) for s, h in zip(samples, hyps)], columns=HYP_COLUMNS)
     with atomic_write(out_hyps) as tmp:
         frame.to_csv(tmp, index=False, **_TSV)
     return frame

@@ -124,7 +124,7 @@ def export_variant(variant_json, out_dir, directions: list[tuple[str, str]], pef
     out_dir must not exist or be empty; `force` lets it replace an earlier export (a directory lslo wrote),
     never a directory holding anything else (lslo.io.check_output_dir). Several directions are written as one
     directory: all of them appear, or none."""
-    from lslo.evaluate import load_variant
+    from lslo.inference import load_variant
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)

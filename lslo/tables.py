@@ -16,9 +16,10 @@ from scipy.stats import pearsonr
 
 from lslo.bootstrap import RESAMPLES, compare_systems, read_sentence_stats
 from lslo.errors import LsloError
-from lslo.evaluate import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
+from lslo.evaluate import signature_path
 from lslo.io import atomic_write, markdown_cell, read_tsv, write_tsv
 from lslo.languages import read_language_table
+from lslo.metrics import GROUP_COLUMNS, GROUP_ORDER, pair_order
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
 

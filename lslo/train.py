@@ -467,9 +467,10 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
     scored with the model's own SentencePiece model, with its 95% bootstrap interval (dev_H2H_low, dev_H2H_high,
     ...; lslo.bootstrap). Directions are decoded together, one target language and mixed sources per batch (one
-    generate call per batch, not per direction; see evaluate.decode_shard)."""
-    from lslo.bootstrap import ALPHA, SentenceStats, cell_replicates, resample_counts, sentence_stats
-    from lslo.evaluate import Translator, make_decoding_batches, spm_pieces
+    generate call per batch, not per direction; lslo.inference.translate_many)."""
+    from lslo.bootstrap import ALPHA, SentenceStats, cell_replicates, resample_counts
+    from lslo.inference import DecodingOptions, Translator, translate_many
+    from lslo.metrics import sentence_stats, spm_pieces
 
     scores = dict.fromkeys(DEV_COLUMNS, float("nan"))
     if dev_table is None or not groups or options.dev_sentences == 0:
@@ -483,20 +484,14 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
         return scores
     translator = Translator(model=unwrap(model), tokenizer=tokenizer, languages=languages,
                             is_lslo=is_lslo(model), device=str(device))
-    encoded = [translator.encode(rows[s].iloc[i], s) for s, _, i in jobs]
-    lengths = [len(ids) for ids in encoded]
-    hyps = [""] * len(jobs)
+    # batches of batch_size sentences sorted by length, no token budget; at most 2 * longest source + 10 tokens
+    decoding = DecodingOptions(beam=options.dev_beam, max_len_a=2, max_len_b=10, max_tokens=None,
+                               max_sentences=batch_size)
     was_training = unwrap(model).training
     unwrap(model).eval()
-    try:  # batches of batch_size sentences sorted by length (the token budget never binds here)
-        for chunk in make_decoding_batches(lengths, batch_size * max(lengths), batch_size,
-                                           keys=[t for _, t, _ in jobs]):
-            width = max(lengths[j] for j in chunk)
-            out = translator.translate([encoded[j] for j in chunk], [jobs[j][0] for j in chunk],
-                                       [jobs[j][1] for j in chunk], beam=options.dev_beam,
-                                       max_new_tokens=2 * width + 10)
-            for j, hyp in zip(chunk, out):
-                hyps[j] = hyp
+    try:
+        hyps = translate_many(translator, [rows[s].iloc[i] for s, _, i in jobs], [s for s, _, _ in jobs],
+                              [t for _, t, _ in jobs], decoding)
     finally:
         unwrap(model).train(was_training)
     by_direction: dict = {}

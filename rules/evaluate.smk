@@ -1,11 +1,26 @@
 # Stage 6, evaluate (§5): beam decoding of every direction, split round-robin into `eval.shards` jobs per
 # variant (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG), a CPU
-# job of its own.
+# job of its own. The decoding options are recorded next to each variant (decoding.json): the decode jobs read
+# them from there, and so does `lslo translate --variant results/finetune/<v>/variant.json`.
+
+
+rule decoding_options:
+    output:
+        options="results/finetune/{variant}/decoding.json",
+    params:
+        options={key: config["eval"][key] for key in ("beam", "max_len_a", "max_len_b", "max_tokens")},
+        code=CODE["decoding_options"],
+    log:
+        "logs/decoding_options/{variant}.log",
+    localrule: True
+    script:
+        "../workflow/scripts/decoding_options.py"
 
 
 rule decode:
     input:
         unpack(get_decode_input),
+        decoding="results/finetune/{variant}/decoding.json",
         test="results/data/test.tsv",
         table=get_language_table(),
     output:
@@ -14,10 +29,6 @@ rule decode:
         languages=config["data"]["languages"],
         shard=lambda wildcards: int(wildcards.shard),
         n_shards=config["eval"]["shards"],
-        beam=config["eval"]["beam"],
-        max_tokens=config["eval"]["max_tokens"],
-        max_len_a=config["eval"]["max_len_a"],
-        max_len_b=config["eval"]["max_len_b"],
         code=CODE["decode"],
     log:
         "logs/decode/{variant}/{shard}.log",

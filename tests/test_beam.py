@@ -1,12 +1,14 @@
 """lslo.beam: beam search that leaves the cross-attention cache in place decodes exactly what HF's loop does."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import DECODER_START, lang_token_id, make_batch, make_tiny_model
 from test_model import lslo_model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from lslo.beam import BeamSearchCache, with_beam_cache
+from lslo.beam import BeamSearchCache, cache_keyword, with_beam_cache
 
 DIRECTIONS = [("en", "fr"), ("fr", "oc"), ("de", "wo"), ("oc", "en"), ("fr", "oc")]
 
@@ -39,7 +41,7 @@ def test_beam_cache_decodes_what_hf_decodes(kind):
         with torch.no_grad():
             ours = model.generate(**with_beam_cache(model, kwargs))
     with torch.no_grad():
-        reference = model.generate(**kwargs, **route, past_key_values=hf_cache(hf_model))
+        reference = model.generate(**kwargs, **route, **{cache_keyword(hf_model): hf_cache(hf_model)})
     assert isinstance(ours.past_key_values, BeamSearchCache)
     assert type(reference.past_key_values) is EncoderDecoderCache
     assert torch.equal(ours.sequences, reference.sequences)
@@ -63,11 +65,18 @@ def test_reorder_moves_self_attention_only():
 
 def test_with_beam_cache_only_for_default_encoder_decoder_beam_search():
     model = make_tiny_model()
+    name = cache_keyword(model)  # generate's own keyword: transformers 5 warns about past_key_values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(**with_beam_cache(model, {"input_ids": torch.ones(1, 3, dtype=torch.long), "num_beams": 3,
+                                                 "max_new_tokens": 2}))
     base = {"input_ids": torch.ones(1, 3, dtype=torch.long)}
-    assert "past_key_values" not in with_beam_cache(model, {**base, "num_beams": 1})
-    assert "past_key_values" not in with_beam_cache(model, {**base, "num_beams": 3, "use_cache": False})
+    assert name not in with_beam_cache(model, {**base, "num_beams": 1})
+    assert name not in with_beam_cache(model, {**base, "num_beams": 3, "use_cache": False})
     given = hf_cache(model)
-    assert with_beam_cache(model, {**base, "num_beams": 3, "past_key_values": given})["past_key_values"] is given
+    for keyword in ("past_key_values", "cache"):
+        assert with_beam_cache(model, {**base, "num_beams": 3, keyword: given}) == {**base, "num_beams": 3,
+                                                                                   keyword: given}
     kwargs = {**base, "num_beams": 3}
-    assert isinstance(with_beam_cache(model, kwargs)["past_key_values"], BeamSearchCache)
-    assert "past_key_values" not in kwargs  # the caller's dict is not changed
+    assert isinstance(with_beam_cache(model, kwargs)[name], BeamSearchCache)
+    assert name not in kwargs  # the caller's dict is not changed

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 from sacrebleu.significance import _paired_bs_test
 
-from lslo import bootstrap, evaluate
+from lslo import bootstrap, evaluate, metrics
 from lslo.errors import LsloError
 from lslo.tables import make_table
 
@@ -28,7 +28,7 @@ def corpus(n, seed, p, refs=None):
 def system(refs_by_direction, pairs, p, seed):
     """SentenceStats of a system whose hypotheses are the references with word noise p."""
     hyps = {d: corpus(0, seed + k, p, refs) for k, (d, refs) in enumerate(refs_by_direction.items())}
-    stats = np.stack([bootstrap.sentence_stats(hyps[d], refs) for d, refs in refs_by_direction.items()])
+    stats = np.stack([metrics.sentence_stats(hyps[d], refs) for d, refs in refs_by_direction.items()])
     directions = list(refs_by_direction)
     return hyps, bootstrap.SentenceStats(stats, [d[0] for d in directions], [d[1] for d in directions], pairs,
                                          [str(i) for i in range(stats.shape[1])])
@@ -145,8 +145,8 @@ def test_score_variant_stats_reproduce_the_directions_table(tmp_path):
     stats = bootstrap.read_sentence_stats(tmp_path / "s.npz")
     assert stats.src == scored.src.tolist() and stats.ids == [str(i) for i in range(12)]
     np.testing.assert_allclose(stats.direction_scores(), scored.spbleu, atol=1e-4)
-    first = bootstrap.sentence_stats(evaluate.spm_pieces([rows[11][3]], tmp_path / "m.model"),
-                                     evaluate.spm_pieces([test.loc[0, "v1"]], tmp_path / "m.model"))
+    first = metrics.sentence_stats(metrics.spm_pieces([rows[11][3]], tmp_path / "m.model"),
+                                   metrics.spm_pieces([test.loc[0, "v1"]], tmp_path / "m.model"))
     np.testing.assert_array_equal(stats.stats[0, 0], first[0])  # sentence 0 is the first row, whatever the hyps order
 
 

@@ -1,5 +1,5 @@
 """Epoch checkpoints (lslo.checkpoint): identity, set-aside, durability, retention, safe loading; and the base-model
-identity that adapters carry (lslo.adapters, lslo.evaluate.load_variant).
+identity that adapters carry (lslo.adapters, lslo.inference.load_variant).
 
 The tiny world (tokenizer + tiny M2M100 + a 5-language table) is test_train's make_world.
 """
@@ -326,7 +326,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_not_executed(tmp_path, caplog):
 
 def test_adapters_refuse_a_base_of_another_identity(world, tmp_path):
     from lslo.adapters import load_adapters, read_adapters, save_adapters
-    from lslo.evaluate import load_variant
+    from lslo.inference import load_variant
 
     model_dir, _, _ = world
     other = tmp_path / "other"

@@ -51,7 +51,7 @@ def test_nllb_batches_equal_transformers_nllb_encoding(nllb_dir):
     """collate (training) and Translator.encode (decoding) build exactly what transformers' NllbTokenizer
     builds with src_lang/tgt_lang: [eng_Latn] tokens </s> and labels [fra_Latn] tokens </s>."""
     from lslo.data import Corpus, Example, collate
-    from lslo.evaluate import Translator
+    from lslo.inference import Translator
 
     tokenizer = load_tokenizer(nllb_dir, NLLB)
     assert isinstance(tokenizer, NllbCodes) and tokenizer.lang_code_to_id == {

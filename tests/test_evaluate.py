@@ -9,7 +9,7 @@ import sacrebleu
 import sentencepiece
 import torch
 
-from lslo import evaluate
+from lslo import evaluate, inference, metrics
 from lslo.data import write_parallel
 from lslo.errors import LsloError
 
@@ -62,7 +62,7 @@ def test_spbleu_equals_sacrebleu_flores101(spm_model, sacrebleu_flores101, seed,
     refs = sentences(40, seed=100 + seed)
     hyps = noisy(refs, seed, p)
     reference = sacrebleu.BLEU(tokenize="flores101").corpus_score(hyps, [refs])
-    ours = evaluate.spbleu(hyps, refs, spm_model)
+    ours = metrics.spbleu(hyps, refs, spm_model)
     assert ours.score == pytest.approx(reference.score, abs=1e-9)
     assert ours.counts == reference.counts and ours.sys_len == reference.sys_len
 
@@ -80,7 +80,7 @@ def test_aggregate_avg_is_mean_over_directions_table1_pretrain():
         noise = [x - sum(noise) / len(noise) for x in noise]  # per-direction scores whose mean is the cell
         rows += [{"src": s, "tgt": t, "src_group": src_group, "tgt_group": tgt_group, "pair": pair,
                   "spbleu": mean + x, "chrf": 2 * mean, "n": 10} for (s, t), x in zip(dirs, noise)]
-    groups = evaluate.aggregate(pd.DataFrame(rows)).set_index("pair")
+    groups = metrics.aggregate(pd.DataFrame(rows)).set_index("pair")
     assert list(groups.index) == [*cells, "AVG"]
     assert groups.loc["H2H", "n_directions"] == 12 and groups.loc["H2M", "n_directions"] == 16
     for pair, mean in cells.items():
@@ -152,7 +152,7 @@ def test_shard_directions_is_a_deterministic_partition():
 
 def test_make_decoding_batches_respects_token_budget():
     lengths = [5, 9, 3, 12, 7, 7, 2, 30]
-    batches = evaluate.make_decoding_batches(lengths, max_tokens=24)
+    batches = inference.make_decoding_batches(lengths, max_tokens=24)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 24
@@ -181,8 +181,8 @@ def pretrain_variant(tmp_path_factory, spm_model):
 def test_decode_shard_mixed_equals_single_direction(tmp_path, pretrain_variant):
     table = write_test_table(tmp_path / "test.tsv", n=4)
     directions = [("en", "fr"), ("fr", "oc"), ("oc", "en")]
-    translator = evaluate.load_variant(pretrain_variant, device="cpu")
-    options = dict(beam=5, max_tokens=150, max_len_b=6, translator=translator)
+    translator = inference.load_variant(pretrain_variant, device="cpu")
+    options = dict(options=inference.DecodingOptions(beam=5, max_tokens=150, max_len_b=6), translator=translator)
     mixed = evaluate.decode_shard(pretrain_variant, tmp_path / "test.tsv", directions, tmp_path / "mixed.tsv",
                                   **options)
     written = pd.read_csv(tmp_path / "mixed.tsv", dtype=str, keep_default_na=False, **evaluate._TSV)
@@ -226,9 +226,9 @@ def lslo_variant(pretrain_variant):
 def test_decode_shard_lslo_variant(tmp_path, pretrain_variant, lslo_variant):
     write_test_table(tmp_path / "test.tsv", n=4)
     directions = [("en", "oc"), ("oc", "fr")]
-    translator = evaluate.load_variant(lslo_variant, device="cpu")
+    translator = inference.load_variant(lslo_variant, device="cpu")
     assert translator.is_lslo and translator.languages == LANGS
-    options = dict(beam=5, max_tokens=150, max_len_b=6, translator=translator)
+    options = dict(options=inference.DecodingOptions(beam=5, max_tokens=150, max_len_b=6), translator=translator)
     mixed = evaluate.decode_shard(lslo_variant, tmp_path / "test.tsv", directions, tmp_path / "m.tsv", **options)
     for src, tgt in directions:
         alone = evaluate.decode_shard(lslo_variant, tmp_path / "test.tsv", [(src, tgt)], tmp_path / "a.tsv",
@@ -236,7 +236,7 @@ def test_decode_shard_lslo_variant(tmp_path, pretrain_variant, lslo_variant):
         together = mixed[(mixed.src == src) & (mixed.tgt == tgt)]
         assert dict(zip(alone.id, alone.hyp)) == dict(zip(together.id, together.hyp))
     plain = evaluate.decode_shard(pretrain_variant, tmp_path / "test.tsv", directions, tmp_path / "p.tsv",
-                                  beam=5, max_tokens=150, max_len_b=6, device="cpu")
+                                  inference.DecodingOptions(beam=5, max_tokens=150, max_len_b=6), device="cpu")
     assert plain.hyp.tolist() != mixed.hyp.tolist()  # the adapters change the translations
 
 
@@ -245,7 +245,7 @@ def test_make_decoding_batches_keeps_keys_apart():
     once, and within a key the budget and the length order still hold."""
     lengths = [5, 9, 3, 12, 7, 7, 2, 30, 4, 4, 6]
     keys = ["fr", "de", "fr", "de", "oc", "fr", "de", "fr", "oc", "oc", "de"]
-    batches = evaluate.make_decoding_batches(lengths, max_tokens=24, keys=keys)
+    batches = inference.make_decoding_batches(lengths, max_tokens=24, keys=keys)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:
         assert len({keys[i] for i in batch}) == 1
@@ -254,6 +254,6 @@ def test_make_decoding_batches_keeps_keys_apart():
         flat = [lengths[i] for b in batches for i in b if keys[i] == key]
         assert flat == sorted(flat)
     # without the key, 8 of these samples would share batches across languages
-    assert any(len({keys[i] for i in b}) > 1 for b in evaluate.make_decoding_batches(lengths, max_tokens=24))
+    assert any(len({keys[i] for i in b}) > 1 for b in inference.make_decoding_batches(lengths, max_tokens=24))
     with pytest.raises(LsloError, match="2 keys for 11 samples"):
-        evaluate.make_decoding_batches(lengths, 24, keys=["fr", "de"])
+        inference.make_decoding_batches(lengths, 24, keys=["fr", "de"])

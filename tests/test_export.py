@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from checkpoints import make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences  # noqa: E402
 from transformers import M2M100ForConditionalGeneration  # noqa: E402
 
-from lslo import evaluate  # noqa: E402
+from lslo import evaluate, inference  # noqa: E402
 from lslo.adapters import save_adapters  # noqa: E402
 from lslo.cli import main  # noqa: E402
 from lslo.errors import LsloError  # noqa: E402
@@ -70,7 +70,7 @@ def test_peft_export_decodes_the_lslo_tokens(tmp_path, m2m_base, plan, pruned, f
     from peft import PeftModel
 
     variant = lslo_variant(tmp_path, m2m_base, PLANS[plan], pruned=pruned, fc_lora=fc_lora)
-    translator = evaluate.load_variant(variant, device="cpu")
+    translator = inference.load_variant(variant, device="cpu")
     model, tokenizer = translator.model, translator.tokenizer
     if plan == "learn":
         with torch.no_grad():
@@ -98,7 +98,7 @@ def test_site_factors_are_the_site_delta(tmp_path, m2m_base, fc_lora):
     from lslo.adapters import _direction_delta
 
     variant = lslo_variant(tmp_path, m2m_base, "learn", pruned=True, fc_lora=fc_lora)
-    model = evaluate.load_variant(variant, device="cpu").model
+    model = inference.load_variant(variant, device="cpu").model
     for module in model.lslo_modules().values():
         a, b = site_factors(module, "fr", "oc")
         assert a.shape == (RANKS["fr"] + RANKS["oc"], module.base.in_features)
@@ -186,7 +186,8 @@ def test_translate_agrees_with_the_evaluate_stage(tmp_path, m2m_base, kind, monk
     test = pd.DataFrame({"id": range(7), "en": sentences, "fr": sentences, "oc": sentences})
     test.to_csv(tmp_path / "test.tsv", sep="\t", index=False)
     hyps = evaluate.decode_shard(variant, tmp_path / "test.tsv", [("en", "oc"), ("fr", "oc"), ("oc", "en")],
-                                 tmp_path / "hyps.tsv", beam=5, max_tokens=60, max_len_b=10, device="cpu")
+                                 tmp_path / "hyps.tsv", inference.DecodingOptions(beam=5, max_tokens=60, max_len_b=10),
+                                 device="cpu")
     for src, tgt in [("en", "oc"), ("oc", "en")]:
         monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{s}\n" for s in sentences)))
         assert main(["translate", "--variant", str(variant), "--src", src, "--tgt", tgt, "--max-len-b", "10",

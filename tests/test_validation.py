@@ -133,7 +133,8 @@ def write_variant(path: Path, base_model: Path, languages=LANGS) -> Path:
 
 
 def test_language_missing_from_tokenizer(model_dir, tmp_path):
-    from lslo.evaluate import decode_shard, load_variant
+    from lslo.evaluate import decode_shard
+    from lslo.inference import load_variant
     from lslo.train import load_base
 
     raises(load_base, model_dir, "__wo__", "language(s) ['wo']", "it knows ['en', 'fr', 'oc']",
@@ -150,7 +151,7 @@ def test_language_missing_from_tokenizer(model_dir, tmp_path):
 
 
 def test_model_dir_without_weights(tmp_path):
-    from lslo.evaluate import load_variant
+    from lslo.inference import load_variant
     from lslo.train import load_base
 
     make_tiny_config().save_pretrained(tmp_path / "m")
@@ -317,12 +318,9 @@ def test_gps_start_plus_duration_exceeds_epochs(tmp_path):
 
 @pytest.mark.parametrize("beam", [0, -1, 2.5])
 def test_beam_below_one(tmp_path, beam):
-    from lslo.evaluate import decode_shard
+    from lslo.inference import DecodingOptions
 
-    out = tmp_path / "hyps.tsv"
-    raises(decode_shard, f"beam is {beam!r}", "whole number >= 1", variant_json=tmp_path / "absent.json",
-           test_tsv=tmp_path / "test.tsv", directions=[["en", "fr"]], out_hyps=out, beam=beam)
-    assert not out.exists()
+    raises(DecodingOptions, f"beam is {beam!r}", "whole number >= 1", beam=beam)
 
 
 # ---------------------------------------------------------------------------------------------- missing files
@@ -338,7 +336,7 @@ def test_subspace_scores_missing(tmp_path):
 
 
 def test_sentencepiece_model_missing(tmp_path):
-    from lslo.evaluate import spbleu
+    from lslo.metrics import spbleu
     from lslo.tokenizer import build_tokenizer
 
     raises(spbleu, tmp_path / "flores.spm", "SentencePiece model not found", hyps=["a"], refs=["a"],

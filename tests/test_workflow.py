@@ -107,7 +107,8 @@ def test_demo_dry_run_lists_every_stage(workdir):
     n_variants, n_lslo = len(demo["variants"]), sum(v["method"] == "lslo" for v in demo["variants"].values())
     assert counts == {
         "demo_benchmark": 1, "demo_pretrain": 1, "data": 1, "weight_learning": 1, "subspace": 2,
-        "ranks": n_lslo, **finetune_counts(demo["variants"]), "decode": n_variants * demo["eval"]["shards"],
+        "ranks": n_lslo, **finetune_counts(demo["variants"]), "decoding_options": n_variants,
+        "decode": n_variants * demo["eval"]["shards"],
         "score": n_variants, "figure1": 1, "figure3": 1, "score_figure": 4, "table": len(demo["tables"]),
         "score_table": 2, "all": 1, **({"summary": 1} if demo.get("summary") else {}),
     }

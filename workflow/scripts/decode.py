@@ -7,6 +7,7 @@ with stage_job(snakemake.log[0]):
 
     from lslo.data import directions
     from lslo.evaluate import decode_shard, shard_directions
+    from lslo.inference import read_decoding_options
     from lslo.languages import read_language_table, select
 
     torch.set_num_threads(snakemake.threads)
@@ -14,5 +15,4 @@ with stage_job(snakemake.log[0]):
     languages = select(read_language_table(inp.table), params.languages)
     shard = shard_directions(directions(languages), params.n_shards)[params.shard]
     decode_shard(variant_json=inp.variant, test_tsv=inp.test, directions=shard, out_hyps=snakemake.output.hyps,
-                 beam=params.beam, max_tokens=params.max_tokens, max_len_a=params.max_len_a,
-                 max_len_b=params.max_len_b)
+                 options=read_decoding_options(inp.decoding))
