@@ -407,8 +407,8 @@ def bench_directions(args, device) -> list:
         batches = [directions_batch(shape, [samples[j] for j in indices], device) for indices in
                    make_decoding_batches([DIRECTION_LEN] * len(samples), args.direction_max_tokens,
                                          keys=[t for _, t, _ in samples])]
-        decode = lambda b: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],
-                                          **generation_kwargs(b, args.direction_tokens, args.beams, model))
+        decode = lambda b: model.generate(src_lang=b["src_lang"], tgt_lang=b["tgt_lang"],  # noqa: B023 - this subset's
+                                          **generation_kwargs(b, args.direction_tokens, args.beams, model))  # noqa: B023
         decode(batches[0])  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -757,7 +757,8 @@ def auto_choices_report() -> list:
     if not KERNEL_TIMER.choices:
         return ["\"auto\" measured no kernel choice in this run (it measures only on CUDA with a native grouped GEMM).",
                 ""]
-    lines = ["\"auto\"'s measured kernel choices (lslo.kernels.KernelTimer), one per (layer shape, rows, autograd):", "",
+    lines = ["\"auto\"'s measured kernel choices (lslo.kernels.KernelTimer), one per (layer shape, rows, autograd):",
+             "",
              "| in | out | ranks present | rows (rounded up) | autograd | chosen |", "|---:|---:|---|---:|---|---|"]
     for (_, _, d_in, d_out, ranks, rows, grad, _), kernel in sorted(KERNEL_TIMER.choices.items(), key=str):
         lines.append(f"| {d_in} | {d_out} | {len(ranks)} (max {max(ranks)}) | {rows} | {grad} | {kernel} |")

@@ -117,8 +117,8 @@ def cuda_tests(args, timeout: float) -> Step:
 
 
 # ---- 2. benchmark ------------------------------------------------------------------------------------------
-TARGET_ROW = re.compile(r"^\| (?P<label>[^|]+?) \| (?P<ratio>[\d.]+) \| (?P<bound>[<>]= [\d.]+) \| (?P<verdict>PASS|MISS) \|$",
-                        re.M)
+TARGET_ROW = re.compile(r"^\| (?P<label>[^|]+?) \| (?P<ratio>[\d.]+) \| (?P<bound>[<>]= [\d.]+) "
+                        r"\| (?P<verdict>PASS|MISS) \|$", re.M)
 TRAIN_ROW = re.compile(r"^\| (?P<name>floor|peft|lslo_\w+|full) \| (?P<ms>[\d.]+) \| (?P<x_peft>[\d.]+) \| "
                        r"(?P<x_floor>[\d.]+) \| (?P<x_full>[\d.]+) \| (?P<tps>\d+) \| (?P<mb>[\d-]+) \|$", re.M)
 

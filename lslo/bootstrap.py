@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sacrebleu.significance import _compute_p_value
 
 from lslo.errors import LsloError
@@ -92,7 +93,8 @@ class SentenceStats:
     def replicate_scores(self, counts: np.ndarray) -> np.ndarray:
         """(B, directions) corpus spBLEU of every direction on every replicate (counts from resample_counts)."""
         if counts.shape[1] != self.stats.shape[1]:
-            raise LsloError(f"bootstrap: {counts.shape[1]} resampled sentences for {self.stats.shape[1]} test sentences")
+            raise LsloError(f"bootstrap: {counts.shape[1]} resampled sentences for {self.stats.shape[1]} "
+                            "test sentences")
         directions, sentences, n_stats = self.stats.shape
         by_sentence = self.stats.transpose(1, 0, 2).reshape(sentences, directions * n_stats).astype(np.float64)
         sums = counts @ by_sentence  # one matrix product: (B, n) x (n, directions * 10)
@@ -157,8 +159,6 @@ def compare_systems(systems: dict[str, SentenceStats], baselines: dict[str, str]
     (e.g. {"pretrain": "Pretrain", "ft_all": "Ft-all"}). Returns a DataFrame with one row per (system, cell):
     method, pair, spbleu, ci_low, ci_high, then p_<name> per baseline (NaN for the baseline's own row).
     """
-    import pandas as pd
-
     if not systems:
         raise LsloError("bootstrap: no systems to compare")
     labels = list(systems)

@@ -1,8 +1,8 @@
 """What the workflow needs from a model directory, checked in one go (`lslo check-model`, the Snakefile's pre-check).
 
     report = check_model("checkpoints/nllb-200-600M", ["en", "fr", "oc"], table)
-    report.facts      # one line each: config class, weights, parameters and size, tokenizer, language tokens, decoder start
-    report.problems   # one line each; empty when every stage will find what it needs
+    report.facts      # one line each: config class, weights, parameters and size, tokenizer, language tokens,
+    decoder start report.problems   # one line each; empty when every stage will find what it needs
 
 Nothing is loaded into memory: the parameter count comes from the model built on the meta device, the weight
 names and shapes from the safetensors headers (or a memory-mapped pytorch_model.bin). transformers would load a

@@ -73,7 +73,8 @@ def model_identity(model_dir) -> str:
     Hashed: the name and bytes of config.json and the tokenizer files; of each safetensors weight file its size,
     its header (every tensor's name, dtype, shape and offsets) and the first and last 4 KiB of every tensor's data,
     about 3 MB read for the 615M-parameter M2M-124 instead of 2.4 GB (measured on a 1.9 GB file of 385 tensors of
-    M2M-124's shapes: 0.08 s, where sha256 of the whole file took 31 s on a busy 2-core machine). Another training run, another dtype or shape,
+    M2M-124's shapes: 0.08 s, where sha256 of the whole file took 31 s on a busy 2-core machine). Another training
+    run, another dtype or shape,
     or any edited tensor start/end gives another identity; a copy or a move of the directory keeps it (mtimes and
     paths are not hashed). Other weight files (pytorch_model.bin) are hashed whole.
     """

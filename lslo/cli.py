@@ -108,7 +108,8 @@ def _add_model_commands(commands) -> None:
     # decoding options: by default the run's own (decoding.json next to variant.json, from config eval)
     translate.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam)")
     translate.add_argument("--max-tokens", type=int, help="source tokens per batch (default: the run's)")
-    translate.add_argument("--max-len-a", type=float, help="max new tokens = a * source length + b (default: the run's)")
+    translate.add_argument("--max-len-a", type=float,
+                           help="max new tokens = a * source length + b (default: the run's)")
     translate.add_argument("--max-len-b", type=int, help="(default: the run's)")
     translate.add_argument("--lenpen", type=float, help="length penalty (default: the run's, 1.0)")
     translate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")

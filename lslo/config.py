@@ -8,6 +8,7 @@ YAML otherwise resolves silently by keeping the last one (two variants with the 
 import os
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from lslo.errors import LsloError
@@ -106,8 +107,6 @@ def _describe(error, what: str = "config key") -> str:
 
 def schema_errors(instance, schema: dict, what: str = "config key") -> list[str]:
     """Every violation of the JSON `schema` by `instance`, one line each, in key order."""
-    import jsonschema
-
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
     return list(dict.fromkeys(_describe(e, what) for e in errors))

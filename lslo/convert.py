@@ -17,6 +17,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import M2M100Config, M2M100ForConditionalGeneration
 
@@ -66,12 +67,10 @@ def _fairseq_safe_globals() -> list:
     """What fairseq checkpoints pickle besides tensors and containers: argparse.Namespace (args, and cfg.model /
     cfg.task of legacy architectures) and numpy scalars with their dtypes (meter values and losses in
     extra_state / optimizer_history). None of these runs code when unpickled."""
-    import numpy as np
-
     try:
-        from numpy._core.multiarray import scalar
+        from numpy._core.multiarray import scalar  # noqa: PLC0415 - its module moved in numpy 2
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # noqa: PLC0415
     dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
     return [argparse.Namespace, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
             (scalar, "numpy._core.multiarray.scalar")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -123,8 +124,6 @@ RECORD_FILES = (".jsonl", ".parquet")  # FLORES+ on the Hugging Face hub: record
 def _read_records(path: Path, language: str) -> tuple[list[int], list[str]]:
     """(sorted ids, texts in that order) of a FLORES+ .jsonl/.parquet file (ids must be distinct integers).
     Each text gets the checks of a line of a text file (_read_lines): not empty, no line break, no CR."""
-    import json
-
     if path.suffix == ".parquet":
         try:
             records = pd.read_parquet(path, columns=["id", "text"]).to_dict("records")

@@ -25,11 +25,20 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
+import sentencepiece as spm
 import torch
+from transformers import M2M100Config, M2M100ForConditionalGeneration
 
+from lslo.data import Corpus, TemperatureSampler, make_batches
 from lslo.demo_benchmark import make_benchmark, read_bitext  # noqa: F401 - make_benchmark is part of this API
 from lslo.errors import LsloError
+from lslo.inference import DecodingOptions, Translator, load_hf_model, translate_many
 from lslo.io import atomic_write, write_json
+from lslo.languages import read_language_table
+from lslo.metrics import aggregate, chrf, spbleu
+from lslo.tokenizer import build_tokenizer, load_tokenizer, model_vocab_size
+from lslo.train import BatchSource, TrainOptions, make_trainer, training_epochs
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +48,6 @@ SPM_SENTENCES_PER_LANGUAGE = 3000  # balanced SentencePiece training sample, as 
 
 def train_demo_spm(benchmark_dir: str | Path, model_file: str | Path, vocab_size: int = 2000, seed: int = 1) -> Path:
     """Train a unigram SentencePiece model on a language-balanced sample of the demo bitext and dev text."""
-    import sentencepiece as spm
-
     root = Path(benchmark_dir)
     per_language: dict[str, set[str]] = defaultdict(set)
     for (a, b), (lines_a, lines_b) in read_bitext(root).items():
@@ -76,8 +83,6 @@ def train_demo_spm(benchmark_dir: str | Path, model_file: str | Path, vocab_size
 def demo_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_model: int = 256,
                       layers: int = 3, ffn_dim: int = 512, heads: int = 4, max_positions: int = 256):
     """A tiny M2M100 configuration (same class as M2M-124; eos starts decoding as in fairseq)."""
-    from transformers import M2M100Config
-
     return M2M100Config(
         vocab_size=vocab_size,
         d_model=d_model,
@@ -113,9 +118,6 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
     H >> M >> V imbalance). label_smoothing is in torch's definition (ε spread over all V tokens, the gold one
     included), as the demo was pretrained. Returns the training log.
     """
-    from lslo.data import TemperatureSampler, make_batches
-    from lslo.train import BatchSource, make_trainer, training_epochs
-
     if max_steps is None and max_minutes is None:
         raise LsloError("pretraining needs max_steps or max_minutes")
     options = pretrain_options(model.config, seed=seed, max_tokens=max_tokens, lr=lr, warmup=warmup,
@@ -140,8 +142,6 @@ def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: i
 
     torch's label smoothing ε over all V tokens equals fairseq's (lslo.train.label_smoothed_nll_loss, ε over the
     V - 1 tokens other than the gold one) at ε·(V - 1)/V: the same loss."""
-    from lslo.train import TrainOptions
-
     vocab = config.vocab_size
     return TrainOptions(lr=lr, max_tokens=max_tokens, warmup_updates=warmup, seed=seed, temperature=temperature,
                         label_smoothing=label_smoothing * (vocab - 1) / vocab, dropout=config.dropout,
@@ -152,15 +152,14 @@ def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: i
 
 def fast_tokenize(texts: list[str], tokenizer) -> list[list[int]]:
     """lslo.data.tokenize_column's ids (SentencePiece pieces -> vocab ids, unknown -> <unk>) for text without special
-    tokens, in one batched SentencePiece call: the HF slow tokenizer's per-text Python path dominated pretraining setup."""
+    tokens, in one batched SentencePiece call: the HF slow tokenizer's per-text Python path dominated pretraining
+    setup."""
     vocab, unk = tokenizer.encoder, tokenizer.encoder[tokenizer.unk_token]
     return [[vocab.get(piece, unk) for piece in pieces] for pieces in tokenizer.sp_model.encode(texts, out_type=str)]
 
 
 def encode_bitext(benchmark_dir: str | Path, tokenizer):
     """The benchmark's bitext as an lslo.data.Corpus with both directions of every pair (each text encoded once)."""
-    from lslo.data import Corpus
-
     texts: dict[str, list[str]] = defaultdict(list)
     bitext = read_bitext(benchmark_dir)
     for (a, b), (lines_a, lines_b) in bitext.items():
@@ -187,14 +186,9 @@ def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: in
     Stops at max_steps or max_minutes (of training; SentencePiece and encoding come on top), whichever first.
     The defaults are tuned for 2 CPU cores: max_steps bounds the run (reproducible; 768-token batches of the demo
     world's short sentences: more updates per CPU-second than large batches; after 1000 updates the model is fluent
-    on H2H and near zero on V2V); max_minutes is only a safety cap for a slow machine. vocab_size is an upper bound (the demo world has about
-    1500 pieces' worth of text). The directory appears complete or not at all.
+    on H2H and near zero on V2V); max_minutes is only a safety cap for a slow machine. vocab_size is an upper bound
+    (the demo world has about 1500 pieces' worth of text). The directory appears complete or not at all.
     """
-    from transformers import M2M100ForConditionalGeneration
-
-    from lslo.languages import read_language_table
-    from lslo.tokenizer import build_tokenizer, load_tokenizer, model_vocab_size
-
     if threads:
         torch.set_num_threads(threads)
     root = Path(benchmark_dir)
@@ -229,16 +223,9 @@ def zero_shot_report(model_dir: str | Path, benchmark_dir: str | Path, split: st
     """Zero-shot spBLEU/chrF++ of a demo checkpoint on every direction of the benchmark, and by group pair.
 
     Decoded and scored as the evaluate stage does (lslo.inference; lslo.metrics: spBLEU = sacrebleu BLEU on
-    pieces of the checkpoint's own spm.model, chrF++, group means, AVG over directions). n_sentences=None uses the whole split.
-    Returns (directions DataFrame, groups DataFrame in Table 1 column order).
+    pieces of the checkpoint's own spm.model, chrF++, group means, AVG over directions). n_sentences=None uses the
+    whole split. Returns (directions DataFrame, groups DataFrame in Table 1 column order).
     """
-    import pandas as pd
-
-    from lslo.inference import DecodingOptions, Translator, load_hf_model, translate_many
-    from lslo.languages import read_language_table
-    from lslo.metrics import aggregate, chrf, spbleu
-    from lslo.tokenizer import load_tokenizer
-
     model_dir, root = Path(model_dir), Path(benchmark_dir)
     table = read_language_table(root / "languages.tsv")
     languages = languages or table["code"].tolist()
@@ -253,8 +240,9 @@ def zero_shot_report(model_dir: str | Path, benchmark_dir: str | Path, split: st
         for tgt in (t for t in languages if t != src):
             hyps = translate_many(translator, text[src], [src] * len(text[src]), [tgt] * len(text[src]), decoding)
             src_group, tgt_group = table.loc[src, "resource"], table.loc[tgt, "resource"]
+            bleu = spbleu(hyps, text[tgt], model_dir / "spm.model").score
             rows.append({"src": src, "tgt": tgt, "src_group": src_group, "tgt_group": tgt_group,
-                         "pair": f"{src_group}2{tgt_group}", "spbleu": spbleu(hyps, text[tgt], model_dir / "spm.model").score,
+                         "pair": f"{src_group}2{tgt_group}", "spbleu": bleu,
                          "chrf": chrf(hyps, text[tgt]).score, "n": len(hyps)})
     directions = pd.DataFrame(rows)
     return directions, aggregate(directions)

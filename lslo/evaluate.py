@@ -24,10 +24,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lslo.bootstrap import SentenceStats, write_sentence_stats
+from lslo.data import read_parallel
 from lslo.errors import LsloError
 from lslo.inference import DecodingOptions, Translator, load_variant, one_line, translate_many
 from lslo.io import atomic_write, atomic_write_all, write_json, write_tsv
+from lslo.languages import read_language_table, select
 from lslo.metrics import aggregate, chrf, load_spm, sentence_stats, signatures, spbleu, spm_pieces
+from lslo.tokenizer import require_languages
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ def read_hyps(paths) -> pd.DataFrame:
 
 
 def _read_test(test_tsv) -> pd.DataFrame:
-    from lslo.data import read_parallel
-
     test = read_parallel(test_tsv)
     test["id"] = test["id"].astype(str)
     return test.set_index("id")
@@ -67,7 +68,6 @@ def _read_test(test_tsv) -> pd.DataFrame:
 def _language_table(language_table) -> pd.DataFrame:
     if isinstance(language_table, pd.DataFrame):
         return language_table
-    from lslo.languages import read_language_table
 
     return read_language_table(language_table)
 
@@ -156,8 +156,6 @@ def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions,
     load_spm(spm_model)  # fail before any work when the spm file is missing
     table = _language_table(language_table)
     if isinstance(languages, str):
-        from lslo.languages import select
-
         languages = select(table, languages)
     hyps, test = read_hyps(hyp_tsvs), _read_test(test_tsv)
     by_direction = score_directions(hyps, test, table, spm_model, directions, languages)
@@ -197,8 +195,6 @@ def decode_shard(variant_json, test_tsv, directions, out_hyps, options: Decoding
     """Translate the test sentences of `directions` ([[src, tgt], ...]) with `options` and write the hyps TSV
     atomically (lslo.inference.translate_many: one target language per batch, sources mixed and sorted by
     length)."""
-    from lslo.tokenizer import require_languages
-
     translator = translator or load_variant(variant_json, device)
     codes = sorted({lang for direction in directions for lang in direction})
     require_languages(translator.tokenizer, codes, variant_json)

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lslo.adapters import merge_direction
 from lslo.errors import LsloError
+from lslo.inference import load_variant
 from lslo.io import atomic_write, check_output_dir
 from lslo.layer import LSLoLinear
 
@@ -71,7 +73,7 @@ def plain_base(model) -> nn.Module:
 def peft_direction(model, src: str, tgt: str):
     """A PeftModel (LoRA, adapter "default") on a copy of the base whose adapters compute this direction's ΔW."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - peft is an optional dependency
     except ImportError:
         raise LsloError("a PEFT export needs the peft package: pip install 'lslo[export]' (or peft)") from None
 
@@ -107,8 +109,6 @@ def export_direction(model, src: str, tgt: str, out_dir, tokenizer=None, peft: b
 
 
 def _write_direction(model, src: str, tgt: str, directory: Path, tokenizer, peft: bool) -> None:
-    from lslo.adapters import merge_direction
-
     if peft:
         peft_direction(model, src, tgt).save_pretrained(directory)
     else:
@@ -124,8 +124,6 @@ def export_variant(variant_json, out_dir, directions: list[tuple[str, str]], pef
     out_dir must not exist or be empty; `force` lets it replace an earlier export (a directory lslo wrote),
     never a directory holding anything else (lslo.io.check_output_dir). Several directions are written as one
     directory: all of them appear, or none."""
-    from lslo.inference import load_variant
-
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     translator = load_variant(variant_json, device="cpu")

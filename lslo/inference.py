@@ -21,10 +21,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+from transformers import M2M100ForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
+from lslo.adapters import load_adapters
+from lslo.beam import with_beam_cache
+from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
-from lslo.io import atomic_write, read_json, stage_path, write_json
+from lslo.io import atomic_write, read_json, write_json
+from lslo.model import check_model_dir
+from lslo.tokenizer import load_tokenizer, require_languages
+from lslo.variant import decoded_model_dir, read_variant
 
 DECODING_FILE = "decoding.json"  # next to variant.json: the decoding options the evaluate stage used
 
@@ -123,8 +132,6 @@ class Translator:
 
     def translate_batch(self, batch_ids: list[list[int]], srcs: list[str], tgts: list[str],
                         options: DecodingOptions, max_new_tokens: int) -> list[str]:
-        import torch
-
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids in batch_ids)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch_ids], device=self.device)
@@ -137,7 +144,6 @@ class Translator:
             kwargs["src_lang"] = self._lang_ids(srcs)
             kwargs["tgt_lang"] = self._lang_ids(tgts)
         else:  # the same beam loop as LSLoModel.generate, so every method is decoded alike
-            from lslo.beam import with_beam_cache
 
             kwargs = with_beam_cache(self.model, kwargs)
         with torch.inference_mode():
@@ -145,33 +151,15 @@ class Translator:
         return self.tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
 
     def _lang_ids(self, codes):
-        import torch
-
         unknown = sorted(set(codes) - set(self.languages))
         if unknown:
             raise LsloError(f"language(s) {unknown} have no adapters; the model knows {self.languages}")
         return torch.tensor([self.languages.index(c) for c in codes], device=self.device)
 
 
-def read_variant(variant_json) -> dict:
-    """A finetune stage's variant.json with its paths (base_model, adapters, model) resolved against the file's
-    own directory: a results directory copied elsewhere reads its own adapters, never the original's."""
-    variant = read_json(variant_json)
-    for key in ("method", "base_model"):
-        if not variant.get(key):
-            raise LsloError(f"{variant_json}: field '{key}' is missing")
-    for key in ("base_model", "adapters", "model"):
-        if variant.get(key):
-            variant[key] = str(stage_path(variant[key], variant_json))
-    return variant
-
-
 def load_hf_model(model_dir):
     """M2M100ForConditionalGeneration from a local directory, without transformers' weight-loading progress bar
     (a sub-second bar in every decode log and on `lslo translate --quiet`'s stderr)."""
-    from transformers import M2M100ForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -183,44 +171,22 @@ def load_hf_model(model_dir):
 
 def load_variant(variant_json, device: str | None = None) -> Translator:
     """Model + tokenizer named by a finetune stage's variant.json (method pretrain | full | lslo)."""
-    import torch
-
-    from lslo.model import check_model_dir
-    from lslo.tokenizer import load_tokenizer, require_languages
-
     variant = read_variant(variant_json)
-    method = variant["method"]
+    is_lslo = variant["method"] == "lslo"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if method == "pretrain":
-        model_dir = variant["base_model"]
-    elif method == "full":
-        model_dir = variant.get("model") or _missing(variant_json, "model", method)
-    elif method == "lslo":
-        model_dir = variant["base_model"]
-        variant.get("adapters") or _missing(variant_json, "adapters", method)
-    else:
-        raise LsloError(f"{variant_json}: method '{method}', expected pretrain, full or lslo")
+    model_dir = decoded_model_dir(variant)
     check_model_dir(model_dir)
     tokenizer = load_tokenizer(variant["base_model"], variant.get("nllb_codes"))
     languages = list(variant.get("languages") or [])
     require_languages(tokenizer, languages, f"{variant_json}: base_model {variant['base_model']}")
     model = load_hf_model(model_dir)
-    if method == "lslo":
-        from lslo.adapters import load_adapters
-        from lslo.checkpoint import model_identity
-
+    if is_lslo:
         model = load_adapters(model, variant["adapters"], languages=languages or None,
                               base_identity=model_identity(model_dir), base_model=model_dir)
         languages = list(model.languages)
     model.to(device).eval()
-    return Translator(model, tokenizer, languages, method == "lslo", device)
+    return Translator(model, tokenizer, languages, is_lslo, device)
 
-
-def _missing(variant_json, key, method):
-    raise LsloError(f"{variant_json}: method '{method}' needs field '{key}'")
-
-
-# ---------------------------------------------------------------------------------------------- decoding
 
 def make_decoding_batches(lengths: list[int], max_tokens: int | None, max_sentences: int | None = None,
                           keys: list | None = None) -> list[list[int]]:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
+
 from lslo.errors import LsloError
 
 
@@ -152,8 +154,6 @@ def read_json(path: str | os.PathLike):
 
 def read_tsv(path: str | os.PathLike, columns: list, what: str, allow_empty: bool = True):
     """A stage's TSV with its required columns; a missing file/column names the file and what was expected."""
-    import pandas as pd
-
 
     path = Path(path)
     if not path.is_file():

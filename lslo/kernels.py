@@ -1,6 +1,7 @@
 """Mixed-batch kernels of the LSLo layer: eq. 3 for a batch whose samples have different languages.
 
-One entry point, ``add_delta(bank, out, x, grouping)`` = out + s_l B_l A_l x with each sample's own language l,
+One entry point, ``add_delta(bank, out, x, grouping)`` = out + s_l B_l A_l x with each sample's own language l
+(``bank``: an ``lslo.layer.LoRABank``, which calls this module; this module only reads its parameters),
 which every kernel computes (tests hold each against ``LoRABank.per_sample_delta``, eq. 3 one sample at a time):
 
 - "single": a one-language batch, one LoRA (the training path; decoding merges W + s_l B_l A_l instead,
@@ -28,15 +29,11 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from lslo.errors import LsloError
-
-if TYPE_CHECKING:
-    from lslo.layer import LoRABank
 
 MIXED_PATHS = ("auto", "gathered", "stacked", "segments", "grouped")
 # Cost of gathering one sample's weights, in tokens: "auto" compares T·sum(r_l) (stacked) with
@@ -48,7 +45,7 @@ MIXED_PATHS = ("auto", "gathered", "stacked", "segments", "grouped")
 GATHER_COST = 64
 
 
-def add_delta(bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None) -> torch.Tensor:
+def add_delta(bank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None) -> torch.Tensor:
     """out + weight · s_l B_l A_l x, each sample with its own language l (dim 0 of x is the batch).
 
     The last matmul adds into ``out`` (addmm, with s_l as its alpha), so the LoRA costs no separate
@@ -91,7 +88,7 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: flo
     return flat.view(out.shape)
 
 
-def choose_kernel(bank: LoRABank, g: Grouping, x: torch.Tensor) -> str:
+def choose_kernel(bank, g: Grouping, x: torch.Tensor) -> str:
     """The bank's ``mixed_path``; for "auto" the cost model's choice (GATHER_COST), timed on CUDA (KernelTimer)."""
     if bank.mixed_path != "auto":
         return bank.mixed_path
@@ -104,16 +101,16 @@ def choose_kernel(bank: LoRABank, g: Grouping, x: torch.Tensor) -> str:
     return "gathered"
 
 
-def _weight_dtype(bank: LoRABank) -> torch.dtype:
+def _weight_dtype(bank) -> torch.dtype:
     return bank.A[bank.languages[0]].dtype
 
 
-def _rank_scaling(bank: LoRABank, g: Grouping) -> list:
+def _rank_scaling(bank, g: Grouping) -> list:
     return [(bank.ranks[lang], bank.scaling[lang]) for lang in g.languages]
 
 
 # ---- stacked, and one-token decoding steps -----------------------------------------------------------------
-def _add_decode_step(bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grouping) -> bool:
+def _add_decode_step(bank, out: torch.Tensor, x: torch.Tensor, g: Grouping) -> bool:
     """A beam-search step of a mixed batch (eval mode, no autograd, one token per sample, stacked kernel):
     out += routed stacked LoRA, in place, with the stacked A^T, B^T and routing scale built once per batch.
     False, with ``out`` untouched, where the general path applies."""
@@ -129,7 +126,7 @@ def _add_decode_step(bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grou
     return True
 
 
-def _decode_step_weights(bank: LoRABank, g: Grouping, x: torch.Tensor, out: torch.Tensor):
+def _decode_step_weights(bank, g: Grouping, x: torch.Tensor, out: torch.Tensor):
     dtype = _weight_dtype(bank)
     if choose_kernel(bank, g, x) != "stacked" or not x.dtype == out.dtype == dtype:
         return None
@@ -137,13 +134,13 @@ def _decode_step_weights(bank: LoRABank, g: Grouping, x: torch.Tensor, out: torc
     return a.t(), g.route_scale(_rank_scaling(bank, g), dtype), b.t()
 
 
-def _stacked_weights(bank: LoRABank, g: Grouping) -> tuple:
+def _stacked_weights(bank, g: Grouping) -> tuple:
     return g.batch_cached(bank, "stacked", lambda: (
         torch.cat([bank.effective_A(lang) for lang in g.languages], dim=0),
         torch.cat([bank.effective_B(lang) for lang in g.languages], dim=1)))
 
 
-def _stacked_hidden(bank: LoRABank, x: torch.Tensor, g: Grouping) -> tuple:
+def _stacked_hidden(bank, x: torch.Tensor, g: Grouping) -> tuple:
     """Mixed batch without moving activations: the present languages' A (and B) are stacked into one
     [sum r_l, in] matrix, and a per-sample routing scale (s_l on the sample's own rank columns, 0 elsewhere)
     selects each sample's LoRA. -> (routed A x, stacked B). Low-rank matmuls are memory-bound on GPUs, so this
@@ -156,7 +153,7 @@ def _stacked_hidden(bank: LoRABank, x: torch.Tensor, g: Grouping) -> tuple:
 
 
 # ---- gathered ----------------------------------------------------------------------------------------------
-def _gathered_hidden(bank: LoRABank, x: torch.Tensor, g: Grouping) -> tuple:
+def _gathered_hidden(bank, x: torch.Tensor, g: Grouping) -> tuple:
     """Mixed batch at one LoRA's cost: each sample's A and B are gathered from the present languages' stacked
     matrices, zero-padded to the largest rank r, and applied with batched matmuls: FLOPs of a single rank-r
     LoRA, no copy of the activations. -> (s_l A_l x as [B, T, r], B_l^T as [B, r, out])."""
@@ -171,13 +168,13 @@ def _gathered_hidden(bank: LoRABank, x: torch.Tensor, g: Grouping) -> tuple:
     return (h if scale is None else h * scale), b_per_sample
 
 
-def _zero_row(bank: LoRABank, width: int) -> torch.Tensor:
+def _zero_row(bank, width: int) -> torch.Tensor:
     # the padding row that every sample whose rank is below the largest points at
     return bank.A[bank.languages[0]].new_zeros(1, width)
 
 
 # ---- segments and grouped: rows sorted by language ---------------------------------------------------------
-def _delta_segments(bank: LoRABank, x: torch.Tensor, g: Grouping) -> torch.Tensor:
+def _delta_segments(bank, x: torch.Tensor, g: Grouping) -> torch.Tensor:
     """Rows sorted by language, one LoRA per language, rows unsorted."""
     # split (not slicing: a slice's backward materialises a full-size zero gradient per segment)
     chunks = permute_rows(x, g.perm, g.inv_perm).split([end - start for _, start, end in g.segments])
@@ -185,7 +182,7 @@ def _delta_segments(bank: LoRABank, x: torch.Tensor, g: Grouping) -> torch.Tenso
     return permute_rows(torch.cat(parts, dim=0), g.inv_perm, g.perm)
 
 
-def _delta_grouped(bank: LoRABank, x: torch.Tensor, g: Grouping) -> torch.Tensor:
+def _delta_grouped(bank, x: torch.Tensor, g: Grouping) -> torch.Tensor:
     """Rows sorted by language as in "segments", but each of the two LoRA matmuls is one grouped GEMM over
     the present languages (one kernel launch, not one per language), ranks zero-padded to a common width.
     Computed in the autocast dtype under autocast (grouped_mm is not on autocast's lists)."""
@@ -198,7 +195,7 @@ def _delta_grouped(bank: LoRABank, x: torch.Tensor, g: Grouping) -> torch.Tensor
     return permute_rows(delta.view(*x.shape[:-1], bank.out_features), g.inv_perm, g.perm)
 
 
-def _grouped_weights(bank: LoRABank, g: Grouping, dtype: torch.dtype) -> tuple:
+def _grouped_weights(bank, g: Grouping, dtype: torch.dtype) -> tuple:
     """([G, in, R] A_l^T, [G, R, out] s_l B_l^T) of the present languages in segment order, ranks zero-padded
     to R: the largest rank rounded up to 16 bytes, which grouped GEMM kernels need for their strides."""
     width = -(-max(bank.ranks[lang] for lang in g.languages) * dtype.itemsize // 16) * 16 // dtype.itemsize
@@ -288,12 +285,12 @@ class KernelTimer:
         self.repeats = repeats
         self.choices: dict = {}
 
-    def key(self, bank: LoRABank, g: Grouping, x: torch.Tensor) -> tuple:
+    def key(self, bank, g: Grouping, x: torch.Tensor) -> tuple:
         rows = 1 << max(x.shape[:-1].numel() - 1, 0).bit_length()
         return (x.device, compute_dtype(x, _weight_dtype(bank)), bank.in_features, bank.out_features,
                 tuple(sorted(bank.ranks[lang] for lang in g.languages)), rows, torch.is_grad_enabled())
 
-    def faster(self, bank: LoRABank, g: Grouping, x: torch.Tensor, candidates: tuple) -> str:
+    def faster(self, bank, g: Grouping, x: torch.Tensor, candidates: tuple) -> str:
         key = self.key(bank, g, x) + (candidates,)
         if key not in self.choices:
             seconds = {}
@@ -306,7 +303,7 @@ class KernelTimer:
             self.choices[key] = min(candidates, key=seconds.__getitem__)
         return self.choices[key]
 
-    def seconds(self, bank: LoRABank, g: Grouping, x: torch.Tensor, kernel: str) -> float:
+    def seconds(self, bank, g: Grouping, x: torch.Tensor, kernel: str) -> float:
         """Median seconds of one forward (+ backward) of ``kernel`` on a copy of ``bank``."""
         probe = copy.deepcopy(bank)
         probe.mixed_path = kernel
@@ -366,7 +363,7 @@ class Grouping:
         """The languages present in the batch, in segment (= stacking) order."""
         return [lang for lang, _, _ in self.segments]
 
-    def batch_cached(self, bank: LoRABank, kind: str, build):
+    def batch_cached(self, bank, kind: str, build):
         """``build()``: weights a bank derives for this batch (stacked A/B, a merged W). Kept for the rest of the
         batch when no gradient is recorded, since weights cannot change during one generate call (every beam step
         reuses them); rebuilt on every call otherwise, so autograd sees the parameters."""

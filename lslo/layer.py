@@ -229,7 +229,7 @@ class LSLoLinear(nn.Module):
         return out
 
     def _add_delta(self, bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None):
-        """``kernels.add_delta`` on the block the LoRA covers: it reads x[..., in_slice], adds to out[..., out_slice]."""
+        """``kernels.add_delta`` on the block the LoRA covers: reads x[..., in_slice], adds to out[..., out_slice]."""
         if self.in_slice is not None:
             x = x[..., self.in_slice[0]:self.in_slice[1]]
         if self.out_slice is None:

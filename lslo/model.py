@@ -5,21 +5,25 @@
     out = model(input_ids=..., attention_mask=..., labels=..., src_lang=ids, tgt_lang=ids)
 
 State-dict keys (of LSLoModel): ``base.model.{encoder|decoder}.layers.{i}.{path}.banks.{src|tgt}.{A|B}.{lang}``,
-masks ``....banks.{src|tgt}.{A_mask|B_mask}.{lang}``, and in weight-learning mode ``index_weights.{enc|dec}_{i}.logits``.
+masks ``....banks.{src|tgt}.{A_mask|B_mask}.{lang}``, and in weight-learning mode
+``index_weights.{enc|dec}_{i}.logits``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
+from transformers import M2M100ForConditionalGeneration
 
 from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
 from lslo.kernels import MIXED_PATHS, Routing
-from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LoRABank, LSLoLinear
+from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LSLoLinear, LoRABank
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -176,12 +180,12 @@ class LSLoSpec:
 
 
 def _check_model(hf_model) -> None:
-    from transformers import M2M100ForConditionalGeneration
     if not isinstance(hf_model, M2M100ForConditionalGeneration):
         raise LsloError(f"unsupported model class {type(hf_model).__name__}; supported: {SUPPORTED}")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_model_dir(model_dir) -> None:
@@ -190,9 +194,6 @@ def check_model_dir(model_dir) -> None:
     Checked before transformers loads it, whose errors for these cases are long tracebacks (or, for another
     model class, a warning and random weights).
     """
-    import json
-    from pathlib import Path
-
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():

@@ -3,7 +3,8 @@
 One LoRA of rank r on a d_in -> d_out block has A (r x d_in) + B (d_out x r) = r (d_in + d_out) entries
 (§3.1: sum_i d x r_i + r_i x k), with the LoRA's actual shape: fc1/fc2 are d_model x d_model blocks in the
 authors' "slice" layout (the default) and the whole d x ffn matrices in the "full" layout. After pruning a
-matrix of n entries at ratio P, n - round(P n) stay (torch's rounding, lslo.pruning.n_pruned). Counts come either from a live model (``count_params``) or from the
+matrix of n entries at ratio P, n - round(P n) stay (torch's rounding, lslo.pruning.n_pruned). Counts come either
+from a live model (``count_params``) or from the
 shapes alone (``count_from_shape``), and both must agree; docs/params.md compares them with the paper's
 #Params column.
 """

@@ -25,15 +25,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 from transformers import AutoTokenizer, PretrainedConfig
-from transformers.models.m2m_100.tokenization_m2m_100 import (
-    FAIRSEQ_LANGUAGE_CODES,
-    M2M100Tokenizer,
-    load_json,
-    load_spm,
-)
+from transformers.models.m2m_100.tokenization_m2m_100 import (FAIRSEQ_LANGUAGE_CODES, M2M100Tokenizer, load_json,
+                                                              load_spm)
 
 from lslo.errors import LsloError
-from lslo.io import atomic_write
 
 # fairseq Dictionary's fixed head (bos, pad, eos, unk); M2M100 keeps these ids (decoder_start = eos = 2).
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -246,8 +241,6 @@ class NllbCodes:
 
     @classmethod
     def from_directory(cls, path: Path, nllb_codes: dict[str, str] | None = None) -> "NllbCodes":
-        from transformers import AutoTokenizer
-
         if not ((path / "tokenizer.json").is_file() or (path / NLLB_SPM).is_file()):
             raise LsloError(f"{path}: NLLB tokenizer directory without tokenizer.json or {NLLB_SPM}")
         try:

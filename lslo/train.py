@@ -38,19 +38,31 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import M2M100ForConditionalGeneration
+from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention, shift_tokens_right
 
 from lslo import __version__
-from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain,
-                             save_checkpoint, set_rng_state, write_epoch_metrics)
+from lslo.bootstrap import ALPHA, SentenceStats, cell_replicates, resample_counts
+from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mark_complete, plain, save_checkpoint,
+                             set_rng_state, write_epoch_metrics)
 from lslo.code_identity import stage_code_hash
-from lslo.data import Corpus, TemperatureSampler, collate, make_batches
+from lslo.data import Corpus, TemperatureSampler, collate, make_batches, read_parallel
 from lslo.errors import LsloError
+from lslo.inference import DecodingOptions, Translator, translate_many
 from lslo.io import write_tsv
+from lslo.languages import groups, nllb_codes, read_language_table, select
+from lslo.layer import LORA_INITS, BufferDict
+from lslo.metrics import sentence_stats, spm_pieces
+from lslo.model import FC_LAYOUTS, check_model_dir
+from lslo.params import count_params
+from lslo.pruning import pruning_ratio, reapply_masks
+from lslo.tokenizer import load_tokenizer, require_languages
 
 log = logging.getLogger(__name__)
 
 DEV_CELLS = ["dev_H2H", "dev_V2V"]
-# Figure 3's points and their 95% bootstrap intervals (lslo.bootstrap: dev sentences resampled, paired across directions)
+# Figure 3's points and their 95% bootstrap intervals (lslo.bootstrap: dev sentences resampled, paired across
+# directions)
 DEV_COLUMNS = [f"{cell}{suffix}" for cell in DEV_CELLS for suffix in ("", "_low", "_high")]
 METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
                    "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high"]
@@ -147,9 +159,6 @@ class TrainOptions:
     @classmethod
     def json_schema(cls) -> dict:
         """The JSON Schema of each option (type, bounds, allowed names), as config/schema.yaml must state it."""
-        from lslo.layer import LORA_INITS
-        from lslo.model import FC_LAYOUTS
-
         types = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
                  "int | None": {"type": ["integer", "null"]}, "list": {"type": "array"}}
         enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS)}
@@ -298,8 +307,6 @@ def unwrap(model):
 
 def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
     """Summed label-smoothed loss of one collated batch (lslo.data.collate)."""
-    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-
     config = hf_config(model)
     labels = batch["labels"].to(device)
     kwargs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -388,8 +395,6 @@ def set_dropout(model, p: float, attention: float | None = None, activation: flo
     """Apply the dropout options as the HF config's `dropout`, `attention_dropout`, `activation_dropout` and
     `encoder_layerdrop` / `decoder_layerdrop` (None keeps the model's value). M2M100 copies them into the layers,
     their attention modules and the encoder/decoder stacks at construction, so set them there too."""
-    from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention
-
     hf = unwrap(model).base if is_lslo(model) else unwrap(model)
     hf.config.dropout = p
     for key, value in (("attention_dropout", attention), ("activation_dropout", activation),
@@ -420,8 +425,6 @@ def trainable_state(model) -> dict:
 def load_trainable_state(model, state: dict) -> None:
     """Inverse of `trainable_state`; pruning masks are created lazily (lslo.layer.BufferDict), so a mask the fresh
     model does not have yet is installed through its BufferDict."""
-    from lslo.layer import BufferDict
-
     model = unwrap(model)
     own = model.state_dict()
     present = {k: v for k, v in state.items() if k in own}
@@ -451,9 +454,6 @@ def count_trainable(model) -> tuple[int, int, float]:
     """(trainable, effective, pruning ratio); effective leaves out pruned LoRA entries (lslo.params)."""
     model = unwrap(model)
     if is_lslo(model):
-        from lslo.params import count_params
-        from lslo.pruning import pruning_ratio
-
         counts = count_params(model)
         return counts["trainable"], counts["effective"], pruning_ratio(model)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -468,10 +468,6 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     scored with the model's own SentencePiece model, with its 95% bootstrap interval (dev_H2H_low, dev_H2H_high,
     ...; lslo.bootstrap). Directions are decoded together, one target language and mixed sources per batch (one
     generate call per batch, not per direction; lslo.inference.translate_many)."""
-    from lslo.bootstrap import ALPHA, SentenceStats, cell_replicates, resample_counts
-    from lslo.inference import DecodingOptions, Translator, translate_many
-    from lslo.metrics import sentence_stats, spm_pieces
-
     scores = dict.fromkeys(DEV_COLUMNS, float("nan"))
     if dev_table is None or not groups or options.dev_sentences == 0:
         return scores
@@ -690,8 +686,6 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
     for done in training_epochs(trainer, source, range(first_epoch, options.epochs + 1), step, epoch_hook,
                                 checkpoint_dir=checkpoint_dir):
         if is_lslo(model):
-            from lslo.pruning import reapply_masks
-
             reapply_masks(unwrap(model))  # Adam moves masked raw entries; keep saved weights clean
         metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, trainer.device,
                                      done.epoch, done.step, done.loss_sum, done.token_sum, trainer.world_size,
@@ -783,13 +777,6 @@ def load_base(model_dir, languages: list[str] | None = None, language_table=None
     languages: codes the run trains on; each must have its language token in the checkpoint's tokenizer
     (__xx__, or for NLLB the code in the language table's nllb column).
     """
-    from transformers import M2M100ForConditionalGeneration
-
-    from lslo.model import check_model_dir
-    from lslo.tokenizer import load_tokenizer, require_languages
-
-    from lslo.languages import nllb_codes, read_language_table
-
     check_model_dir(model_dir)
     table = read_language_table(language_table) if language_table is not None else None
     tokenizer = load_tokenizer(model_dir, nllb_codes(table, languages) if table is not None else None)
@@ -801,9 +788,6 @@ def load_base(model_dir, languages: list[str] | None = None, language_table=None
 
 def load_stage_data(train_tsv, dev_tsv, language_table, languages):
     """(language codes, {code: group}, train table, dev table or None) for a training stage."""
-    from lslo.data import read_parallel
-    from lslo.languages import groups, read_language_table, select
-
     table = read_language_table(language_table)
     codes = select(table, languages)
     dev = read_parallel(dev_tsv, codes) if dev_tsv else None

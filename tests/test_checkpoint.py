@@ -14,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,7 +26,7 @@ from conftest import LANGUAGES
 from lslo.code_identity import code_hash
 from lslo.errors import LsloError
 from lslo.train import TrainOptions, run_identity, train, trainable_state
-from test_train import GROUPS, lslo_model, make_world, small_options
+from test_train import lslo_model, make_world, small_options
 
 ROOT = Path(__file__).resolve().parents[1]
 

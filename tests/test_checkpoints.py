@@ -282,8 +282,8 @@ def test_parameters_loaded_equal_meta_count(nllb_dir):
 
 def test_docs_name_the_spm_files_sacrebleu_reads():
     """Every spBLEU SentencePiece file name in README.md, docs/*.md and config/*.yaml is one sacrebleu reads: the
-    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/checkpoints.md once
-    named a flores200_sacrebleu_tokenizer_spm.model that sacrebleu never reads)."""
+    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/checkpoints.md
+    once named a flores200_sacrebleu_tokenizer_spm.model that sacrebleu never reads)."""
     import os
     import re
     from pathlib import Path

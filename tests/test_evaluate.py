@@ -31,8 +31,9 @@ def spm_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(sentences(2000, seed=0)) + "\n", encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "flores"), vocab_size=60, hard_vocab_limit=False,
-                                             model_type="unigram", character_coverage=1.0, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "flores"), vocab_size=60,
+                                             hard_vocab_limit=False, model_type="unigram", character_coverage=1.0,
+                                             minloglevel=2)
     return root / "flores.model"
 
 

@@ -383,7 +383,8 @@ def test_grouped_kernel_runs_grouped_mm_and_every_kernel_equals_per_sample_refer
         assert len(calls) == (2 if kernel == "grouped" else 0)  # A and B, one grouped GEMM each
         calls.clear()
         for name, have, want in zip(["output", "x"] + [f"grad {i}" for i in range(len(params))], got, reference):
-            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{kernel}, {name}: {m}")
+            message = f"{kernel}, {name}"
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{message}: {m}")  # noqa: B023
 
 
 def test_auto_measures_only_on_cuda_and_keeps_the_faster(monkeypatch):

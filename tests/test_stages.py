@@ -10,7 +10,7 @@ import torch
 
 from lslo.adapters import load_adapters, read_adapters
 from lslo.data import write_parallel
-from lslo.inference import read_variant
+from lslo.variant import read_variant
 from lslo.finetune import run_finetune
 from lslo.io import write_json
 from lslo.subspace import run_subspace
