@@ -177,9 +177,9 @@ def encode_bitext(benchmark_dir: str | Path, tokenizer):
 
 
 def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: int = 1,
-                        max_minutes: float | None = 7.0, max_steps: int | None = 1000, vocab_size: int = 1500,
+                        max_minutes: float | None = 8.0, max_steps: int | None = 1000, vocab_size: int = 1500,
                         d_model: int = 128, layers: int = 2, ffn_dim: int = 512, heads: int = 4,
-                        max_tokens: int = 768, lr: float = 3e-3, warmup: int = 200, temperature: float = 1.0,
+                        max_tokens: int = 768, lr: float = 3e-3, warmup: int = 200, temperature: float = 2.0,
                         threads: int | None = None) -> Path:
     """SentencePiece + tokenizer + a tiny M2M100 pretrained from scratch on the benchmark's bitext -> HF directory.
 

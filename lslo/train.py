@@ -441,8 +441,9 @@ def load_trainable_state(model, state: dict) -> None:
         module.set(name, state[key].to(ref.device))
 
 
-def rank_plan(model) -> dict:
-    """What the trainable state must match on resume: per site and index, the rank of each language."""
+def site_ranks(model) -> dict:
+    """What the trainable state must match on resume: per site and index, the rank of each language (the ranks
+    as built, after a rank plan, lslo.ranks, was applied)."""
     model = unwrap(model)
     if not is_lslo(model):
         return {"full": True}
@@ -720,7 +721,7 @@ def resume_point(trainer: Trainer, checkpoint_dir: Path, identity: dict) -> tupl
 def run_identity(stage_identity: dict | None, model, options: TrainOptions, languages: list[str], train_table,
                  dev_table, world_size: int) -> dict:
     """Everything a checkpoint must share with this run to be resumed (lslo.checkpoint): the stage's part, every
-    training option, the effective batch, the model spec and rank plan, the languages, the training and dev data,
+    training option, the effective batch, the model spec and its ranks per site, the languages, the training and dev data,
     and the code that trains (lslo.code_identity.stage_code_hash of the stage)."""
     options_dict = asdict(options)
     dev_columns = [lang for lang in languages if dev_table is not None and lang in dev_table.columns]
@@ -730,7 +731,7 @@ def run_identity(stage_identity: dict | None, model, options: TrainOptions, lang
         # max_tokens x update_freq x processes: the process count may change on resume, the batch may not
         "tokens_per_update": options.max_tokens * options.update_freq_for(world_size) * world_size,
         "model": unwrap(model).spec.to_dict() if is_lslo(model) else {"full": True},
-        "rank_plan": rank_plan(model),
+        "site_ranks": site_ranks(model),
         "languages": list(languages),
         "train_data": data_identity(train_table, list(languages)),
         "dev_data": (data_identity(dev_table.head(options.dev_sentences), dev_columns) if dev_columns else None),

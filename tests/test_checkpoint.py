@@ -110,13 +110,13 @@ def test_run_identity_names_each_changed_field(world, change, field):
     assert set(differing) - {field} <= also.get(field, set())
 
 
-def test_run_identity_sees_rank_plan_and_keeps_the_effective_batch_across_process_counts(world):
+def test_run_identity_sees_site_ranks_and_keeps_the_effective_batch_across_process_counts(world):
     model_dir, table, _ = world
     options = TrainOptions.from_dict(small_options(max_tokens=100, tokens_per_update=400))
     base = run_identity({}, lslo_model(model_dir), options, LANGUAGES, table, None, 1)
     ranks3 = C.differences(base, run_identity({}, lslo_model(model_dir, ranks=3), options, LANGUAGES, table, None, 1))
     assert {d for d in ranks3 if d.startswith("model.")} == {f"model.ranks.{lang}" for lang in LANGUAGES}
-    assert ranks3 and all(d.startswith(("model.ranks.", "rank_plan.")) for d in ranks3)
+    assert ranks3 and all(d.startswith(("model.ranks.", "site_ranks.")) for d in ranks3)
     # 4 processes x update_freq 1 = 1 process x update_freq 4: the same run
     assert C.differences(base, run_identity({}, lslo_model(model_dir), options, LANGUAGES, table, None, 4)) == []
     fixed = TrainOptions.from_dict(small_options(max_tokens=100, update_freq=1))

@@ -131,11 +131,23 @@ def test_lslospec_accepts_the_layouts_that_train_options_accept(name, value):
 
 def test_demo_defaults_are_the_demo_configs_values():
     """config/config.yaml is the demo; the schema's demo defaults are its values, so a config that leaves a demo
-    key out gets what the README describes. pretrain_steps is the exception: unset, the time cap alone ends
-    pretraining."""
+    key out gets what the README describes."""
     demo_config = load_yaml(ROOT / "config" / "config.yaml")["demo"]
     defaults = {k: v["default"] for k, v in SCHEMA["properties"]["demo"]["properties"].items()}
-    assert set(demo_config) == set(defaults)
-    differing = {k for k in defaults if demo_config[k] != defaults[k]}
-    assert differing == {"pretrain_steps"}
+    assert demo_config == defaults
     assert defaults["pretrain_temperature"] == 2.0
+
+
+# config key of the demo -> the parameter of lslo.demo.pretrain_demo_model it sets (rules/data.smk, demo_pretrain)
+PRETRAIN_PARAMETERS = {"seed": "seed", "pretrain_minutes": "max_minutes", "pretrain_steps": "max_steps",
+                       "pretrain_tokens": "max_tokens", "pretrain_lr": "lr", "pretrain_warmup": "warmup",
+                       "pretrain_temperature": "temperature", "d_model": "d_model", "layers": "layers",
+                       "ffn_dim": "ffn_dim"}
+
+
+def test_demo_pretraining_library_defaults_are_the_schemas():
+    """A library user calling pretrain_demo_model without arguments pretrains the model the workflow's demo does."""
+    defaults = {k: v["default"] for k, v in SCHEMA["properties"]["demo"]["properties"].items()}
+    signature = inspect.signature(pretrain_demo_model).parameters
+    assert {key: signature[name].default for key, name in PRETRAIN_PARAMETERS.items()} == {
+        key: defaults[key] for key in PRETRAIN_PARAMETERS}
