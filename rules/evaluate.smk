@@ -7,11 +7,13 @@ rule decode:
     input:
         unpack(get_decode_input),
         test="results/data/test.tsv",
-        table=get_language_table(),
+        table=table_input(),
     output:
         hyps="results/evaluate/{variant}/hyps/{shard}.tsv",
     params:
-        languages=config["data"]["languages"],
+        model_identity=MODEL_IDENTITY,
+        table=path_of(get_language_table),
+        languages=table_rows("decode"),
         shard=lambda wildcards: int(wildcards.shard),
         n_shards=config["eval"]["shards"],
         beam=config["eval"]["beam"],
@@ -36,7 +38,7 @@ rule score:
     input:
         hyps=get_hyps,
         test="results/data/test.tsv",
-        table=get_language_table(),
+        table=table_input(),
         spm=get_spm(),
     output:
         directions="results/evaluate/{variant}/directions.tsv",
@@ -45,6 +47,9 @@ rule score:
         stats="results/evaluate/{variant}/sentence_stats.npz",
     params:
         label=variant_param("label"),
+        spm_identity=SPM_IDENTITY,  # the spm's content: a replaced file that kept its mtime rescores
+        table=path_of(get_language_table),
+        languages=table_rows("score"),
         code=CODE["score"],
     log:
         "logs/score/{variant}.log",

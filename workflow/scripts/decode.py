@@ -7,11 +7,10 @@ with stage_job(snakemake.log[0]):
 
     from lslo.data import directions
     from lslo.evaluate import decode_shard, shard_directions
-    from lslo.languages import read_language_table, select
 
     torch.set_num_threads(snakemake.threads)
     inp, params = snakemake.input, snakemake.params
-    languages = select(read_language_table(inp.table), params.languages)
+    languages = [row["code"] for row in params.languages]
     shard = shard_directions(directions(languages), params.n_shards)[params.shard]
     decode_shard(variant_json=inp.variant, test_tsv=inp.test, directions=shard, out_hyps=snakemake.output.hyps,
                  beam=params.beam, max_tokens=params.max_tokens, max_len_a=params.max_len_a,
