@@ -109,6 +109,14 @@ def language_rows(path: str | os.PathLike, languages: str | list[str], columns: 
             for code in select(table, languages)]
 
 
+def row_codes(rows: list[dict] | str) -> list[str]:
+    """The language codes of `language_rows` output, in run order. A string in their place says why the workflow
+    could not read the table (a demo table not written yet, or unreadable): raised as the error."""
+    if isinstance(rows, str):
+        raise LsloError(rows)
+    return [row["code"] for row in rows]
+
+
 def file_code(table: pd.DataFrame, code: str, column: str) -> str:
     """The FLORES file code of `code` in `column` (flores101, flores200, floresplus; floresplus falls back to
     flores200, as FLORES+ kept FLORES-200's codes except where it renamed a language, e.g. zh: cmn_Hans)."""

@@ -158,17 +158,23 @@ _ROWS = {}
 
 def table_rows(stage):
     """A params function: the run's rows of the language table, with the columns `stage` reads. Evaluated when
-    the DAG is built and again just before the job runs, so in demo mode (table not yet written) it first returns
-    a placeholder and then the rows that the job reads; cached by the table's path, mtime and size."""
+    the DAG is built and again just before the job runs. In demo mode the table may not be written yet, or not be
+    readable: then the reason, as a string, stands in for the rows (lslo.languages.row_codes raises it in a job
+    that gets it); the job after demo_benchmark reads the rows. Cached by the table's path, mtime and size."""
     columns = TABLE_COLUMNS[stage]
 
     def rows(wildcards):
         path = Path(get_language_table())
-        if not path.is_file():
-            return f"{path}: not written yet"
+        if DEMO and not path.is_file():
+            return f"{path}: language table not written yet"
         key = (str(path), path.stat().st_mtime_ns, path.stat().st_size, stage)
         if key not in _ROWS:
-            _ROWS[key] = language_rows(path, config["data"]["languages"], columns)
+            try:
+                _ROWS[key] = language_rows(path, config["data"]["languages"], columns)
+            except (LsloError, ValueError) as err:  # pandas: an empty or malformed file
+                if not DEMO:  # flores mode: check_config has read this table already
+                    raise
+                _ROWS[key] = f"{path}: language table not readable ({err})"
         return _ROWS[key]
 
     return rows

@@ -131,7 +131,7 @@ def test_flores_file_edited_reruns_every_stage_after_data(finished, tmp_path):
                           lambda p: p.write_text("ein neuer Satz\n" + p.read_text(encoding="utf-8").split("\n", 1)[1],
                                                  encoding="utf-8"))
     counts = scheduled(workdir)
-    assert counts["data"] == 1 and TRAINING <= counts.keys() and counts["score"] == 5
+    assert counts.get("data") == 1 and TRAINING <= counts.keys() and counts["score"] == 5, counts
 
 
 def test_base_model_overwritten_with_its_mtime_kept_retrains_everything(finished, tmp_path):
@@ -156,8 +156,8 @@ def test_eval_max_sentences_reruns_no_training(finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
     edit_config(workdir, lambda config: config["eval"].update(max_sentences=2))
     counts = scheduled(workdir)
-    assert counts["test_set"] == 1 and counts["decode"] == 5 and counts["score"] == 5
     assert not TRAINING & counts.keys() and "data" not in counts and "dev_set" not in counts, counts
+    assert counts["test_set"] == 1 and counts["decode"] == 5 and counts["score"] == 5
 
 
 def test_language_table_edits_outside_what_a_stage_reads_rerun_nothing(finished, tmp_path):
@@ -192,7 +192,7 @@ def test_train_seed_does_not_rerun_the_pretrain_variant(finished, tmp_path):
     edit_config(workdir, lambda config: config["train"].update(seed=3))
     counts = scheduled(workdir)
     assert "finetune_pretrain" not in counts, counts
-    assert counts["weight_learning"] == 1 and counts["finetune_full"] == 1  # the seed is theirs
+    assert counts["weight_learning"] == 1 and counts["finetune_full"] == 1, counts  # the seed is theirs
 
 
 @pytest.mark.parametrize("name", ["sentence_stats.npz", "directions.tsv", "groups.signature.json"])
@@ -200,3 +200,31 @@ def test_a_deleted_score_file_is_regenerated(finished, tmp_path, name):
     workdir = copy_of(finished, tmp_path)
     (workdir / f"results/evaluate/{UNTABLED}/{name}").unlink()
     assert scheduled(workdir) == {"score": 1, "all": 1}
+
+
+# ---------------------------------------------------------------------------------------------- the helpers
+
+def test_language_rows_hold_the_run_languages_with_the_asked_columns_only(tmp_path):
+    from lslo.errors import LsloError
+    from lslo.languages import language_rows, row_codes
+
+    table = tmp_path / "languages.tsv"
+    table.write_text("code\tname\tresource\tbitext\tsubsets\nfr\tFrench\tH\t289\tmine\nen\tEnglish\tH\t\tmine\n"
+                     "oc\tOccitan\tV\t12\t\n", encoding="utf-8")
+    assert language_rows(table, "mine", ["code", "bitext"]) == [{"code": "fr", "bitext": "289"},
+                                                                {"code": "en", "bitext": ""}]
+    assert row_codes(language_rows(table, ["oc", "fr"], ["code", "resource"])) == ["oc", "fr"]
+    with pytest.raises(LsloError, match="not written yet"):
+        row_codes("results/demo/languages.tsv: language table not written yet")
+
+
+def test_files_identity_follows_content_and_relative_names(tmp_path):
+    from lslo.checkpoint import files_identity
+
+    for root in ("a", "b"):
+        (tmp_path / root / "dev").mkdir(parents=True)
+        (tmp_path / root / "dev" / "fra.dev").write_text("une phrase\n", encoding="utf-8")
+    first = files_identity([tmp_path / "a/dev/fra.dev"], root=tmp_path / "a")
+    assert first == files_identity([tmp_path / "b/dev/fra.dev"], root=tmp_path / "b")  # a moved copy
+    (tmp_path / "b/dev/fra.dev").write_text("une phrase.\n", encoding="utf-8")
+    assert first != files_identity([tmp_path / "b/dev/fra.dev"], root=tmp_path / "b")

@@ -7,10 +7,11 @@ with stage_job(snakemake.log[0]):
 
     from lslo.data import directions
     from lslo.evaluate import decode_shard, shard_directions
+    from lslo.languages import row_codes
 
     torch.set_num_threads(snakemake.threads)
     inp, params = snakemake.input, snakemake.params
-    languages = [row["code"] for row in params.languages]
+    languages = row_codes(params.languages)
     shard = shard_directions(directions(languages), params.n_shards)[params.shard]
     decode_shard(variant_json=inp.variant, test_tsv=inp.test, directions=shard, out_hyps=snakemake.output.hyps,
                  beam=params.beam, max_tokens=params.max_tokens, max_len_a=params.max_len_a,

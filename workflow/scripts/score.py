@@ -7,6 +7,5 @@ with stage_job(snakemake.log[0]):
 
     inp, out = snakemake.input, snakemake.output
     score_variant(hyp_tsvs=list(inp.hyps), test_tsv=inp.test, language_table=snakemake.params.table,
-                  spm_model=inp.spm,
-                  out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label,
+                  spm_model=inp.spm, out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label,
                   out_stats=out.stats)
