@@ -78,6 +78,7 @@ rule test_set:
         rows="results/data/test.tsv",
     params:
         n=config["eval"]["max_sentences"],  # the first N devtest sentences (null: all)
+        key="eval.max_sentences",
         code=CODE["first_sentences"],
     log:
         "logs/test_set.log",
@@ -93,6 +94,7 @@ rule dev_set:
         rows="results/data/dev/{n}.tsv",
     params:
         n=lambda wildcards: int(wildcards.n),
+        key="dev_sentences (train options)",
         code=CODE["first_sentences"],
     wildcard_constraints:
         n=r"[1-9]\d*",

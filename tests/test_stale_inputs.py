@@ -202,6 +202,15 @@ def test_a_deleted_score_file_is_regenerated(finished, tmp_path, name):
     assert scheduled(workdir) == {"score": 1, "all": 1}
 
 
+
+def test_a_test_cut_longer_than_devtest_stops_with_one_line(fresh, tmp_path):
+    workdir = copy_of(fresh, tmp_path)
+    edit_config(workdir, lambda config: config["eval"].update(max_sentences=10))  # devtest has 3 sentences
+    proc = snakemake(workdir, "results/data/test.tsv", "--cores", "1", *CONFIG, check=False)
+    assert proc.returncode != 0 and not (workdir / "results/data/test.tsv").exists()
+    assert ("error: results/data/devtest.tsv: eval.max_sentences asks for the first 10 sentences, it has 3"
+            in proc.stderr), proc.stderr
+
 # ---------------------------------------------------------------------------------------------- the helpers
 
 def test_language_rows_hold_the_run_languages_with_the_asked_columns_only(tmp_path):

@@ -7,6 +7,7 @@ with stage_job(snakemake.log[0]):
     from lslo.errors import LsloError
 
     devtest, n = read_parallel(snakemake.input.devtest), snakemake.params.n
-    if n and n > len(devtest):  # a dev subset larger than devtest would silently be smaller than asked
-        raise LsloError(f"{snakemake.input.devtest}: {n} sentences asked for, it has {len(devtest)}")
+    if n and n > len(devtest):  # a cut larger than devtest would silently hold fewer sentences than asked
+        raise LsloError(f"{snakemake.input.devtest}: {snakemake.params.key} asks for the first {n} sentences, it "
+                        f"has {len(devtest)}")
     write_parallel(devtest.head(n) if n else devtest, snakemake.output.rows)
