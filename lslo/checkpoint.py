@@ -93,6 +93,22 @@ def model_identity(model_dir) -> str:
     return digest.hexdigest()
 
 
+def files_identity(paths, root=None) -> str:
+    """Content identity of a list of files (sha256 hex): each file's name (relative to `root` when given, so a
+    moved copy keeps it) and bytes, in the given order. For the small inputs the workflow tracks by content:
+    FLORES files, a SentencePiece model. A missing file raises an LsloError naming it."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise LsloError(f"{path}: file not found")
+        name = path.relative_to(root) if root is not None else path.name
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _hash_safetensors(path: Path, digest) -> None:
     with open(path, "rb") as f:
         (header_size,) = struct.unpack("<Q", f.read(8))

@@ -100,6 +100,23 @@ def select(table: pd.DataFrame, languages: str | list[str]) -> list[str]:
     return codes
 
 
+def language_rows(path: str | os.PathLike, languages: str | list[str], columns: list[str]) -> list[dict]:
+    """What a stage reads of the language table: the rows of the run's languages, in run order, with `columns`
+    only (values as strings, an empty field as ""). The workflow keeps this in each rule's params, so an edit of
+    another column, or of a language outside the run, reruns nothing."""
+    table = read_language_table(path)
+    return [{column: "" if pd.isna(table.loc[code, column]) else str(table.loc[code, column]) for column in columns}
+            for code in select(table, languages)]
+
+
+def row_codes(rows: list[dict] | str) -> list[str]:
+    """The language codes of `language_rows` output, in run order. A string in their place says why the workflow
+    could not read the table (a demo table not written yet, or unreadable): raised as the error."""
+    if isinstance(rows, str):
+        raise LsloError(rows)
+    return [row["code"] for row in rows]
+
+
 def file_code(table: pd.DataFrame, code: str, column: str) -> str:
     """The FLORES file code of `code` in `column` (flores101, flores200, floresplus; floresplus falls back to
     flores200, as FLORES+ kept FLORES-200's codes except where it renamed a language, e.g. zh: cmn_Hans)."""

@@ -5,7 +5,11 @@ import sys
 from pathlib import Path
 
 from lslo.check_model import workflow_problems
+from lslo.checkpoint import files_identity, model_identity
+from lslo.errors import LsloError
 from lslo.jobs import code_hash
+from lslo.languages import file_code, language_rows, read_language_table, select
+from lslo.train import TrainOptions
 
 # A params entry of every rule: the hash of its script and of every lslo module the script imports
 # (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
@@ -94,6 +98,100 @@ def get_spm():
     return "results/demo/spm.model" if DEMO else config["eval"]["spm"]
 
 
+# ----------------------------------------------------------------------------- inputs by content
+# Snakemake compares a file's mtime (and, for a newer file, its checksum), and of a directory only the
+# directory's own mtime, which a file rewritten inside it does not change. So in flores mode every input the user
+# brings is also tracked by content, in params: the FLORES files of the run's languages, the base model
+# (lslo.checkpoint.model_identity: config, tokenizer, tensor headers and samples) and the spBLEU SentencePiece
+# model. An edit in place, an mtime-keeping copy (cp -p, rsync -a, tar x) or another model under the same path
+# reruns every stage that read it. Computed once per DAG build. In demo mode the pipeline writes these files
+# itself, and Snakemake's own provenance reruns what follows a job that ran again (None: nothing to compare).
+
+
+def flores_files():
+    """flores mode: the dev and devtest file of every run language, as the data stage finds them (the layout
+    detected once here when data.layout is auto); a missing file stops the run with one line naming it."""
+    from lslo.data import LAYOUTS, SPLIT_FILES, detect_layout, flores_path
+
+    root, layout = config["data"]["flores"], config["data"]["layout"]
+    try:
+        table = read_language_table(get_language_table())
+        codes = select(table, config["data"]["languages"])
+        if layout == "auto":
+            layout = detect_layout(root, table, codes)
+        paths = [(code, flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), split))
+                 for code in codes for split in SPLIT_FILES.values()]
+    except LsloError as err:
+        sys.exit(f"config key 'data.flores': {err}")
+    for code, path in paths:
+        if not path.is_file():
+            sys.exit(f"config key 'data.flores': {path}: FLORES file for language '{code}' not found")
+    return [str(path) for _, path in paths]
+
+
+def content_identities():
+    if DEMO:
+        return [], None, None, None
+    files = flores_files()
+    spm = Path(get_spm())
+    if not spm.is_file():
+        sys.exit(f"config key 'eval.spm': {spm}: SentencePiece model file not found")
+    return files, files_identity(files, root=get_flores_root()), model_identity(get_model()), files_identity([spm])
+
+
+FLORES_FILES, FLORES_IDENTITY, MODEL_IDENTITY, SPM_IDENTITY = content_identities()
+
+# The language-table columns each stage reads (every reader also validates code and resource). A rule's params
+# hold these columns of the run's languages, and the table itself is no input in flores mode: a name, a bitext
+# count of a language that no Table 9/10 uses, or a language outside the run reruns nothing. In demo mode the
+# table is also an input, as rule demo_benchmark writes it.
+TABLE_COLUMNS = {
+    "data": ["code", "flores101", "flores200", "floresplus"],  # which files (and, by `subsets`, which languages)
+    "train": ["code", "resource", "nllb"],  # resource groups (dev H2H/V2V, LSLo groups), NLLB language tokens
+    "ranks": ["code", "resource"],
+    "decode": ["code"],  # the directions; the variant's own variant.json holds its NLLB codes
+    "score": ["code", "resource"],  # group pairs
+    "score_table": ["code", "resource", "bitext"],  # Tables 9, 10: bitext with English
+}
+_ROWS = {}
+
+
+def table_rows(stage):
+    """A params function: the run's rows of the language table, with the columns `stage` reads. Evaluated when
+    the DAG is built and again just before the job runs. In demo mode the table may not be written yet, or not be
+    readable: then the reason, as a string, stands in for the rows (lslo.languages.row_codes raises it in a job
+    that gets it); the job after demo_benchmark reads the rows. Cached by the table's path, mtime and size."""
+    columns = TABLE_COLUMNS[stage]
+
+    def rows(wildcards):
+        path = Path(get_language_table())
+        if DEMO and not path.is_file():
+            return f"{path}: language table not written yet"
+        key = (str(path), path.stat().st_mtime_ns, path.stat().st_size, stage)
+        if key not in _ROWS:
+            try:
+                _ROWS[key] = language_rows(path, config["data"]["languages"], columns)
+            except (LsloError, ValueError) as err:  # pandas: an empty or malformed file
+                if not DEMO:  # flores mode: check_config has read this table already
+                    raise
+                _ROWS[key] = f"{path}: language table not readable ({err})"
+        return _ROWS[key]
+
+    return rows
+
+
+def table_input():
+    """The language table as an input: demo mode only (the demo_benchmark job writes it)."""
+    return get_language_table() if DEMO else []
+
+
+def path_of(get_path):
+    """A params function giving a path the job reads whose content is tracked otherwise (the table by a stage's
+    `languages` rows, the FLORES files as inputs and by content). A function of `input`, so Snakemake does not
+    record it as a param: the same content under another path reruns nothing."""
+    return lambda wildcards, input: get_path()
+
+
 # ----------------------------------------------------------------------------- variants and options
 
 
@@ -117,6 +215,33 @@ def variant_options(wildcards):
     return train_options(VARIANTS[wildcards.variant]["train"])
 
 
+# The options the untrained base model's dev scores read (lslo.train.dev_scores): a pretrain variant depends on
+# nothing else of the `train` block.
+PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam"]
+
+
+def finetune_options(variant):
+    options = train_options(VARIANTS[variant]["train"])
+    if VARIANTS[variant]["method"] == "pretrain":
+        return {key: options[key] for key in PRETRAIN_OPTIONS if key in options}
+    return options
+
+
+def stage_options():
+    """{stage: train options} of every training stage (weight learning, the two subspace modes, each variant)."""
+    return {"weight_learning": train_options(config["weight_learning"]["train"]),
+            "subspace": train_options(config["subspace"]["train"]),
+            **{variant: finetune_options(variant) for variant in VARIANTS}}
+
+
+def dev_file(options):
+    """The dev subset a training stage reads: the first `dev_sentences` devtest sentences, a file of their own
+    (written by the dev_set rule), so that eval.max_sentences, which cuts the test table, retrains nothing; [] for
+    dev_sentences 0 (no dev scores)."""
+    n = options.get("dev_sentences", TrainOptions.dev_sentences)
+    return f"results/data/dev/{n}.tsv" if n else []
+
+
 def variant_param(key):
     """A params function: the variant's config entry `key` (dicts canonical)."""
     return lambda wildcards: canonical(VARIANTS[wildcards.variant].get(key))
@@ -137,8 +262,8 @@ def get_finetune_input(wildcards):
     inputs = {
         "model": get_model(),
         "train": "results/data/train.tsv",
-        "dev": "results/data/test.tsv",  # per-epoch monitoring only (Figure 3); no model selection on it
-        "table": get_language_table(),
+        "dev": dev_file(finetune_options(wildcards.variant)),  # per-epoch monitoring only (Figure 3)
+        "table": table_input(),
     }
     if spec["method"] == "lslo":
         inputs["ranks"] = f"results/ranks/{wildcards.variant}.json"
@@ -150,12 +275,10 @@ def get_finetune_input(wildcards):
 
 
 def get_decode_input(wildcards):
-    """variant.json and every file it names: new adapters or a new model rerun the decoding."""
-    inputs = {"variant": f"results/finetune/{wildcards.variant}/variant.json",
-              **finetune_artifacts(wildcards.variant)}
-    if VARIANTS[wildcards.variant]["method"] != "full":
-        inputs["base"] = get_model()
-    return inputs
+    """variant.json and every file it names: new adapters or a new model rerun the decoding. The base model is
+    read by every method (its tokenizer; Ft-all's weights are its own model/)."""
+    return {"variant": f"results/finetune/{wildcards.variant}/variant.json",
+            **finetune_artifacts(wildcards.variant), "base": get_model()}
 
 
 def get_rank_scores(wildcards):
@@ -203,13 +326,16 @@ def stage_files():
     when a job that reads it has to run, or when a target needs it: as inputs of `all`, a deleted adapter file
     (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and reruns its job and the jobs after it."""
     files = [
-        "results/data/train.tsv", "results/data/test.tsv",
+        "results/data/train.tsv", "results/data/devtest.tsv", "results/data/test.tsv",
+        *sorted({path for path in map(dev_file, stage_options().values()) if path}),
         "results/weight_learning/weights.tsv", "results/weight_learning/plan.json",
         *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
         *expand("results/ranks/{variant}.json", variant=lslo_variants()),
         *expand("results/finetune/{variant}/{name}", variant=VARIANTS, name=["variant.json", "metrics.tsv"]),
         *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS,
                 shard=range(config["eval"]["shards"])),
+        *expand("results/evaluate/{variant}/{name}", variant=VARIANTS,
+                name=["directions.tsv", "groups.signature.json", "sentence_stats.npz"]),
     ]
     for variant in VARIANTS:
         files += finetune_artifacts(variant).values()

@@ -48,18 +48,58 @@ rule demo_pretrain:
 
 rule data:
     input:
-        flores=get_flores_root(),
-        table=get_language_table(),
+        flores=FLORES_FILES or get_flores_root(),  # flores mode: the files read; demo: rule demo_benchmark's
+        table=table_input(),
     output:
         train="results/data/train.tsv",
-        test="results/data/test.tsv",
+        devtest="results/data/devtest.tsv",  # every devtest sentence; test.tsv and the dev subsets are cut from it
     params:
+        flores_root=path_of(get_flores_root),
+        flores=FLORES_IDENTITY,  # the files' content (an edit that keeps the mtime reruns too)
         layout=config["data"]["layout"],
-        languages=config["data"]["languages"],
-        test_sentences=config["eval"]["max_sentences"],
+        table=path_of(get_language_table),
+        languages=table_rows("data"),
         code=CODE["data"],
     log:
         "logs/data.log",
     localrule: True
     script:
         "../workflow/scripts/data.py"
+
+
+# The test table and each training stage's dev subset are rules of their own, each reading only the sentences it
+# keeps: eval.max_sentences reruns decoding and scoring only, and a stage's dev_sentences only that stage.
+
+
+rule test_set:
+    input:
+        devtest="results/data/devtest.tsv",
+    output:
+        rows="results/data/test.tsv",
+    params:
+        n=config["eval"]["max_sentences"],  # the first N devtest sentences (null: all)
+        key="eval.max_sentences",
+        code=CODE["first_sentences"],
+    log:
+        "logs/test_set.log",
+    localrule: True
+    script:
+        "../workflow/scripts/first_sentences.py"
+
+
+rule dev_set:
+    input:
+        devtest="results/data/devtest.tsv",
+    output:
+        rows="results/data/dev/{n}.tsv",
+    params:
+        n=lambda wildcards: int(wildcards.n),
+        key="dev_sentences (train options)",
+        code=CODE["first_sentences"],
+    wildcard_constraints:
+        n=r"[1-9]\d*",
+    log:
+        "logs/dev_set/{n}.log",
+    localrule: True
+    script:
+        "../workflow/scripts/first_sentences.py"

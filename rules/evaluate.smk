@@ -22,11 +22,13 @@ rule decode:
         unpack(get_decode_input),
         decoding="results/finetune/{variant}/decoding.json",
         test="results/data/test.tsv",
-        table=get_language_table(),
+        table=table_input(),
     output:
         hyps="results/evaluate/{variant}/hyps/{shard}.tsv",
     params:
-        languages=config["data"]["languages"],
+        model_identity=MODEL_IDENTITY,
+        table=path_of(get_language_table),
+        languages=table_rows("decode"),
         shard=lambda wildcards: int(wildcards.shard),
         n_shards=config["eval"]["shards"],
         code=CODE["decode"],
@@ -47,7 +49,7 @@ rule score:
     input:
         hyps=get_hyps,
         test="results/data/test.tsv",
-        table=get_language_table(),
+        table=table_input(),
         spm=get_spm(),
     output:
         directions="results/evaluate/{variant}/directions.tsv",
@@ -56,6 +58,9 @@ rule score:
         stats="results/evaluate/{variant}/sentence_stats.npz",
     params:
         label=variant_param("label"),
+        spm_identity=SPM_IDENTITY,  # the spm's content: a replaced file that kept its mtime rescores
+        table=path_of(get_language_table),
+        languages=table_rows("score"),
         code=CODE["score"],
     log:
         "logs/score/{variant}.log",

@@ -110,7 +110,7 @@ rule table:
 rule score_table:
     input:
         scores="results/subspace/ise/scores.tsv",
-        table=get_language_table(),
+        table=table_input(),
     output:
         tsv=report(
             "results/tables/{table}.tsv",
@@ -121,6 +121,8 @@ rule score_table:
     params:
         side=lambda wildcards: {"table9": "enc", "table10": "dec"}[wildcards.table],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
+        table=path_of(get_language_table),
+        languages=table_rows("score_table"),
         code=CODE["score_table"],
     wildcard_constraints:
         table="table9|table10",

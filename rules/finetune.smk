@@ -17,10 +17,12 @@ rule finetune:
         adapters="results/finetune/{variant}/adapters.safetensors",
     params:
         method=variant_param("method"),
-        languages=config["data"]["languages"],
+        model_identity=MODEL_IDENTITY,
+        table=path_of(get_language_table),
+        languages=table_rows("train"),
         index=variant_param("index"),
         modules=variant_param("modules"),
-        options=variant_options,
+        options=lambda wildcards: finetune_options(wildcards.variant),  # pretrain: its dev options only
         out_dir="results/finetune/{variant}",
         checkpoint_dir="results/checkpoints/finetune/{variant}",
         code=CODE["finetune"],

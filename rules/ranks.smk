@@ -4,13 +4,14 @@
 
 rule ranks:
     input:
-        table=get_language_table(),
+        table=table_input(),
         scores=get_rank_scores,
     output:
         plan="results/ranks/{variant}.json",
     params:
         policy=variant_param("rank_policy"),
-        languages=config["data"]["languages"],
+        table=path_of(get_language_table),
+        languages=table_rows("ranks"),
         group_ranks=variant_param("ranks"),
         gps=variant_param("gps"),
         subspace_options=variant_param("subspace_policy"),

@@ -7,13 +7,15 @@ rule subspace:
     input:
         model=get_model(),
         train="results/data/train.tsv",
-        dev="results/data/test.tsv",
-        table=get_language_table(),
+        dev=dev_file(stage_options()["subspace"]),
+        table=table_input(),
         plan="results/weight_learning/plan.json",
     output:
         scores="results/subspace/{mode}/scores.tsv",
     params:
-        languages=config["data"]["languages"],
+        model_identity=MODEL_IDENTITY,
+        table=path_of(get_language_table),
+        languages=table_rows("train"),
         rank=config["subspace"]["rank"],
         target_ratio=lambda wildcards: config["subspace"][f"P_{wildcards.mode}"],
         gps=canonical(config["subspace"]["gps"]),

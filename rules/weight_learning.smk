@@ -6,13 +6,15 @@ rule weight_learning:
     input:
         model=get_model(),
         train="results/data/train.tsv",
-        dev="results/data/test.tsv",
-        table=get_language_table(),
+        dev=dev_file(stage_options()["weight_learning"]),
+        table=table_input(),
     output:
         weights="results/weight_learning/weights.tsv",
         plan="results/weight_learning/plan.json",
     params:
-        languages=config["data"]["languages"],
+        model_identity=MODEL_IDENTITY,
+        table=path_of(get_language_table),
+        languages=table_rows("train"),
         modules=config["weight_learning"]["modules"],
         rank=config["weight_learning"]["rank"],
         options=train_options(config["weight_learning"]["train"]),

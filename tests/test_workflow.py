@@ -81,16 +81,20 @@ def job_counts(output: str) -> dict:
 
 
 def paper_paths(tmp_path) -> list:
-    """Stand-ins for the three paths a paper config must set: an empty FLORES root and spm file (the DAG only
-    needs them to exist) and a tiny random checkpoint with every table language (the pre-check reads it)."""
+    """Stand-ins for the three paths a paper config must set: a FLORES-101 root with a one-sentence file per table
+    language and split, and an empty spm file (the DAG reads their content, not what it means), and a tiny random
+    checkpoint with every table language (the pre-check reads it)."""
     from checkpoints import make_m2m100_checkpoint
 
     from lslo.languages import read_language_table
 
     flores, model, spm = tmp_path / "flores101", tmp_path / "m2m124", tmp_path / "spm.model"
+    table = read_language_table(ROOT / "config/languages.tsv")
     for split in ("dev", "devtest"):
         (flores / split).mkdir(parents=True)
-    make_m2m100_checkpoint(model, read_language_table(ROOT / "config/languages.tsv")["code"].tolist())
+        for code in table["flores101"]:
+            (flores / split / f"{code}.{split}").write_text(f"{code} {split}\n", encoding="utf-8")
+    make_m2m100_checkpoint(model, table["code"].tolist())
     spm.write_text("")
     return ["--config", f"model={model}", f"data={{flores: {flores}}}", f"eval={{spm: {spm}}}"]
 
@@ -106,8 +110,8 @@ def test_demo_dry_run_lists_every_stage(workdir):
     demo = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     n_variants, n_lslo = len(demo["variants"]), sum(v["method"] == "lslo" for v in demo["variants"].values())
     assert counts == {
-        "demo_benchmark": 1, "demo_pretrain": 1, "data": 1, "weight_learning": 1, "subspace": 2,
-        "ranks": n_lslo, **finetune_counts(demo["variants"]), "decoding_options": n_variants,
+        "demo_benchmark": 1, "demo_pretrain": 1, "data": 1, "test_set": 1, "dev_set": 1, "weight_learning": 1,
+        "subspace": 2, "ranks": n_lslo, **finetune_counts(demo["variants"]), "decoding_options": n_variants,
         "decode": n_variants * demo["eval"]["shards"],
         "score": n_variants, "figure1": 1, "figure3": 1, "score_figure": 4, "table": len(demo["tables"]),
         "score_table": 2, "all": 1, **({"summary": 1} if demo.get("summary") else {}),

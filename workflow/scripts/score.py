@@ -6,6 +6,6 @@ with stage_job(snakemake.log[0]):
     from lslo.evaluate import score_variant
 
     inp, out = snakemake.input, snakemake.output
-    score_variant(hyp_tsvs=list(inp.hyps), test_tsv=inp.test, language_table=inp.table, spm_model=inp.spm,
-                  out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label,
+    score_variant(hyp_tsvs=list(inp.hyps), test_tsv=inp.test, language_table=snakemake.params.table,
+                  spm_model=inp.spm, out_directions=out.directions, out_groups=out.groups, label=snakemake.params.label,
                   out_stats=out.stats)

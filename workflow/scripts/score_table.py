@@ -6,5 +6,5 @@ with stage_job(snakemake.log[0]):
     from lslo.tables import correlation_table
 
     inp, out = snakemake.input, snakemake.output
-    correlation_table(scores_tsv=inp.scores, language_table=inp.table, side=snakemake.params.side,
+    correlation_table(scores_tsv=inp.scores, language_table=snakemake.params.table, side=snakemake.params.side,
                       out_tsv=out.tsv, out_md=out.md, title=snakemake.params.title)
