@@ -21,7 +21,6 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-
 # Refuse duplicate keys (YAML keeps the last duplicate variant silently) and report bad keys by their path;
 # snakemake's validate then fills in the schema defaults.
 try:

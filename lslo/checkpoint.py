@@ -8,8 +8,8 @@ trainable_state, optimizer, scaler, rng {python, numpy, torch, cuda}, metrics.
 
 Identity: a checkpoint is resumed only if it would lead to the same result. The identity holds the stage, every
 setting the stage passes in (rank and GPS plan, index plan, modules, rank, mode ...), all training options, the
-model spec and its ranks per site, the languages, the lslo version, the code that trains (the stage's script and the lslo
-modules it imports: lslo.code_identity.stage_code_hash, the hash that reruns the job), the base model
+model spec and its ranks per site, the languages, the lslo version, the code that trains (the stage's script and
+the lslo modules it imports: lslo.code_identity.stage_code_hash, the hash that reruns the job), the base model
 (`model_identity`) and the training and dev data (sha256 of their sentences). The one setting left out is the
 process count: with the same effective batch (``max_tokens x update_freq x processes``, which the identity holds) a
 run resumed on another number of GPUs continues the same training, with the same batches and updates; only the

@@ -721,8 +721,8 @@ def resume_point(trainer: Trainer, checkpoint_dir: Path, identity: dict) -> tupl
 def run_identity(stage_identity: dict | None, model, options: TrainOptions, languages: list[str], train_table,
                  dev_table, world_size: int) -> dict:
     """Everything a checkpoint must share with this run to be resumed (lslo.checkpoint): the stage's part, every
-    training option, the effective batch, the model spec and its ranks per site, the languages, the training and dev data,
-    and the code that trains (lslo.code_identity.stage_code_hash of the stage)."""
+    training option, the effective batch, the model spec and its ranks per site, the languages, the training and dev
+    data, and the code that trains (lslo.code_identity.stage_code_hash of the stage)."""
     options_dict = asdict(options)
     dev_columns = [lang for lang in languages if dev_table is not None and lang in dev_table.columns]
     return plain({

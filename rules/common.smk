@@ -10,6 +10,7 @@ from lslo.errors import LsloError
 from lslo.jobs import code_hash
 from lslo.languages import file_code, language_rows, read_language_table, select
 from lslo.train import TrainOptions
+from lslo.variant import METHODS
 
 # A params entry of every rule: the hash of its script and of every lslo module the script imports
 # (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
@@ -64,13 +65,18 @@ def check_profile():
     """An unedited profile placeholder stops the run before any job is submitted, naming the profile key."""
     settings = workflow.resource_settings
     keys = [(f"default-resources: {name}", value) for name, value in (settings.default_resources or {}).items()]
-    keys += [(f"set-resources: {rule}: {name}", value)
-             for rule, values in settings.overwrite_resources.items() for name, value in values.items()]
+    keys += [
+        (f"set-resources: {rule}: {name}", value)
+        for rule, values in settings.overwrite_resources.items()
+        for name, value in values.items()
+    ]
     for key, value in keys:
         raw = getattr(value, "raw", value)
         if isinstance(raw, str) and PLACEHOLDER.match(raw.strip()):
-            sys.exit(f"profile key '{key}' still holds the placeholder {raw}: set it, or delete the line to use "
-                     "the cluster's default")
+            sys.exit(
+                f"profile key '{key}' still holds the placeholder {raw}: set it, or delete the line to use "
+                "the cluster's default"
+            )
 
 
 check_config()
@@ -119,8 +125,11 @@ def flores_files():
         codes = select(table, config["data"]["languages"])
         if layout == "auto":
             layout = detect_layout(root, table, codes)
-        paths = [(code, flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), split))
-                 for code in codes for split in SPLIT_FILES.values()]
+        paths = [
+            (code, flores_path(root, layout, file_code(table, code, LAYOUTS[layout][0]), split))
+            for code in codes
+            for split in SPLIT_FILES.values()
+        ]
     except LsloError as err:
         sys.exit(f"config key 'data.flores': {err}")
     for code, path in paths:
@@ -222,16 +231,18 @@ PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam"]
 
 def finetune_options(variant):
     options = train_options(VARIANTS[variant]["train"])
-    if VARIANTS[variant]["method"] == "pretrain":
+    if not METHODS[VARIANTS[variant]["method"]].trains:
         return {key: options[key] for key in PRETRAIN_OPTIONS if key in options}
     return options
 
 
 def stage_options():
     """{stage: train options} of every training stage (weight learning, the two subspace modes, each variant)."""
-    return {"weight_learning": train_options(config["weight_learning"]["train"]),
-            "subspace": train_options(config["subspace"]["train"]),
-            **{variant: finetune_options(variant) for variant in VARIANTS}}
+    return {
+        "weight_learning": train_options(config["weight_learning"]["train"]),
+        "subspace": train_options(config["subspace"]["train"]),
+        **{variant: finetune_options(variant) for variant in VARIANTS},
+    }
 
 
 def dev_file(options):
@@ -277,8 +288,11 @@ def get_finetune_input(wildcards):
 def get_decode_input(wildcards):
     """variant.json and every file it names: new adapters or a new model rerun the decoding. The base model is
     read by every method (its tokenizer; Ft-all's weights are its own model/)."""
-    return {"variant": f"results/finetune/{wildcards.variant}/variant.json",
-            **finetune_artifacts(wildcards.variant), "base": get_model()}
+    return {
+        "variant": f"results/finetune/{wildcards.variant}/variant.json",
+        **finetune_artifacts(wildcards.variant),
+        "base": get_model(),
+    }
 
 
 def get_rank_scores(wildcards):
@@ -315,10 +329,14 @@ def table_labels(variants):
 
 
 def finetune_artifacts(variant):
-    """The files a finetune job writes besides variant.json and metrics.tsv, by method (rules/finetune.smk)."""
-    method = VARIANTS[variant]["method"]
-    return {"lslo": {"adapters": f"results/finetune/{variant}/adapters.safetensors"},
-            "full": {"model": f"results/finetune/{variant}/model"}}.get(method, {})
+    """The file a finetune job writes besides variant.json and metrics.tsv, by method (lslo.variant.METHODS)."""
+    return artifact_output(VARIANTS[variant]["method"], variant)
+
+
+def artifact_output(method, variant="{variant}"):
+    """{variant.json field: path} of what a method's finetune job writes (rules/finetune.smk declares it)."""
+    spec = METHODS[method]
+    return {spec.artifact: f"results/finetune/{variant}/{spec.artifact_path}"} if spec.artifact else {}
 
 
 def stage_files():
@@ -326,22 +344,31 @@ def stage_files():
     when a job that reads it has to run, or when a target needs it: as inputs of `all`, a deleted adapter file
     (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and reruns its job and the jobs after it."""
     files = [
-        "results/data/train.tsv", "results/data/devtest.tsv", "results/data/test.tsv",
+        "results/data/train.tsv",
+        "results/data/devtest.tsv",
+        "results/data/test.tsv",
         *sorted({path for path in map(dev_file, stage_options().values()) if path}),
-        "results/weight_learning/weights.tsv", "results/weight_learning/plan.json",
+        "results/weight_learning/weights.tsv",
+        "results/weight_learning/plan.json",
         *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
         *expand("results/ranks/{variant}.json", variant=lslo_variants()),
         *expand("results/finetune/{variant}/{name}", variant=VARIANTS, name=["variant.json", "metrics.tsv"]),
-        *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS,
-                shard=range(config["eval"]["shards"])),
-        *expand("results/evaluate/{variant}/{name}", variant=VARIANTS,
-                name=["directions.tsv", "groups.signature.json", "sentence_stats.npz"]),
+        *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS, shard=range(config["eval"]["shards"])),
+        *expand(
+            "results/evaluate/{variant}/{name}",
+            variant=VARIANTS,
+            name=["directions.tsv", "groups.signature.json", "sentence_stats.npz"],
+        ),
     ]
     for variant in VARIANTS:
         files += finetune_artifacts(variant).values()
     if DEMO:
-        files += ["results/demo/benchmark", "results/demo/languages.tsv", "results/demo/model",
-                  "results/demo/spm.model"]
+        files += [
+            "results/demo/benchmark",
+            "results/demo/languages.tsv",
+            "results/demo/model",
+            "results/demo/spm.model",
+        ]
     return files
 
 
@@ -353,4 +380,3 @@ def all_targets():
         *stage_files(),
         *(["results/summary.md"] if config.get("summary") else []),
     ]
-

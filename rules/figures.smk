@@ -73,7 +73,7 @@ rule figure3:
         png=report("results/figures/figure3.png", caption="../workflow/report/figure3.rst", category="Figures"),
     params:
         labels=table_labels(config["figure3"]),
-        baselines=[VARIANTS[v]["method"] == "pretrain" for v in config["figure3"]],  # no curve: a dashed line
+        baselines=[not METHODS[VARIANTS[v]["method"]].trains for v in config["figure3"]],  # a dashed line
         code=CODE["figure3"],
     log:
         "logs/figure3.log",
@@ -93,7 +93,7 @@ rule table:
         intervals="results/tables/{table}.intervals.tsv",
     params:
         labels=lambda wildcards: table_labels(config["tables"][wildcards.table]),
-        trained=lambda wildcards: [VARIANTS[v]["method"] != "pretrain" for v in config["tables"][wildcards.table]],
+        trained=lambda wildcards: [METHODS[VARIANTS[v]["method"]].trains for v in config["tables"][wildcards.table]],
         methods=lambda wildcards: [VARIANTS[v]["method"] for v in config["tables"][wildcards.table]],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
         spm_note=SPM_NOTE,

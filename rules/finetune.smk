@@ -12,9 +12,9 @@ rule finetune:
     input:
         unpack(get_finetune_input),
     output:
+        **artifact_output("lslo"),
         variant="results/finetune/{variant}/variant.json",
         metrics="results/finetune/{variant}/metrics.tsv",
-        adapters="results/finetune/{variant}/adapters.safetensors",
     params:
         method=variant_param("method"),
         model_identity=MODEL_IDENTITY,
@@ -43,9 +43,9 @@ rule finetune:
 
 use rule finetune as finetune_full with:
     output:
+        **{key: directory(path) for key, path in artifact_output("full").items()},
         variant="results/finetune/{variant}/variant.json",
         metrics="results/finetune/{variant}/metrics.tsv",
-        model=directory("results/finetune/{variant}/model"),
     wildcard_constraints:
         variant=variants_pattern("full"),
 

@@ -6,6 +6,7 @@ structurally and by probing the boundaries, so that a bound or a default changed
 """
 
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import jsonschema
 import pytest
 
 from lslo.config import load_yaml
+from lslo.demo import pretrain_demo_model
 from lslo.errors import LsloError
 from lslo.model import LSLoSpec
 from lslo.train import TrainOptions
