@@ -1,7 +1,7 @@
 # lslo: Language-Specific LoRA for multilingual NMT (arXiv 2409.05224), data to figures.
 #   snakemake --profile profiles/local                                   the embedded demo (config/config.yaml)
 #   snakemake --profile profiles/slurm --configfile config/lang12.yaml   the paper's lang12 setup on SLURM
-# Stages: data -> weight_learning -> subspace -> ranks -> finetune -> evaluate -> figures (DESIGN.md).
+# Stages: data -> weight_learning -> subspace -> ranks -> finetune -> evaluate -> figures (README.md).
 
 import re
 import sys

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -430,12 +430,3 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
-
-
-def epoch_batches(corpus: Corpus, sampler: TemperatureSampler, tokenizer, languages: list[str], max_tokens: int,
-                  mixed: bool = True) -> Iterator[dict]:
-    """One training epoch: sample examples, cut token-budget batches, collate. Deterministic given the sampler's
-    RNG state, which this advances (save sampler.state_dict() at epoch boundaries to resume)."""
-    batches = make_batches(sampler.epoch(), corpus, max_tokens, mixed=mixed, rng=sampler.rng)
-    for batch in batches:
-        yield collate(batch, corpus, tokenizer, languages)

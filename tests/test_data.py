@@ -13,10 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right  # noqa: E402
 
 from lslo.data import (  # noqa: E402
-    Corpus, Example, TemperatureSampler, collate, directions, epoch_batches, make_batches, prepare_data,
+    Corpus, Example, TemperatureSampler, collate, directions, make_batches, prepare_data,
     read_flores, read_parallel, temperature_probs,
 )
 from lslo.errors import LsloError  # noqa: E402
+from lslo.train import TrainOptions, epoch_plan  # noqa: E402
 from lslo.languages import read_language_table  # noqa: E402
 from lslo.tokenizer import build_tokenizer  # noqa: E402
 
@@ -261,11 +262,13 @@ def test_collate_matches_tokenizer_and_model_shift(corpus, tokenizer, train_tabl
     assert tensors["n_tokens"] == int((tensors["labels"] != -100).sum())
 
 
-def test_epoch_batches_deterministic(corpus, tokenizer):
-    def run(seed):
-        sampler = TemperatureSampler(corpus.sizes(), seed=seed)
-        return [b["input_ids"].tolist() for b in epoch_batches(corpus, sampler, tokenizer, LANGS, 80)]
-    assert run(7) == run(7) != run(8)
+def test_epoch_plans_are_deterministic_per_seed_and_epoch(corpus):
+    """A training epoch's batches (lslo.train.epoch_plan, the one batch pipeline) are a function of (seed, epoch)."""
+    def run(seed, epoch):
+        options = TrainOptions(seed=seed, max_tokens=80)
+        return [[(e.src, e.tgt, e.index) for e in batch] for batch in epoch_plan(corpus, options, epoch)]
+    assert run(7, 1) == run(7, 1) != run(8, 1)
+    assert run(7, 1) != run(7, 2)
 
 
 def test_unequal_direction_sizes(tokenizer):
