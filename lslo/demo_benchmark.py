@@ -1,10 +1,11 @@
 """The embedded demo's synthetic benchmark: a multi-parallel world in the FLORES-101 layout.
 
-No FLORES text or pretrained MT weights can be downloaded for the demo, so it builds its own. Sentences are
-semantic frames (subject, verb, object, adjectives, place, tense, number) sampled from a seeded grammar; every language renders a frame with its own lexicon, word order,
-adjective placement, adpositions, articles and inflection. Languages come in families: members share a
-proto-lexicon and grammar and differ by regular sound changes and a few fresh stems, so the Occitan-like
-very-low-resource language is close to two high-resource ones, as Occitan is to French and Italian (§6.4).
+No FLORES text or pretrained MT weights can be downloaded for the demo, so it builds its own. Sentences are semantic
+frames (subject, verb, object, adjectives, place, tense, number) sampled from a seeded grammar; every language
+renders a frame with its own lexicon, word order, adjective placement, adpositions, articles and inflection.
+Languages come in families: members share a proto-lexicon and grammar and differ by regular sound changes and a few
+fresh stems, so the Occitan-like very-low-resource language is close to two high-resource ones, as Occitan is to
+French and Italian (§6.4).
 
 Output (`make_benchmark`):
     <root>/dev/<code>.dev          997 lines   (FLORES-101 dev, paper §5: the fine-tuning data)
