@@ -7,7 +7,7 @@
 Nothing is loaded into memory: the parameter count comes from the model built on the meta device, the weight
 names and shapes from the safetensors headers (or a memory-mapped pytorch_model.bin). transformers would load a
 checkpoint whose weights miss a matrix with a warning and random values there; here that is a problem line.
-docs/checkpoints.md describes each check.
+docs/your-model.md describes each check.
 """
 
 from __future__ import annotations

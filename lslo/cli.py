@@ -5,7 +5,7 @@
                 lslo params --preset m2m124-615m --languages lang12 --ranks H=2,M=2,V=8 --prune H=0.9,M=0.9
                 (--fc-lora slice, the default, is the authors' d_model x d_model fc1/fc2 LoRA; full: d x ffn)
   lslo convert  a fairseq M2M-124 checkpoint (model.pt + dict + SentencePiece model) to an HF checkpoint directory
-  lslo check-model  what the workflow needs from a model directory, for a language list (docs/checkpoints.md)
+  lslo check-model  what the workflow needs from a model directory, for a language list (docs/your-model.md)
   lslo translate    translate stdin to stdout with a fine-tuned variant (results/finetune/<v>/variant.json)
   lslo export       one direction of an LSLo variant as a plain HF model or a PEFT LoRA adapter
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except LsloError as err:
         print(f"lslo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lslo params ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

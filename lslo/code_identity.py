@@ -1,5 +1,11 @@
 """The code a stage runs, as one hash: its workflow script and every lslo module the script imports.
 
+What is hashed is the code, not the text: each file's syntax tree without its docstrings, so a comment, a
+docstring or a line break reruns nothing, while any change to what runs does. The modules are the ones Python
+loads with the script: imports at module level (inside `with`, `if` or `try` blocks too), not the imports a
+function defers until it is called (lslo.jobs's dispatcher, lslo.cli's subcommands), which the script's own
+imports already cover for the stage it runs.
+
 The rules carry `code_hash(script)` as the `code` param of every job (rules/common.smk CODE), so a change in the
 library code a stage runs reruns the job (Snakemake's params trigger), while a touched but unchanged script does
 not. The training checkpoints hold the same hash in their identity (`stage_code_hash`, lslo.train.run_identity),
@@ -17,11 +23,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SCRIPTS_DIR = Path("workflow", "scripts")  # the workflow's scripts, relative to the directory above the package
 
 
+def _module_level(tree: ast.AST):
+    """The nodes of `tree` outside function bodies (what runs when the module is imported)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(child for child in ast.iter_child_nodes(node)
+                    if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
 def lslo_imports(path: Path) -> set[str]:
-    """The lslo module names a Python file imports anywhere in it (function-level imports included)."""
+    """The lslo module names a Python file imports when it is loaded (module level; not inside functions)."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
     names = set()
-    for node in ast.walk(tree):
+    for node in _module_level(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "lslo")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -56,12 +72,24 @@ def imported_modules(script) -> dict[str, Path]:
     return found
 
 
+def code_of(path: Path) -> bytes:
+    """A file's code: its syntax tree without docstrings and positions (comments and layout are not in it)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def code_hash(script) -> str:
-    """sha256 (16 hex digits) over the script's text and the text of every lslo module it imports."""
-    digest = hashlib.sha256(Path(script).read_bytes())
+    """sha256 (16 hex digits) over the code (`code_of`) of the script and of every lslo module it imports."""
+    digest = hashlib.sha256(code_of(script))
     for name, path in sorted(imported_modules(script).items()):
         digest.update(f"\0{name}\0".encode())
-        digest.update(path.read_bytes())
+        digest.update(code_of(path))
     return digest.hexdigest()[:16]
 
 

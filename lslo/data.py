@@ -131,7 +131,7 @@ def _read_records(path: Path, language: str) -> tuple[list[int], list[str]]:
             raise LsloError(f"{path}: reading FLORES+ parquet files needs pyarrow (pip install pyarrow)") from None
     else:
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        for number, line in enumerate(_read_text(path, language).split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -176,23 +176,28 @@ def _is_whole_number(value) -> bool:
     return False
 
 
-def _read_lines(path: Path, language: str) -> list[str]:
-    """One sentence per line. Lines end at "\n" only: universal-newline reading would also end a line at a lone
-    "\r" (and str.splitlines at U+2028 and other separators) and so shift every later sentence against its
-    translations. CRLF endings and a leading UTF-8 byte order mark are accepted; a CR anywhere else is refused,
-    since FLORES sentences hold no control characters and TSV readers would split the row there."""
+def _read_text(path: Path, language: str) -> str:
+    """A FLORES file's text: UTF-8, a leading byte order mark dropped; a missing file or a byte that is not UTF-8
+    stops with one line naming the file, the language and where."""
     if not path.is_file():
         raise LsloError(f"{path}: FLORES file for language '{language}' not found")
     data = path.read_bytes()
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data[start:].decode("utf-8")
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as err:
         offset = start + err.start
         line = data.count(b"\n", 0, offset) + 1
         raise LsloError(f"{path}: line {line}: byte 0x{data[offset]:02x} at offset {offset} is not UTF-8 "
                         f"(language '{language}'); FLORES files must be UTF-8") from None
-    lines = text.split("\n")
+
+
+def _read_lines(path: Path, language: str) -> list[str]:
+    """One sentence per line. Lines end at "\n" only: universal-newline reading would also end a line at a lone
+    "\r" (and str.splitlines at U+2028 and other separators) and so shift every later sentence against its
+    translations. CRLF endings and a leading UTF-8 byte order mark are accepted; a CR anywhere else is refused,
+    since FLORES sentences hold no control characters and TSV readers would split the row there."""
+    lines = _read_text(path, language).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     lines = [line.removesuffix("\r") for line in lines]

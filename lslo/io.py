@@ -18,7 +18,29 @@ from lslo.errors import LsloError
 # Written into every directory atomic_write(is_dir=True) publishes: the directory is lslo's output, which a later
 # run may replace as a whole. A directory without it holds someone else's files, and lslo never deletes it.
 OUTPUT_MARKER = ".lslo-output"
-_MARKER_TEXT = "This directory was written by lslo; a later lslo run may replace it as a whole.\n"
+_MARKER_HEADER = ("# This directory was written by lslo. A later lslo run may replace it, as long as it holds only\n"
+                  "# the files below, the ones lslo wrote.\n")
+
+
+def _files_below(directory: Path) -> list[str]:
+    """Every file (or link) below `directory` but the marker, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if not p.is_dir() and p.name != OUTPUT_MARKER)
+
+
+def _write_marker(directory: Path) -> None:
+    (directory / OUTPUT_MARKER).write_text(_MARKER_HEADER + "".join(f"{name}\n" for name in _files_below(directory)),
+                                           encoding="utf-8")
+
+
+def _foreign_files(directory: Path) -> list[str] | None:
+    """Files in an existing output `directory` that lslo did not write there: None when it has no marker (nothing
+    in it is lslo's), else the files its marker does not list (a user's note added to an earlier export)."""
+    marker = directory / OUTPUT_MARKER
+    if not marker.is_file():
+        return None
+    written = {line for line in marker.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")}
+    return [name for name in _files_below(directory) if name not in written]
 
 
 @contextlib.contextmanager
@@ -26,9 +48,9 @@ def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
     The temporary lives in the same directory so the final `os.replace` is atomic on POSIX. A directory
-    (is_dir) gets the OUTPUT_MARKER file and replaces an existing `path` only when that is empty or itself
-    carries the marker (an earlier lslo output); any other existing directory or file stops with an LsloError
-    and is left as it was.
+    (is_dir) gets the OUTPUT_MARKER file, listing the files written, and replaces an existing `path` only when that
+    is empty or an earlier lslo output holding nothing but the files its marker lists; any other existing
+    directory or file stops with an LsloError and is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,9 +58,10 @@ def atomic_write(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     target = tmp / path.name
     if is_dir:
         target.mkdir()
-        (target / OUTPUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
     try:
         yield target
+        if is_dir:
+            _write_marker(target)
         if is_dir and (path.exists() or path.is_symlink()):
             _refuse_foreign_directory(path)
             previous = tmp / "replaced"
@@ -59,15 +82,23 @@ def _refuse_foreign_directory(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         raise LsloError(f"{path}: exists and is not a directory; lslo writes a directory there and replaces only "
                         "an empty directory or one it wrote")
-    if any(path.iterdir()) and not (path / OUTPUT_MARKER).is_file():
-        raise LsloError(f"{path}: directory holds files lslo did not write (no {OUTPUT_MARKER}); nothing was "
-                        "replaced: move them away or choose another output directory")
+    if any(path.iterdir()):
+        foreign = _foreign_files(path)
+        if foreign is None or foreign:
+            raise LsloError(f"{path}: directory holds files lslo did not write ({_which(foreign)}); nothing was "
+                            "replaced: move them away or choose another output directory")
+
+
+def _which(foreign: list[str] | None) -> str:
+    if foreign is None:
+        return f"no {OUTPUT_MARKER}"
+    return ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
 
 
 def check_output_dir(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
     """Before a command writes directory `path`: it must not exist or be empty; with `force` it may also be an
-    earlier output of lslo (OUTPUT_MARKER), which is then replaced. A directory holding anything else is never
-    replaced, with or without force."""
+    earlier output of lslo (OUTPUT_MARKER) that holds only the files lslo wrote, which is then replaced. A
+    directory holding anything else is never replaced, with or without force."""
 
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
@@ -76,14 +107,15 @@ def check_output_dir(path: str | os.PathLike, force: bool, option: str = "--out"
         raise LsloError(f"{option} {path}: exists and is not a directory")
     if not any(path.iterdir()):
         return
-    ours = (path / OUTPUT_MARKER).is_file()
+    foreign = _foreign_files(path)
+    ours = foreign == []
     if not force:
         hint = ("give --force to replace it (it is an earlier lslo output)" if ours
-                else "it was not written by lslo, so choose another directory")
+                else "it holds files lslo did not write, so choose another directory")
         raise LsloError(f"{option} {path}: directory exists and is not empty; {hint}")
     if not ours:
-        raise LsloError(f"{option} {path}: --force replaces only a directory lslo wrote (one holding "
-                        f"{OUTPUT_MARKER}); this one was not, and nothing in it was changed")
+        raise LsloError(f"{option} {path}: --force replaces only a directory lslo wrote, holding nothing else; this "
+                        f"one holds files lslo did not write ({_which(foreign)}), and nothing in it was changed")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ load as `NllbCodes`: transformers' own NLLB tokenizer addressed by the workflow'
 its NLLB code (en -> eng_Latn, the language table's `nllb` column). NLLB's language tokens are the codes
 themselves (no __xx__), and its source convention is transformers' default (legacy_behaviour false):
 "[eng_Latn] tokens </s>", the M2M100 layout, with the target language token forced after the decoder start
-</s> (NLLB Team 2022, §6.1.1). docs/checkpoints.md has the recipes.
+</s> (NLLB Team 2022, §6.1.1). docs/your-model.md has the recipes.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def load_tokenizer(path: str | os.PathLike, nllb_codes: dict[str, str] | None = 
         return NllbCodes.from_directory(path, nllb_codes)
     raise LsloError(f"{path}: not a tokenizer directory: no vocab.json (M2M100) and no tokenizer_config.json "
                     f"naming {' or '.join(NLLB_CLASSES)} (NLLB-200; found {tokenizer_class!r}); "
-                    "docs/checkpoints.md says how to make one")
+                    "docs/your-model.md says how to make one")
 
 
 def _tokenizer_class(path: Path) -> str | None:

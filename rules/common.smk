@@ -150,6 +150,19 @@ def content_identities():
 
 FLORES_FILES, FLORES_IDENTITY, MODEL_IDENTITY, SPM_IDENTITY = content_identities()
 
+
+# Params are compared with the record Snakemake keeps in .snakemake/. A results/ directory copied without it (cp -a
+# results/ next to another model) has no record, and mtimes alone see nothing. So each identity also names a stamp
+# file, results/inputs/<kind>-<identity>.json (rule input_identity), which the rules that read the input take as an
+# input: another model is another stamp, missing until it is written, and its new file reruns every stage that
+# read the model, with or without the record.
+def identity_stamp(kind, identity):
+    return f"results/inputs/{kind}-{identity[:16]}.json" if identity else []
+
+
+STAMPS = {"flores": FLORES_IDENTITY, "model": MODEL_IDENTITY, "spm": SPM_IDENTITY}
+FLORES_STAMP, MODEL_STAMP, SPM_STAMP = (identity_stamp(kind, identity) for kind, identity in STAMPS.items())
+
 # The language-table columns each stage reads (every reader also validates code and resource). A rule's params
 # hold these columns of the run's languages, and the table itself is no input in flores mode: a name, a bitext
 # count of a language that no Table 9/10 uses, or a language outside the run reruns nothing. In demo mode the
@@ -272,6 +285,7 @@ def get_finetune_input(wildcards):
     spec = VARIANTS[wildcards.variant]
     inputs = {
         "model": get_model(),
+        "model_stamp": MODEL_STAMP,
         "train": "results/data/train.tsv",
         "dev": dev_file(finetune_options(wildcards.variant)),  # per-epoch monitoring only (Figure 3)
         "table": table_input(),
@@ -292,6 +306,7 @@ def get_decode_input(wildcards):
         "variant": f"results/finetune/{wildcards.variant}/variant.json",
         **finetune_artifacts(wildcards.variant),
         "base": get_model(),
+        "model_stamp": MODEL_STAMP,
     }
 
 
@@ -340,9 +355,10 @@ def artifact_output(method, variant="{variant}"):
 
 
 def stage_files():
-    """Every file one stage writes and a later one reads. Snakemake regenerates a missing intermediate file only
-    when a job that reads it has to run, or when a target needs it: as inputs of `all`, a deleted adapter file
-    (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and reruns its job and the jobs after it."""
+    """Every file one stage writes and a later one reads, and the input stamps (flores mode). Snakemake
+    regenerates a missing intermediate file only when a job that reads it has to run, or when a target needs it:
+    as inputs of `all`, a deleted adapter file (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and
+    reruns its job and the jobs after it."""
     files = [
         "results/data/train.tsv",
         "results/data/devtest.tsv",
@@ -352,7 +368,11 @@ def stage_files():
         "results/weight_learning/plan.json",
         *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
         *expand("results/ranks/{variant}.json", variant=lslo_variants()),
-        *expand("results/finetune/{variant}/{name}", variant=VARIANTS, name=["variant.json", "metrics.tsv"]),
+        *expand(
+            "results/finetune/{variant}/{name}",
+            variant=VARIANTS,
+            name=["variant.json", "metrics.tsv", "decoding.json"],
+        ),
         *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS, shard=range(config["eval"]["shards"])),
         *expand(
             "results/evaluate/{variant}/{name}",
@@ -369,6 +389,8 @@ def stage_files():
             "results/demo/model",
             "results/demo/spm.model",
         ]
+    else:  # a missing stamp (another model, FLORES or spm) is written, and what read the input reruns after it
+        files += [FLORES_STAMP, MODEL_STAMP, SPM_STAMP]
     return files
 
 

@@ -46,9 +46,27 @@ rule demo_pretrain:
         "../workflow/scripts/demo_pretrain.py"
 
 
+rule input_identity:
+    output:
+        stamp="results/inputs/{kind}-{identity}.json",
+    params:
+        path=lambda wildcards: {"flores": get_flores_root, "model": get_model, "spm": get_spm}[wildcards.kind](),
+        identity=lambda wildcards: STAMPS[wildcards.kind],
+        code=CODE["input_identity"],
+    wildcard_constraints:
+        kind="flores|model|spm",
+        identity="[0-9a-f]{16}",
+    log:
+        "logs/input_identity/{kind}-{identity}.log",
+    localrule: True
+    script:
+        "../workflow/scripts/input_identity.py"
+
+
 rule data:
     input:
         flores=FLORES_FILES or get_flores_root(),  # flores mode: the files read; demo: rule demo_benchmark's
+        flores_stamp=FLORES_STAMP,
         table=table_input(),
     output:
         train="results/data/train.tsv",

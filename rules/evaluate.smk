@@ -51,6 +51,7 @@ rule score:
         test="results/data/test.tsv",
         table=table_input(),
         spm=get_spm(),
+        spm_stamp=SPM_STAMP,
     output:
         directions="results/evaluate/{variant}/directions.tsv",
         groups="results/evaluate/{variant}/groups.tsv",

@@ -6,6 +6,7 @@
 rule subspace:
     input:
         model=get_model(),
+        model_stamp=MODEL_STAMP,
         train="results/data/train.tsv",
         dev=dev_file(stage_options()["subspace"]),
         table=table_input(),

@@ -5,6 +5,7 @@
 rule weight_learning:
     input:
         model=get_model(),
+        model_stamp=MODEL_STAMP,
         train="results/data/train.tsv",
         dev=dev_file(stage_options()["weight_learning"]),
         table=table_input(),

@@ -163,6 +163,17 @@ def test_floresplus_text_gets_the_line_checks(tmp_path, table, text, what):
     assert "(language 'fr')" in str(err.value)
 
 
+def test_floresplus_file_that_is_not_utf8_is_refused_with_its_offset(tmp_path, table):
+    """A jsonl file gets the encoding check of a text file: one line naming file, line and offset, not a
+    UnicodeDecodeError traceback in the data job's log."""
+    root = write_floresplus(tmp_path / "plus", table, {"en": {0: "english 0"}, "fr": {0: "francais 0"}})
+    path = root / "dev" / "fra_Latn.jsonl"
+    path.write_bytes(b'{"id": 0, "text": "caf\xe9"}\n')
+    message = r"fra_Latn.jsonl: line 1: byte 0xe9 at offset 22 is not UTF-8 \(language 'fr'\)"  # b'{"id": 0, ..."caf'
+    with pytest.raises(LsloError, match=message):
+        read_flores(root, ["en", "fr"], table, "train", "floresplus")
+
+
 def test_unknown_language_and_layout(tmp_path, table):
     root = write_flores(tmp_path / "flores", "flores101", table)
     with pytest.raises(LsloError, match="'xx'"):

@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from checkpoints import make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences  # noqa: E402
+from model_dirs import make_m2m100_model_dir, make_nllb_model_dir, syllable_sentences  # noqa: E402
 from transformers import M2M100ForConditionalGeneration  # noqa: E402
 
 from lslo import evaluate, inference  # noqa: E402
@@ -51,7 +51,7 @@ def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=Fal
 @pytest.fixture(scope="module")
 def m2m_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("m2m")
-    return make_m2m100_checkpoint(root / "base", LANGS, init_std=0.5)
+    return make_m2m100_model_dir(root / "base", LANGS, init_std=0.5)
 
 
 def prefix_generate(model, tokenizer, texts, src, tgt, **kwargs):
@@ -148,6 +148,9 @@ def test_export_out_never_replaces_a_directory_lslo_did_not_write(tmp_path, m2m_
     assert "give --force" in capsys.readouterr().err and (ours / "adapter_config.json").is_file()
     assert main(["export", "--variant", str(variant), "--all-directions", "--out", str(ours), "--force"]) == 0
     assert not (ours / "adapter_config.json").exists() and (ours / "fr-en" / "model.safetensors").is_file()
+    (ours / "fr-en" / "mynote.txt").write_text("a user's note in an earlier export")
+    assert main(["export", "--variant", str(variant), "--all-directions", "--out", str(ours), "--force"]) == 2
+    assert "fr-en/mynote.txt" in capsys.readouterr().err and (ours / "fr-en" / "mynote.txt").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(empty)]) == 0
@@ -172,12 +175,17 @@ def test_atomic_directory_never_replaces_a_foreign_directory(tmp_path):
         with atomic_write(ours, is_dir=True) as tmp:
             (tmp / f"{text}.txt").write_text(text)
     assert sorted(p.name for p in ours.iterdir()) == sorted([OUTPUT_MARKER, "second.txt"])
+    (ours / "note.txt").write_text("added by hand")
+    with pytest.raises(LsloError, match="note.txt"):
+        with atomic_write(ours, is_dir=True) as tmp:
+            (tmp / "third.txt").write_text("third")
+    assert sorted(p.name for p in ours.iterdir()) == sorted([OUTPUT_MARKER, "note.txt", "second.txt"])
 
 
 @pytest.mark.parametrize("kind", ["m2m100", "nllb"])
 def test_translate_agrees_with_the_evaluate_stage(tmp_path, m2m_base, kind, monkeypatch, capsys):
     if kind == "nllb":
-        base = make_nllb_checkpoint(tmp_path / "nllb", ["eng_Latn", "fra_Latn", "oci_Latn"], init_std=0.5)
+        base = make_nllb_model_dir(tmp_path / "nllb", ["eng_Latn", "fra_Latn", "oci_Latn"], init_std=0.5)
         codes = {"en": "eng_Latn", "fr": "fra_Latn", "oc": "oci_Latn"}
     else:
         base, codes = m2m_base, None

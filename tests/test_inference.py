@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from checkpoints import make_m2m100_checkpoint, syllable_sentences  # noqa: E402
+from model_dirs import make_m2m100_model_dir, syllable_sentences  # noqa: E402
 
 from lslo.errors import LsloError  # noqa: E402
 from lslo.inference import (DecodingOptions, decoding_options_path, load_variant, read_decoding_options,  # noqa: E402
@@ -86,7 +86,7 @@ def test_decoding_options_round_trip_and_refuse_bad_values(tmp_path):
 @pytest.fixture(scope="module")
 def pretrain_variant(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
-    base = make_m2m100_checkpoint(root / "base", LANGS, init_std=0.5)
+    base = make_m2m100_model_dir(root / "base", LANGS, init_std=0.5)
     variant = root / "variant.json"
     variant.write_text(json.dumps({"method": "pretrain", "base_model": str(base), "languages": LANGS}))
     return variant

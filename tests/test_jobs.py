@@ -70,7 +70,7 @@ def test_any_other_error_keeps_its_traceback_in_the_log(tmp_path):
 @pytest.mark.parametrize("script", ["finetune.py", "decode.py", "score_figure.py"])
 def test_the_hash_covers_every_lslo_module_python_loads_for_a_script(script):
     """Import what the script imports (its top-level lslo imports), in a fresh interpreter: every lslo module that
-    ends up in sys.modules must be in the hashed set (which also holds function-level imports)."""
+    ends up in sys.modules must be in the hashed set."""
     imports = [line.strip() for line in (SCRIPTS / script).read_text().splitlines()
                if line.strip().startswith(("from lslo", "import lslo"))]
     probe = "\n".join(imports) + "\nimport sys\nprint(' '.join(m for m in sys.modules if m.split('.')[0] == 'lslo'))"
@@ -94,11 +94,22 @@ def test_the_hash_changes_with_the_library_code_a_stage_runs_only(tmp_path, monk
     (package / "convert.py").write_text((package / "convert.py").read_text() + "\n# changed\n")
     assert code_hash(script) == before
     assert "lslo.pruning" in imported_modules(script)  # through lslo.finetune (GPS, eq. 4)
-    (package / "pruning.py").write_text((package / "pruning.py").read_text().replace("def ", "def  ", 1))
+    pruning = (package / "pruning.py").read_text()
+    (package / "pruning.py").write_text(pruning.replace("\nimport ", "\n# a comment\n\nimport ", 1).replace('"""', '"""A ', 1))
+    assert code_hash(script) == before  # a comment, a docstring, a line break: the same code
+    (package / "pruning.py").write_text(pruning.replace("def ", "def _unused(): pass\n\n\ndef ", 1))
     after = code_hash(script)
     assert after != before
-    script.write_text(script.read_text() + "\n")
+    script.write_text(script.read_text() + "\nx = 1\n")
     assert code_hash(script) != after
+
+
+def test_a_module_a_function_imports_on_call_is_not_in_a_scripts_code():
+    """Every script imports lslo.jobs, whose dispatcher imports the training stages only when called: a decode job
+    does not depend on the training code, nor the data stage on the decoder."""
+    assert "lslo.finetune" not in imported_modules(SCRIPTS / "decode.py")
+    assert "lslo.inference" not in imported_modules(SCRIPTS / "data.py")
+    assert "lslo.finetune" in imported_modules(SCRIPTS / "finetune.py")
 
 
 # ---------------------------------------------------------------------------------------------- N processes

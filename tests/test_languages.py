@@ -73,7 +73,7 @@ def test_missing_column(tmp_path):
 
 
 def test_own_table_needs_only_code_and_resource(tmp_path):
-    """A user's table (docs/checkpoints.md): no flores101 column for FLORES-200 data; floresplus falls back to
+    """A user's table (docs/your-model.md): no flores101 column for FLORES-200 data; floresplus falls back to
     flores200; file codes a layout needs and does not find are named with the table file."""
     from lslo.languages import file_code, nllb_codes
 

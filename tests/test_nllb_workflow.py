@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from checkpoints import make_nllb_checkpoint, syllable_sentences, train_spm
+from model_dirs import make_nllb_model_dir, syllable_sentences, train_spm
 from test_workflow import WORKFLOW_FILES, ROOT, snakemake
 
 LANGS = {"en": ("H", "eng_Latn"), "fr": ("H", "fra_Latn"), "oc": ("V", "oci_Latn")}
@@ -22,7 +22,7 @@ def world(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     ext = tmp_path / "external"
     spm_model = train_spm(ext / "spm")
-    model = make_nllb_checkpoint(ext / "nllb-tiny", [nllb for _, nllb in LANGS.values()], spm_model=spm_model,
+    model = make_nllb_model_dir(ext / "nllb-tiny", [nllb for _, nllb in LANGS.values()], spm_model=spm_model,
                                  init_std=0.5)
     for split, n in (("dev", 12), ("devtest", 6)):
         for i, (_, nllb) in enumerate(LANGS.values()):

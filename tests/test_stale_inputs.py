@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checkpoints import make_m2m100_checkpoint, syllable_sentences
+from model_dirs import make_m2m100_model_dir, syllable_sentences
 from test_workflow import ROOT, copy_workflow, job_counts, snakemake
 
 from lslo.languages import read_language_table, select
@@ -35,7 +35,7 @@ def write_world(workdir: Path) -> None:
             path = external / "flores101" / split / f"{table.loc[code, 'flores101']}.{split}"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(syllable_sentences(n, seed=f"{split}{i}", words=4)) + "\n", encoding="utf-8")
-    make_m2m100_checkpoint(external / "model", codes)
+    make_m2m100_model_dir(external / "model", codes)
     (external / "spm.model").write_bytes(b"spm, first version")
     config = yaml.safe_load((ROOT / "config/lang12.yaml").read_text(encoding="utf-8"))
     config["data"]["flores"] = "external/flores101"
@@ -136,13 +136,30 @@ def test_flores_file_edited_reruns_every_stage_after_data(finished, tmp_path):
 
 def test_base_model_overwritten_with_its_mtime_kept_retrains_everything(finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
-    other = make_m2m100_checkpoint(tmp_path / "other", select(read_language_table(ROOT / "config/languages.tsv"),
+    other = make_m2m100_model_dir(tmp_path / "other", select(read_language_table(ROOT / "config/languages.tsv"),
                                                               "lang12"), seed=1)
     replace_keeping_mtime(workdir / "external/model/model.safetensors",
                           lambda p: shutil.copyfile(other / "model.safetensors", p))
     counts = scheduled(workdir)
     assert TRAINING <= counts.keys(), counts
     assert counts["subspace"] == 2 and counts["decode"] == 5 and "data" not in counts
+
+
+def test_results_copied_without_snakemakes_record_next_to_another_model_retrain(finished, tmp_path):
+    """`cp -a results/` into a working directory whose model is another one: no .snakemake/ record to compare the
+    params with, and mtimes see nothing; the stamp of the other model's identity (rules/common.smk) is missing, so
+    every stage that read the model reruns. The same model without the record reruns nothing."""
+    workdir = copy_of(finished, tmp_path)
+    shutil.rmtree(workdir / ".snakemake")
+    assert "Nothing to be done" in dry_run(workdir).stdout
+    other = make_m2m100_model_dir(tmp_path / "other", select(read_language_table(ROOT / "config/languages.tsv"),
+                                                              "lang12"), seed=1)
+    replace_keeping_mtime(workdir / "external/model/model.safetensors",
+                          lambda p: shutil.copyfile(other / "model.safetensors", p))
+    counts = scheduled(workdir)
+    assert TRAINING <= counts.keys(), counts
+    assert counts["subspace"] == 2 and counts["decode"] == 5 and counts["input_identity"] == 1
+    assert "data" not in counts
 
 
 def test_spm_replaced_with_its_mtime_kept_rescores(finished, tmp_path):
@@ -201,6 +218,14 @@ def test_a_deleted_score_file_is_regenerated(finished, tmp_path, name):
     (workdir / f"results/evaluate/{UNTABLED}/{name}").unlink()
     assert scheduled(workdir) == {"score": 1, "all": 1}
 
+
+def test_a_deleted_decoding_record_is_regenerated(finished, tmp_path):
+    """decoding.json is read by decode and by `lslo translate`: deleted, it is written again (and decoding, whose
+    input it is, reruns)."""
+    workdir = copy_of(finished, tmp_path)
+    (workdir / f"results/finetune/{UNTABLED}/decoding.json").unlink()
+    counts = scheduled(workdir)
+    assert counts["decoding_options"] == 1 and not TRAINING & counts.keys(), counts
 
 
 def test_a_test_cut_longer_than_devtest_stops_with_one_line(fresh, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from checkpoints import make_m2m100_checkpoint, syllable_sentences  # noqa: E402
+from model_dirs import make_m2m100_model_dir, syllable_sentences  # noqa: E402
 
 from lslo.cli import main  # noqa: E402
 from lslo.errors import LsloError  # noqa: E402
@@ -27,7 +27,7 @@ RECORDED = DecodingOptions(beam=3, max_len_b=7, max_tokens=40)  # not the defaul
 def run(tmp_path_factory):
     """A pretrain variant whose run recorded non-default decoding options, and its test table."""
     root = tmp_path_factory.mktemp("translate")
-    make_m2m100_checkpoint(root / "base", LANGS, init_std=0.5)
+    make_m2m100_model_dir(root / "base", LANGS, init_std=0.5)
     variant = root / "finetune" / "variant.json"
     variant.parent.mkdir()
     variant.write_text(json.dumps({"method": "pretrain", "base_model": "../base", "languages": LANGS}))

@@ -248,6 +248,16 @@ def test_variant_labels_must_be_unique(config):
            config=twice, schema_path=SCHEMA)
 
 
+@pytest.mark.parametrize("label", ["", "Pretrain ", " Pretrain", "two\nlines"])
+def test_a_label_is_one_line_without_spaces_at_its_ends(config, label):
+    """A label is a table row's name: an empty one, or "Pretrain " beside "Pretrain" (two rows that look the same),
+    or a line break (which splits the Markdown row) is a config error naming the key."""
+    name = list(config["variants"])[1]
+    bad = copy.deepcopy(config)
+    bad["variants"][name]["label"] = label
+    raises(validate_config, f"config key 'variants.{name}.label'", config=bad, schema_path=SCHEMA)
+
+
 def test_duplicated_language_code_is_named(config):
     """data.languages is "a subset name or a list of codes" (oneOf): a list with a repeated code names the code,
     not "is not valid under any of the given schemas"."""

@@ -84,7 +84,7 @@ def paper_paths(tmp_path) -> list:
     """Stand-ins for the three paths a paper config must set: a FLORES-101 root with a one-sentence file per table
     language and split, and an empty spm file (the DAG reads their content, not what it means), and a tiny random
     checkpoint with every table language (the pre-check reads it)."""
-    from checkpoints import make_m2m100_checkpoint
+    from model_dirs import make_m2m100_model_dir
 
     from lslo.languages import read_language_table
 
@@ -94,7 +94,7 @@ def paper_paths(tmp_path) -> list:
         (flores / split).mkdir(parents=True)
         for code in table["flores101"]:
             (flores / split / f"{code}.{split}").write_text(f"{code} {split}\n", encoding="utf-8")
-    make_m2m100_checkpoint(model, table["code"].tolist())
+    make_m2m100_model_dir(model, table["code"].tolist())
     spm.write_text("")
     return ["--config", f"model={model}", f"data={{flores: {flores}}}", f"eval={{spm: {spm}}}"]
 

@@ -1,5 +1,5 @@
-"""Bringing a checkpoint: NLLB-200 tokenizers, build_tokenizer beside a model, `lslo check-model`, the FLORES+
-layout and layout detection (docs/checkpoints.md)."""
+"""Bringing a model directory: NLLB-200 tokenizers, build_tokenizer beside a model, `lslo check-model`, the FLORES+
+layout and layout detection (docs/your-model.md)."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd  # noqa: E402
-from checkpoints import (  # noqa: E402
-    make_m2m100_checkpoint, make_nllb_checkpoint, syllable_sentences, tiny_config, train_spm,
+from model_dirs import (  # noqa: E402
+    make_m2m100_model_dir, make_nllb_model_dir, syllable_sentences, tiny_config, train_spm,
 )
 from transformers import M2M100ForConditionalGeneration, NllbTokenizer  # noqa: E402
 
@@ -35,7 +35,7 @@ def spm_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nllb_dir(tmp_path_factory, spm_model):
-    return make_nllb_checkpoint(tmp_path_factory.mktemp("nllb") / "model", list(NLLB.values()), spm_model=spm_model)
+    return make_nllb_model_dir(tmp_path_factory.mktemp("nllb") / "model", list(NLLB.values()), spm_model=spm_model)
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_check_model_languages_and_cli(nllb_dir, table, tmp_path, capsys):
     assert "language tokens: en=eng_Latn, fr=fra_Latn, oc=oci_Latn" in capsys.readouterr().out
     report = check_model(nllb_dir, ["en", "jv"], table)
     assert report.problems == ["language 'jv': the tokenizer has no language token 'jav_Latn'"]
-    m2m = make_m2m100_checkpoint(tmp_path / "m2m", ["en", "fr"])
+    m2m = make_m2m100_model_dir(tmp_path / "m2m", ["en", "fr"])
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {m2m}\ndata: {{languages: [en, fr, oc], language_table: {table_path}}}\n")
     assert main(["check-model", "--config", str(config)]) == 1
@@ -166,7 +166,7 @@ def test_check_model_checks_the_tokenizer_against_the_weights(tmp_path, table):
     """One entry short in vocab.json: the tokenizer loads, knows every language, and puts each language token
     one row before the one the model was trained with. check-model says so; so it does for a gap in the ids and
     for special-token ids that differ from config.json."""
-    good = make_m2m100_checkpoint(tmp_path / "good", ["en", "fr", "oc"])
+    good = make_m2m100_model_dir(tmp_path / "good", ["en", "fr", "oc"])
     report = check_model(good, ["en", "fr", "oc"], table)
     assert report.ok, report.problems
     vocab = json.loads((good / "vocab.json").read_text(encoding="utf-8"))
@@ -282,7 +282,7 @@ def test_parameters_loaded_equal_meta_count(nllb_dir):
 
 def test_docs_name_the_spm_files_sacrebleu_reads():
     """Every spBLEU SentencePiece file name in README.md, docs/*.md and config/*.yaml is one sacrebleu reads: the
-    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/checkpoints.md
+    basename of a URL in its SPM_MODELS table, the name it looks for under ~/.sacrebleu/models/ (docs/your-model.md
     once named a flores200_sacrebleu_tokenizer_spm.model that sacrebleu never reads)."""
     import os
     import re

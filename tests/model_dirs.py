@@ -1,7 +1,7 @@
 """Tiny checkpoint directories the tests build: an NLLB-200-format one and an M2M100 one (random weights).
 
-    make_nllb_checkpoint(directory, ["eng_Latn", "fra_Latn"])   NllbTokenizer files + sentencepiece.bpe.model
-    make_m2m100_checkpoint(directory, ["en", "fr"])             lslo.tokenizer.build_tokenizer files (vocab.json)
+    make_nllb_model_dir(directory, ["eng_Latn", "fra_Latn"])   NllbTokenizer files + sentencepiece.bpe.model
+    make_m2m100_model_dir(directory, ["en", "fr"])             lslo.tokenizer.build_tokenizer files (vocab.json)
 
 Both follow the released layouts: config.json (model_type m2m_100), model.safetensors, generation_config.json
 with decoder_start_token_id = </s> (2), the tokenizer files next to them.
@@ -53,7 +53,7 @@ def _save_model(directory: Path, vocab_size: int, seed: int, tokenizer_class=Non
     model.save_pretrained(directory)
 
 
-def make_nllb_checkpoint(directory, nllb_codes, seed: int = 0, spm_model=None, **overrides) -> Path:
+def make_nllb_model_dir(directory, nllb_codes, seed: int = 0, spm_model=None, **overrides) -> Path:
     """An NLLB-200-format directory: NllbTokenizer (tokenizer.json, tokenizer_config.json) converted by
     transformers from sentencepiece.bpe.model, the language codes as its special tokens, a tiny M2M100."""
     import shutil
@@ -70,7 +70,7 @@ def make_nllb_checkpoint(directory, nllb_codes, seed: int = 0, spm_model=None, *
     return directory
 
 
-def make_m2m100_checkpoint(directory, codes, seed: int = 0, spm_model=None, **overrides) -> Path:
+def make_m2m100_model_dir(directory, codes, seed: int = 0, spm_model=None, **overrides) -> Path:
     """An M2M100-style directory with an lslo tokenizer for `codes` (__xx__ tokens) and a tiny M2M100."""
     from lslo.tokenizer import build_tokenizer, model_vocab_size
 
