@@ -95,7 +95,8 @@ def test_the_hash_changes_with_the_library_code_a_stage_runs_only(tmp_path, monk
     assert code_hash(script) == before
     assert "lslo.pruning" in imported_modules(script)  # through lslo.finetune (GPS, eq. 4)
     pruning = (package / "pruning.py").read_text()
-    (package / "pruning.py").write_text(pruning.replace("\nimport ", "\n# a comment\n\nimport ", 1).replace('"""', '"""A ', 1))
+    edited = pruning.replace("\nimport ", "\n# a comment\n\nimport ", 1).replace('"""', '"""A ', 1)
+    (package / "pruning.py").write_text(edited)
     assert code_hash(script) == before  # a comment, a docstring, a line break: the same code
     (package / "pruning.py").write_text(pruning.replace("def ", "def _unused(): pass\n\n\ndef ", 1))
     after = code_hash(script)
