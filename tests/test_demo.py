@@ -164,6 +164,7 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
     from transformers import M2M100ForConditionalGeneration
 
     import lslo.data
+    import lslo.demo
     from lslo.io import read_json
     from lslo.tokenizer import load_tokenizer
 
@@ -174,7 +175,7 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
             super().__init__(*args, **kwargs)
             samplers.append(self)
 
-    monkeypatch.setattr(lslo.data, "TemperatureSampler", RecordedSampler)
+    monkeypatch.setattr(lslo.demo, "TemperatureSampler", RecordedSampler)  # where pretraining draws from
     bench = make_benchmark(tmp_path / "small", seed=3, bitext_scale=0.02)
     assert len(read_bitext(bench)[("h1", "v1")][0]) == 4  # 200 * 0.02
     out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
