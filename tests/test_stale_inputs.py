@@ -134,8 +134,8 @@ def test_flores_file_edited_reruns_every_stage_after_data(finished, tmp_path):
     assert counts.get("data") == 1 and TRAINING <= counts.keys() and counts["score"] == 5, counts
 
 
-def test_base_model_overwritten_with_its_mtime_kept_retrains_everything(finished, tmp_path):
-    workdir = copy_of(finished, tmp_path)
+def overwrite_model_keeping_mtime(workdir: Path, tmp_path: Path) -> dict:
+    """Another model's weights over the run's model file (`cp -p`): the jobs a dry run then schedules."""
     other = make_m2m100_model_dir(tmp_path / "other", select(read_language_table(ROOT / "config/languages.tsv"),
                                                               "lang12"), seed=1)
     replace_keeping_mtime(workdir / "external/model/model.safetensors",
@@ -143,6 +143,11 @@ def test_base_model_overwritten_with_its_mtime_kept_retrains_everything(finished
     counts = scheduled(workdir)
     assert TRAINING <= counts.keys(), counts
     assert counts["subspace"] == 2 and counts["decode"] == 5 and "data" not in counts
+    return counts
+
+
+def test_base_model_overwritten_with_its_mtime_kept_retrains_everything(finished, tmp_path):
+    overwrite_model_keeping_mtime(copy_of(finished, tmp_path), tmp_path)
 
 
 def test_results_copied_without_snakemakes_record_next_to_another_model_retrain(finished, tmp_path):
@@ -152,14 +157,7 @@ def test_results_copied_without_snakemakes_record_next_to_another_model_retrain(
     workdir = copy_of(finished, tmp_path)
     shutil.rmtree(workdir / ".snakemake")
     assert "Nothing to be done" in dry_run(workdir).stdout
-    other = make_m2m100_model_dir(tmp_path / "other", select(read_language_table(ROOT / "config/languages.tsv"),
-                                                              "lang12"), seed=1)
-    replace_keeping_mtime(workdir / "external/model/model.safetensors",
-                          lambda p: shutil.copyfile(other / "model.safetensors", p))
-    counts = scheduled(workdir)
-    assert TRAINING <= counts.keys(), counts
-    assert counts["subspace"] == 2 and counts["decode"] == 5 and counts["input_identity"] == 1
-    assert "data" not in counts
+    assert overwrite_model_keeping_mtime(workdir, tmp_path)["input_identity"] == 1
 
 
 def test_spm_replaced_with_its_mtime_kept_rescores(finished, tmp_path):
