@@ -71,7 +71,9 @@ def test_library_code_reruns_the_stages_that_run_it_and_a_touched_script_reruns_
     assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
     # lslo.tables: the tables, the figures through lslo.figures, which re-exports its functions, and the summary
     tables = workdir / "lslo/tables.py"
-    tables.write_text(tables.read_text().replace("def ", "def  ", 1))
+    tables.write_text(tables.read_text() + "\n# a comment reruns nothing\n")
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
+    tables.write_text(tables.read_text().replace("def ", "def _unused():\n    pass\n\n\ndef ", 1))  # new code
     out = snakemake(workdir, "-n", "--profile", "profiles/local", env=env).stdout
     demo = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     assert job_counts(out) == {"table": len(demo["tables"]), "score_table": 2, "score_figure": 4, "figure1": 1,
