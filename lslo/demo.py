@@ -6,7 +6,7 @@ scratch on the demo bitext (lslo.demo_benchmark), which is English-centric and i
 that its zero-shot quality shows the gap the paper starts from (Table 1, Pretrain row).
 
     make_benchmark(out_dir, n_languages=12, seed=1, bitext_scale=1.0)  (re-exported from lslo.demo_benchmark)
-    pretrain_demo_model(benchmark_dir, out_dir, seed=1, max_minutes=7.0, max_steps=1000, ...)
+    pretrain_demo_model(benchmark_dir, out_dir, seed=1, max_steps=1000, ...)
     zero_shot_report(model_dir, benchmark_dir, ...) -> (per-direction DataFrame, per-group DataFrame)
 
 The checkpoint directory holds the HF model (config.json, model.safetensors, generation_config.json with
@@ -32,7 +32,6 @@ from transformers import M2M100Config, M2M100ForConditionalGeneration
 
 from lslo.data import Corpus, TemperatureSampler, make_batches
 from lslo.demo_benchmark import make_benchmark, read_bitext  # noqa: F401 - make_benchmark is part of this API
-from lslo.errors import LsloError
 from lslo.inference import DecodingOptions, Translator, load_hf_model, translate_many
 from lslo.io import atomic_write, write_json
 from lslo.languages import read_language_table
@@ -109,8 +108,8 @@ def demo_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_
 
 def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int = 1, max_tokens: int = 4096,
                     lr: float = 2e-3, warmup: int = 200, label_smoothing: float = 0.1, temperature: float = 1.0,
-                    max_steps: int | None = None, max_minutes: float | None = None) -> dict:
-    """The stages' training loop (lslo.train.training_epochs) on CPU until max_steps or max_minutes run out: Adam,
+                    max_steps: int = 1000) -> dict:
+    """The stages' training loop (lslo.train.training_epochs) on CPU for max_steps updates: Adam,
     the inverse-sqrt schedule, label-smoothed cross-entropy, gradient norm clipped at 1, the model's own dropout.
 
     `corpus` is an lslo.data.Corpus of the bitext (both directions of every pair); one TemperatureSampler draws the
@@ -118,8 +117,6 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
     H >> M >> V imbalance). label_smoothing is in torch's definition (ε spread over all V tokens, the gold one
     included), as the demo was pretrained. Returns the training log.
     """
-    if max_steps is None and max_minutes is None:
-        raise LsloError("pretraining needs max_steps or max_minutes")
     options = pretrain_options(model.config, seed=seed, max_tokens=max_tokens, lr=lr, warmup=warmup,
                                label_smoothing=label_smoothing, temperature=temperature, max_steps=max_steps)
     trainer = make_trainer(model, options, device=torch.device("cpu"))  # the demo's numbers are CPU numbers
@@ -127,8 +124,7 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
     source = BatchSource(corpus, tokenizer, languages,
                          lambda epoch: make_batches(sampler.epoch(), corpus, max_tokens, rng=sampler.rng))
     start, step, epoch, losses = time.monotonic(), 0, 0, []
-    out_of_time = lambda: max_minutes is not None and time.monotonic() - start >= 60 * max_minutes
-    for done in training_epochs(trainer, source, itertools.count(1), stop=out_of_time, log_every=LOG_EVERY):
+    for done in training_epochs(trainer, source, itertools.count(1), log_every=LOG_EVERY):
         step, epoch = done.step, done.epoch
         losses += [{"step": s, "loss": round(loss / n_tokens, 4)} for s, loss, n_tokens in done.updates
                    if s == 1 or s % LOG_EVERY == 0]
@@ -177,16 +173,16 @@ def encode_bitext(benchmark_dir: str | Path, tokenizer):
 
 
 def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: int = 1,
-                        max_minutes: float | None = 8.0, max_steps: int | None = 1000, vocab_size: int = 1500,
+                        max_steps: int = 1000, vocab_size: int = 1500,
                         d_model: int = 128, layers: int = 2, ffn_dim: int = 512, heads: int = 4,
                         max_tokens: int = 768, lr: float = 3e-3, warmup: int = 200, temperature: float = 2.0,
                         threads: int | None = None) -> Path:
     """SentencePiece + tokenizer + a tiny M2M100 pretrained from scratch on the benchmark's bitext -> HF directory.
 
-    Stops at max_steps or max_minutes (of training; SentencePiece and encoding come on top), whichever first.
-    The defaults are tuned for 2 CPU cores: max_steps bounds the run (reproducible; 768-token batches of the demo
+    Trains for exactly max_steps updates, never for a wall-clock budget: the model, and so every result of the demo,
+    is the same on a slow or a busy machine. The defaults are tuned for 2 CPU cores (768-token batches of the demo
     world's short sentences: more updates per CPU-second than large batches; after 1000 updates the model is fluent
-    on H2H and near zero on V2V); max_minutes is only a safety cap for a slow machine. vocab_size is an upper bound
+    on H2H and near zero on V2V). vocab_size is an upper bound
     (the demo world has about 1500 pieces' worth of text). The directory appears complete or not at all.
     """
     if threads:
@@ -203,8 +199,7 @@ def pretrain_demo_model(benchmark_dir: str | Path, out_dir: str | Path, seed: in
                                    tokenizer.eos_token_id, d_model=d_model, layers=layers, ffn_dim=ffn_dim, heads=heads)
         model = M2M100ForConditionalGeneration(config)
         train_log = train_on_bitext(model, corpus, tokenizer, languages, seed=seed, max_tokens=max_tokens, lr=lr,
-                                    warmup=warmup, temperature=temperature, max_steps=max_steps,
-                                    max_minutes=max_minutes)
+                                    warmup=warmup, temperature=temperature, max_steps=max_steps)
         model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

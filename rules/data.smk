@@ -25,7 +25,6 @@ rule demo_pretrain:
         spm="results/demo/spm.model",
     params:
         seed=config["demo"]["seed"],
-        max_minutes=config["demo"]["pretrain_minutes"],
         max_steps=config["demo"]["pretrain_steps"],
         model={key: config["demo"][key] for key in ("d_model", "layers", "ffn_dim")},
         max_tokens=config["demo"]["pretrain_tokens"],

@@ -178,7 +178,7 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
     monkeypatch.setattr(lslo.demo, "TemperatureSampler", RecordedSampler)  # where pretraining draws from
     bench = make_benchmark(tmp_path / "small", seed=3, bitext_scale=0.02)
     assert len(read_bitext(bench)[("h1", "v1")][0]) == 4  # 200 * 0.02
-    out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, max_minutes=None, vocab_size=600,
+    out = pretrain_demo_model(bench, tmp_path / "model", max_steps=2, vocab_size=600,
                               d_model=32, layers=1, ffn_dim=64, max_tokens=512, temperature=2.0)
     # Directions are drawn with p ~ size^(1/2), not in proportion to size: h1-v1 (4 pairs) against h1-h2 (400).
     (sampler,) = samplers

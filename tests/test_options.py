@@ -141,7 +141,7 @@ def test_demo_defaults_are_the_demo_configs_values():
 
 
 # config key of the demo -> the parameter of lslo.demo.pretrain_demo_model it sets (rules/data.smk, demo_pretrain)
-PRETRAIN_PARAMETERS = {"seed": "seed", "pretrain_minutes": "max_minutes", "pretrain_steps": "max_steps",
+PRETRAIN_PARAMETERS = {"seed": "seed", "pretrain_steps": "max_steps",
                        "pretrain_tokens": "max_tokens", "pretrain_lr": "lr", "pretrain_warmup": "warmup",
                        "pretrain_temperature": "temperature", "d_model": "d_model", "layers": "layers",
                        "ffn_dim": "ffn_dim"}
