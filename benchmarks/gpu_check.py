@@ -8,9 +8,11 @@ the budget). A step that fails or runs out of time is reported as such and the o
 status is 1 when a step failed or ran out of time, or, on a GPU, when the CUDA tests were skipped; a missed
 performance target is reported, not failed:
 
-1. ``pytest -m cuda tests/test_precision.py``: every mixed-batch kernel and merged decoding in fp32, bf16 and fp16
-   autocast against the float64 per-sample formula (outputs and gradients), and one AMP update with a forced
-   GradScaler overflow. Without CUDA they are skipped (and --cpu-smoke reports them as skipped).
+1. ``pytest -m cuda tests/test_precision.py tests/test_train_amp.py``: every mixed-batch kernel and merged decoding
+   in fp32, bf16 and fp16 autocast against the float64 per-sample formula (outputs and gradients), one AMP update
+   with a forced GradScaler overflow, and the training loop under train.amp_dtype fp16 (fairseq's scaler at 2**7,
+   an overflowed batch retried then skipped) and bf16. Without CUDA they are skipped (and --cpu-smoke reports them
+   as skipped).
 2. DDP through the workflow's own launch path: the finetune rule of a tiny demo config (ft-all) run by
    Snakemake with ``--set-resources finetune_full:gpu=N`` (N = every GPU present); the world size is read from the
    job's log (``lslo.train`` logs it). --cpu-smoke: a dry run that checks the job is scheduled with gpu=N.
@@ -95,7 +97,8 @@ def cuda_tests(args, timeout: float) -> Step:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "cuda.xml"
         code, out, step.seconds = run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                                       "tests/test_precision.py", f"--junitxml={xml}"], timeout)
+                                       "tests/test_precision.py", "tests/test_train_amp.py", f"--junitxml={xml}"],
+                                      timeout)
         if code is None or not xml.exists():
             step.status = "TIMEOUT" if code is None else "FAIL"
             step.rows.append(("pytest -m cuda", step.status, "no result"))

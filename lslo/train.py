@@ -12,8 +12,14 @@ running temperature sampler. As in the paper's fairseq setup:
   divided by the number of target tokens of the whole update, so `update_freq` micro-batches give exactly the
   gradient of one big batch;
 - token-budget batches (lslo.data.make_batches), mixed directions by default, temperature-sampled directions;
-- AMP only on CUDA (bf16 where supported, else fp16 + GradScaler); DDP under torchrun (WORLD_SIZE > 1): each rank
-  takes every WORLD_SIZE-th batch of the same epoch plan, only rank 0 writes files.
+- AMP only on CUDA (`amp_setup`, `update_step`). train.amp_dtype fp16 (the paper's, the default) is fairseq's
+  `--amp`: float16 autocast and a GradScaler at init scale 2**7; an update whose gradients overflow skips Adam's
+  step, halves the scale and tries the same batch again (at most 2 times, fairseq's amp_batch_retries), then skips
+  the batch; an update that overflowed on every try is not counted, so neither the step (get_lr, max_steps) nor the
+  schedule advances; a scale at or below fairseq's min_loss_scale 1e-4 stops training. bf16 is lslo's option:
+  bfloat16 autocast, no scaler, every update counted; a GPU without bfloat16 is refused;
+- DDP under torchrun (WORLD_SIZE > 1): each rank takes every WORLD_SIZE-th batch of the same epoch plan, only rank 0
+  writes files.
 
 Resume: the batch order of epoch e is a pure function of (seed, e), and each epoch checkpoint holds the trainable
 state (LoRA A/B, pruning masks, index weights; every parameter for full fine-tuning), optimizer, step, RNG states
@@ -60,6 +66,14 @@ from lslo.tokenizer import load_tokenizer, require_languages
 
 log = logging.getLogger(__name__)
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # train.amp_dtype
+# fairseq's --amp, as its source sets it (fairseq/optim/amp_optimizer.py AMPOptimizer, fairseq/trainer.py train_step,
+# defaults of fairseq/dataclass/configs.py CommonConfig):
+FAIRSEQ_AMP_INIT_SCALE = 2.0**7  # AMPOptimizer's init_scale is common.fp16_init_scale (2**7)
+FAIRSEQ_AMP_GROWTH_INTERVAL = 2000  # torch's default: fairseq passes growth_interval only when amp_scale_window is set
+FAIRSEQ_MIN_LOSS_SCALE = 1e-4  # common.min_loss_scale: AMPOptimizer.clip_grad_norm raises at or below it
+FAIRSEQ_AMP_BATCH_RETRIES = 2  # common.amp_batch_retries: tries of the same batch after an overflow
+
 DEV_CELLS = ["dev_H2H", "dev_V2V"]
 # Figure 3's points and their 95% bootstrap intervals (lslo.bootstrap: dev sentences resampled, paired across
 # directions)
@@ -104,6 +118,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     clip_norm: float = 0.0  # 0: no clipping
     amp: bool = True  # only used on CUDA
+    amp_dtype: str = "fp16"  # fp16: fairseq's --amp (GradScaler, overflowed updates skipped) | bf16: no scaler
     mixed_directions: bool = True  # False: one direction per batch (the LSLo fast path)
     dev_sentences: int = 50  # per-epoch dev spBLEU subset (Figure 3)
     dev_beam: int = 1
@@ -111,9 +126,10 @@ class TrainOptions:
     max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
 
     # The allowed values of every option, in JSON Schema keywords (an option without an entry takes any value of its
-    # type; lora_init and fc_lora take the names in lslo.layer.LORA_INITS and lslo.model.FC_LAYOUTS). validate()
-    # enforces exactly these, and config/schema.yaml's `$defs.train` states the same types, bounds and defaults:
-    # tests/test_options.py compares the two field by field, so a change here must be made there too.
+    # type; lora_init, fc_lora and amp_dtype take the names in lslo.layer.LORA_INITS, lslo.model.FC_LAYOUTS and
+    # AMP_DTYPES). validate() enforces exactly these, and config/schema.yaml's `$defs.train` states the same types,
+    # bounds and defaults: tests/test_options.py compares the two field by field, so a change here must be made
+    # there too.
     LIMITS = {
         "lr": {"exclusiveMinimum": 0},
         "epochs": {"minimum": 1},
@@ -161,7 +177,7 @@ class TrainOptions:
         """The JSON Schema of each option (type, bounds, allowed names), as config/schema.yaml must state it."""
         types = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
                  "int | None": {"type": ["integer", "null"]}, "list": {"type": "array"}}
-        enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS)}
+        enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS), "amp_dtype": list(AMP_DTYPES)}
         schema = {}
         for f in fields(cls):
             limits = dict(cls.LIMITS.get(f.name, {}))
@@ -205,7 +221,7 @@ class TrainOptions:
             kind = ("a number" if json_type == "number" else "a whole number" if json_type == "integer"
                     else "null or a whole number")
             raise LsloError(f"{path}.{key} is {value!r}, expected {self._expected(limits, kind)}")
-        for key in ("lora_init", "fc_lora"):
+        for key in ("lora_init", "fc_lora", "amp_dtype"):
             if getattr(self, key) not in schema[key]["enum"]:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of "
                                 f"{', '.join(schema[key]['enum'])}")
@@ -335,6 +351,9 @@ def train_update(model, optimizer, micro_batches: list[dict], options: TrainOpti
 
     Each micro-batch's summed loss is divided by the target tokens of the whole update (all ranks), so the
     accumulated gradient is the per-token mean over the update, as fairseq normalises by sample_size.
+    With a GradScaler (fp16), the gradients are unscaled before clipping; when one of them is not finite the
+    scaler skips Adam's step (weights and moments unchanged) and backs off its scale. What follows an overflow
+    (the same batch again, the batch skipped, or a stop: fairseq's --amp) is `update_step`'s.
     """
     n_tokens = sum(b["n_tokens"] for b in micro_batches)
     if world_size > 1:
@@ -532,12 +551,30 @@ def distributed_setup() -> tuple[int, int, torch.device]:
 
 
 def amp_setup(options: TrainOptions, device) -> tuple[Callable, object]:
-    """(autocast context factory, GradScaler or None): bf16 autocast where supported, else fp16 + GradScaler."""
+    """(autocast context factory, GradScaler or None) of train.amp and train.amp_dtype; AMP runs on CUDA only.
+
+    fp16: fairseq's --amp: float16 autocast and `fairseq_grad_scaler`; `update_step` retries, skips and stops as
+    fairseq's Trainer does. bf16 (lslo's option; fairseq's --amp has no bfloat16): bfloat16 autocast without a
+    scaler, whose exponent range is float32's, so no update overflows or is skipped. A GPU without native bfloat16
+    (compute capability < 8.0) is refused rather than emulated.
+    """
     if device.type != "cuda" or not options.amp:
         return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    dtype = AMP_DTYPES[options.amp_dtype]
+    if dtype == torch.bfloat16:
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise LsloError(f"train.amp_dtype is bf16, but {torch.cuda.get_device_name(device)} has no native "
+                            "bfloat16; set train.amp_dtype: fp16 (the paper's, fairseq's --amp) or train.amp: false")
+        return (lambda: torch.autocast("cuda", dtype=dtype)), None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), fairseq_grad_scaler("cuda")
+
+
+def fairseq_grad_scaler(device_type: str = "cuda") -> torch.amp.GradScaler:
+    """The loss scaler of fairseq's --amp (fairseq/optim/amp_optimizer.py): torch's GradScaler at init scale 2**7
+    (common.fp16_init_scale), doubled after 2000 updates without overflow and halved at each overflow (torch's
+    growth_factor, growth_interval and backoff_factor, which fairseq keeps unless amp_scale_window is set)."""
+    return torch.amp.GradScaler(device_type, init_scale=FAIRSEQ_AMP_INIT_SCALE,
+                                growth_interval=FAIRSEQ_AMP_GROWTH_INTERVAL)
 
 
 @dataclass
@@ -554,6 +591,9 @@ class Trainer:
     update_freq: int  # micro-batches per update in each process (TrainOptions.update_freq_for)
     autocast: Callable
     scaler: object  # torch.amp.GradScaler (fp16 autocast) or None
+    # fairseq's Trainer._amp_retries: tries of a batch after an overflow; as fairseq, reset only when a batch is
+    # skipped (a retry that succeeds leaves it), and not checkpointed
+    amp_retries: int = 0
 
 
 @dataclass
@@ -616,7 +656,8 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
     """The one training loop, of every stage and of demo pretraining: for each epoch, epoch_hook(epoch) (GPS
     pruning), then its updates; yields each finished epoch to the caller (the stages score and checkpoint it).
     Ends after `epochs`, once options.max_steps updates are done, or once stop() is true (both checked before each
-    update and each epoch)."""
+    update and each epoch). An fp16 update that overflowed on every try (update_step) consumed its batches but is
+    not counted: `step`, and with it the lr and max_steps, stay where they were."""
     for epoch in epochs:
         if finished(trainer.options, step, stop):
             return
@@ -630,8 +671,11 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
         for group in bar:
             if finished(trainer.options, step, stop):
                 break
+            counted = update_step(trainer, source, group, step + 1)
+            if counted is None:  # skipped after overflows (fairseq's --amp): not an update
+                continue
             step += 1
-            loss, n_tokens = update_step(trainer, source, group, step)
+            loss, n_tokens = counted
             if not math.isfinite(loss):
                 raise non_finite_loss(loss, epoch, step, checkpoint_dir)
             done.append((step, loss, n_tokens))
@@ -645,13 +689,40 @@ def finished(options: TrainOptions, step: int, stop: Callable[[], bool] | None) 
     return (options.max_steps is not None and step >= options.max_steps) or (stop is not None and stop())
 
 
-def update_step(trainer: Trainer, source: BatchSource, group: list[list], step: int) -> tuple[float, int]:
-    """Update number `step` (1-based) over the micro-batches `group`, at the schedule's lr of that update."""
+def update_step(trainer: Trainer, source: BatchSource, group: list[list], step: int) -> tuple[float, int] | None:
+    """Update number `step` (1-based) over the micro-batches `group`, at the schedule's lr of that update: (summed
+    loss, target tokens), or None when the update is not counted.
+
+    With fp16's GradScaler this is fairseq's --amp (fairseq/trainer.py train_step): a try whose gradients
+    overflow leaves the weights and Adam's state as they were and halves the loss scale, and the same batch is tried
+    again, at the same lr, while trainer.amp_retries < 2; otherwise the batch is skipped (None; one INFO line
+    each). A scale at or below fairseq's min_loss_scale stops training.
+    """
     micro = [collate(batch, source.corpus, source.tokenizer, source.languages) for batch in group]
-    options = trainer.options
-    return train_update(trainer.forward_model, trainer.optimizer, micro, options,
-                        get_lr(step, options.lr, options.warmup_updates), trainer.device, trainer.scaler,
-                        trainer.autocast, trainer.world_size)
+    options, scaler = trainer.options, trainer.scaler
+    lr = get_lr(step, options.lr, options.warmup_updates)
+    while True:
+        scale = scaler.get_scale() if scaler is not None else None
+        loss, n_tokens = train_update(trainer.forward_model, trainer.optimizer, micro, options, lr, trainer.device,
+                                      scaler, trainer.autocast, trainer.world_size)
+        new_scale = scaler.get_scale() if scaler is not None else None
+        if scaler is None or new_scale >= scale:  # the scaler backs off only after an overflow
+            return loss, n_tokens
+        if new_scale <= FAIRSEQ_MIN_LOSS_SCALE:
+            raise LsloError(f"update {step}: fp16 gradients overflow at every loss scale (now {new_scale:g}, at or "
+                            f"below fairseq's minimum {FAIRSEQ_MIN_LOSS_SCALE:g}); training stopped (try a lower lr, "
+                            "clip_norm, train.amp_dtype: bf16 or train.amp: false)")
+        if trainer.amp_retries < FAIRSEQ_AMP_BATCH_RETRIES:
+            trainer.amp_retries += 1
+            log.info("update %d: gradient overflow detected, ignoring gradient, setting loss scale to: %g; "
+                     "trying the same batch again (retry %d of %d)", step, new_scale, trainer.amp_retries,
+                     FAIRSEQ_AMP_BATCH_RETRIES)
+            continue
+        trainer.amp_retries = 0
+        trainer.optimizer.zero_grad(set_to_none=True)
+        log.info("update %d: gradient overflow detected, ignoring gradient, setting loss scale to: %g; batch "
+                 "skipped, the update is not counted and the lr schedule does not advance", step, new_scale)
+        return None
 
 
 def non_finite_loss(loss: float, epoch: int, step: int, checkpoint_dir) -> LsloError:
