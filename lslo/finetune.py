@@ -2,8 +2,9 @@
 
   method "pretrain": no training; variant.json points at the base model; the metrics TSV has one epoch-0 row
                      (dev spBLEU of the base model, the Pretrain line of Figure 3).
-  method "full":     every parameter, lr 1e-4 unless options say otherwise (§5); writes out_dir/model (HF
-                     model + tokenizer).
+  method "full":     every parameter, lr 1e-4 unless options say otherwise (§5); warmup and inverse-sqrt schedule
+                     are the options' (the configs state Ft-all's in its own `train` block, lslo's choice:
+                     docs/params.md); writes out_dir/model (HF model + tokenizer).
   method "lslo":     the base frozen; per-language ranks and GPS targets from ranks_json
                      {"ranks": {lang: r}, "prune": {lang: P}, "gps": {"start": E, "duration": k} | null};
                      writes out_dir/adapters.safetensors (lslo.adapters.save_adapters).

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lslo.bootstrap import compare_systems, read_sentence_stats
 from lslo.errors import LsloError
+from lslo.index_plans import describe_plan, paper_reference, plan_comparison, read_index_plan
 from lslo.io import atomic_write, markdown_cell, read_tsv
 
 ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
@@ -40,8 +41,9 @@ def _significance(p: float) -> str:
     return f"p = {p:.3f}, {'significant' if p < ALPHA else 'not significant'}"
 
 
-def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataFrame:
-    """The targets, measured. stats: {role: sentence_stats.npz}; labels: {role: Table 1 label}."""
+def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv, plan_json=None) -> pd.DataFrame:
+    """The targets, measured. stats: {role: sentence_stats.npz}; labels: {role: Table 1 label}; plan_json: the
+    weight-learning plan, reported against the paper's (lslo.index_plans)."""
 
     missing = [role for role in ROLES if role not in stats or role not in labels]
     if missing:
@@ -76,6 +78,12 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv) -> pd.DataF
         layer = int(sub.loc[gaps.idxmax(), "layer"])
         rows.append((f"Weight learning, {name}: max |w_src - w_tgt|", f"{gaps.max():.3f} (layer {layer})",
                      f">= {WEIGHT_GAP_MIN:g}", _result(gaps.max() >= WEIGHT_GAP_MIN)))
+    if plan_json is not None:
+        plan = read_index_plan(plan_json)
+        reference, scaled = paper_reference(plan)
+        needed = (f"report (the paper's rule at this depth: {describe_plan(reference)})" if scaled
+                  else f"report (paper §6.1: {describe_plan(reference)})")
+        rows.append(("Weight learning: learned index plan vs the paper's", plan_comparison(plan), needed, "report"))
     table9 = read_tsv(table9_tsv, ["module", "r", "p_value"], "Table 9", allow_empty=False).set_index("module")
     if "AVG" not in table9.index:
         raise LsloError(f"{table9_tsv}: no AVG row")
@@ -104,10 +112,10 @@ def _demote_title(markdown: str) -> str:
 
 
 def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds: list, figures: dict,
-                  out_md) -> pd.DataFrame:
+                  out_md, plan_json=None) -> pd.DataFrame:
     """results/summary.md: the targets with measured values, then the given tables and figures (paths relative
     to the summary file's directory)."""
-    targets = demo_targets(stats, labels, weights_tsv, table9_tsv)
+    targets = demo_targets(stats, labels, weights_tsv, table9_tsv, plan_json)
     out_md = Path(out_md)
     passed = (targets["result"] == "pass").sum()
     judged = targets["result"].isin(["pass", "miss"]).sum()

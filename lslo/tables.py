@@ -17,6 +17,7 @@ from scipy.stats import pearsonr
 from lslo.bootstrap import RESAMPLES, compare_systems, read_sentence_stats
 from lslo.errors import LsloError
 from lslo.evaluate import signature_path
+from lslo.index_plans import plan_comparison, read_index_plan
 from lslo.io import atomic_write, markdown_cell, read_tsv, write_tsv
 from lslo.languages import read_language_table
 from lslo.metrics import GROUP_COLUMNS, GROUP_ORDER, pair_order
@@ -88,17 +89,21 @@ def _cell_text(value: float, interval: pd.Series | None) -> str:
 
 def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm_note: str,
                metric: str = "spbleu", stats_npzs: dict | None = None, methods: dict | None = None,
-               out_intervals=None) -> pd.DataFrame:
+               out_intervals=None, index_plan=None) -> pd.DataFrame:
     """One row per variant (dict order): Method, #Params (exact trainable count; None -> "-"), pairs, AVG.
 
     groups_tsvs: {label: groups.tsv of evaluate.score_variant}; params: {label: trainable parameters or None}.
     Pair columns are the union present, in the paper's order (H2H H2M ... V2V).
     With stats_npzs ({label: sentence_stats.npz}), methods ({label: method}) and out_intervals, spBLEU cells carry
     their 95% bootstrap interval and significance marks in the Markdown (interval_table).
+    With index_plan (a weight-learning plan.json; Table 3, the index strategies) a note says whether the learned
+    plan is the paper's, and where it differs (lslo.index_plans.plan_comparison).
     """
     if metric not in ("spbleu", "chrf"):
         raise LsloError(f"metric '{metric}', expected spbleu or chrf")
     frames = {label: _read_groups(path) for label, path in groups_tsvs.items()}
+    # read before anything is written: a bad plan.json leaves no table behind
+    plan_note = None if index_plan is None else f"WL: {plan_comparison(read_index_plan(index_plan))}"
     present = {g for f in frames.values() for p in f.index if p != "AVG" for g in p.split("2")}
     columns = [p for p in pair_order(present) if any(p in f.index for f in frames.values())] + ["AVG"]
     rows = []
@@ -129,6 +134,8 @@ def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm
              "parameters exactly."]
     if intervals is not None:
         notes.append(_interval_note(intervals))
+    if plan_note is not None:
+        notes.append(plan_note)
     notes += _signature_notes(groups_tsvs)
     _write_text(f"**{title}**\n\n{_markdown(shown)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", out_md)
     return table

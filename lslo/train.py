@@ -120,7 +120,8 @@ class TrainOptions:
     amp: bool = True  # only used on CUDA
     amp_dtype: str = "fp16"  # fp16: fairseq's --amp (GradScaler, overflowed updates skipped) | bf16: no scaler
     mixed_directions: bool = True  # False: one direction per batch (the LSLo fast path)
-    dev_sentences: int = 50  # per-epoch dev spBLEU subset (Figure 3)
+    dev_sentences: int | None = 50  # per-epoch dev spBLEU on the first N devtest sentences (Figure 3); 0: none,
+    # None: the whole devtest (the paper's Figure 3 levels are Table 1's, i.e. all 1012 sentences)
     dev_beam: int = 1
     max_steps: int | None = None  # stop after this many updates (smoke runs)
     max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
@@ -250,7 +251,7 @@ class TrainOptions:
         return self.tokens_per_update // per_update
 
 
-_OPTIONAL_INT = {"max_steps", "max_epoch_examples", "tokens_per_update", "fc_lora_width"}
+_OPTIONAL_INT = {f.name for f in fields(TrainOptions) if str(f.type) == "int | None"}  # null or a whole number
 
 
 def _check_type(path: str, value, default, key: str):
@@ -482,6 +483,11 @@ def count_trainable(model) -> tuple[int, int, float]:
 
 # ---------------------------------------------------------------------------------------------- dev scores
 
+def dev_rows(dev_table: pd.DataFrame, options: TrainOptions) -> pd.DataFrame:
+    """The dev sentences a stage scores each epoch: the first options.dev_sentences, or all of them (None)."""
+    return dev_table if options.dev_sentences is None else dev_table.head(options.dev_sentences)
+
+
 def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list[str], groups: dict | None,
                options: TrainOptions, device, batch_size: int = 64) -> dict:
     """Mean dev spBLEU over the H2H and V2V directions (Figure 3) on the first options.dev_sentences rows,
@@ -491,7 +497,7 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
     scores = dict.fromkeys(DEV_COLUMNS, float("nan"))
     if dev_table is None or not groups or options.dev_sentences == 0:
         return scores
-    rows = dev_table.head(options.dev_sentences)
+    rows = dev_rows(dev_table, options)
     pairs = {group: [(s, t) for s in languages for t in languages
                      if s != t and groups.get(s) == group == groups.get(t) and {s, t} <= set(rows.columns)]
              for group in ("H", "V")}
@@ -805,7 +811,7 @@ def run_identity(stage_identity: dict | None, model, options: TrainOptions, lang
         "site_ranks": site_ranks(model),
         "languages": list(languages),
         "train_data": data_identity(train_table, list(languages)),
-        "dev_data": (data_identity(dev_table.head(options.dev_sentences), dev_columns) if dev_columns else None),
+        "dev_data": (data_identity(dev_rows(dev_table, options), dev_columns) if dev_columns else None),
         "lslo_version": __version__,
         # the stage's script and the lslo modules it imports: the `code` param that reruns the job (rules)
         "code": stage_code_hash((stage_identity or {}).get("stage")),

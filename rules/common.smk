@@ -260,9 +260,11 @@ def stage_options():
 
 def dev_file(options):
     """The dev subset a training stage reads: the first `dev_sentences` devtest sentences, a file of their own
-    (written by the dev_set rule), so that eval.max_sentences, which cuts the test table, retrains nothing; [] for
-    dev_sentences 0 (no dev scores)."""
+    (written by the dev_set rule), so that eval.max_sentences, which cuts the test table, retrains nothing;
+    results/data/dev/all.tsv for dev_sentences null (the whole devtest); [] for 0 (no dev scores)."""
     n = options.get("dev_sentences", TrainOptions.dev_sentences)
+    if n is None:
+        return "results/data/dev/all.tsv"
     return f"results/data/dev/{n}.tsv" if n else []
 
 

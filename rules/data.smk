@@ -110,11 +110,11 @@ rule dev_set:
     output:
         rows="results/data/dev/{n}.tsv",
     params:
-        n=lambda wildcards: int(wildcards.n),
+        n=lambda wildcards: None if wildcards.n == "all" else int(wildcards.n),  # all: dev_sentences null
         key="dev_sentences (train options)",
         code=CODE["first_sentences"],
     wildcard_constraints:
-        n=r"[1-9]\d*",
+        n=r"[1-9]\d*|all",
     log:
         "logs/dev_set/{n}.log",
     localrule: True

@@ -31,6 +31,13 @@ SPM_NOTE = (
 )
 
 
+def learned_plan_of(table):
+    """Table 3 (the index strategies) with a WL row: its notes compare the learned plan with the paper's."""
+    if table == "table3" and any(VARIANTS[v].get("index") == "learned" for v in config["tables"][table]):
+        return "results/weight_learning/plan.json"
+    return []
+
+
 rule figure1:
     input:
         weights="results/weight_learning/weights.tsv",
@@ -87,6 +94,7 @@ rule table:
         groups=lambda wildcards: groups_of(config["tables"][wildcards.table]),
         metrics=lambda wildcards: metrics_of(config["tables"][wildcards.table]),
         stats=lambda wildcards: stats_of(config["tables"][wildcards.table]),
+        plan=lambda wildcards: learned_plan_of(wildcards.table),
     output:
         tsv=report("results/tables/{table}.tsv", caption="../workflow/report/tables.rst", category="Tables"),
         md="results/tables/{table}.md",
@@ -137,6 +145,7 @@ rule summary:
     input:
         stats=lambda wildcards: stats_of([config["summary"][role] for role in SUMMARY_ROLES]),
         weights="results/weight_learning/weights.tsv",
+        plan="results/weight_learning/plan.json",
         table9="results/tables/table9.tsv",
         table_mds=["results/tables/table1.md", "results/tables/table9.md"],
         figures=expand("results/figures/figure{i}.png", i=[1, 2, 3]),

@@ -11,6 +11,7 @@ from sacrebleu.significance import _paired_bs_test
 
 from lslo import bootstrap, evaluate, metrics
 from lslo.errors import LsloError
+from lslo.io import write_json
 from lslo.tables import make_table
 
 WORDS = "a b c d e f g h i j k l m n o p".split()
@@ -200,8 +201,11 @@ def test_summary_targets_and_readme(refs, tmp_path):
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "figure1.png").write_bytes(b"png")
     (tmp_path / "t1.md").write_text("**Table 1: spBLEU**\n\n| a |\n|---|\n| 1 |\n")
+    # the demo's 2 + 2 layers, encoder layer 2 target-indexed: one layer off the paper's rule scaled to 2 layers
+    write_json({"enc": ["src", "tgt"], "dec": ["tgt", "tgt"]}, tmp_path / "plan.json")
     targets = summary.write_summary(stats, labels, tmp_path / "w.tsv", tmp_path / "t9.tsv", [tmp_path / "t1.md"],
-                                    {"Figure 1": "figures/figure1.png"}, tmp_path / "summary.md").set_index("target")
+                                    {"Figure 1": "figures/figure1.png"}, tmp_path / "summary.md",
+                                    plan_json=tmp_path / "plan.json").set_index("target")
     frame = bootstrap.compare_systems({labels[r]: bootstrap.read_sentence_stats(stats[r]) for r in noise},
                                       {"pretrain": "pretrain"}).set_index(["method", "pair"])
     h2h, v2v = frame.loc[("pretrain", "H2H"), "spbleu"], frame.loc[("pretrain", "V2V"), "spbleu"]
@@ -212,7 +216,14 @@ def test_summary_targets_and_readme(refs, tmp_path):
     assert targets.loc["Weight learning, encoder: max |w_src - w_tgt|", "measured"] == "0.800 (layer 2)"
     assert targets.loc["Weight learning, decoder: max |w_src - w_tgt|", "result"] == "miss"  # 0.1 < 0.2
     assert targets.loc["ISE: Pearson r, bitext vs eq. 6 score, encoder AVG (Table 9)", "result"] == "pass"
+    plan_row = targets.loc["Weight learning: learned index plan vs the paper's"]
+    assert plan_row["result"] == "report" and plan_row["needed"] == (
+        "report (the paper's rule at this depth: encoder src×2, decoder tgt×2)")
+    assert plan_row["measured"].startswith("The learned index plan (encoder src×1 tgt×1, decoder tgt×2) differs "
+                                           "from the paper's rule scaled to this model's 2 + 2 layers")
+    assert plan_row["measured"].endswith("in 1 of 4 layers: encoder layer 2: tgt (scaled rule src).")
     text = (tmp_path / "summary.md").read_text()
+    assert plan_row["measured"] in text
     assert "#### Table 1: spBLEU" in text and "![Figure 1](figures/figure1.png)" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{summary.README_START}\nold\n{summary.README_END}\n\nrest\n")

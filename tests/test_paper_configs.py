@@ -128,3 +128,40 @@ def test_set_dropout_reaches_attention_activation_and_layerdrop():
         assert not torch.allclose(model.train()(**inputs).logits, reference)
         set_dropout(model, 0.0, attention=0.0)
         torch.testing.assert_close(model.train()(**inputs).logits, reference)
+
+
+def variant_options(config: dict, variant: str) -> TrainOptions:
+    """A variant's options as rules/common.smk merges them: the `train` block, then the variant's own."""
+    return TrainOptions.from_dict({**config["train"], **(config["variants"][variant].get("train") or {})})
+
+
+@pytest.mark.parametrize("name", ["lang12", "lang30"])
+def test_figure3_variants_score_the_whole_devtest_with_beam_5(name):
+    config = load(name)
+    assert config["figure3"]
+    for variant in config["variants"]:
+        options = variant_options(config, variant)
+        expected = (None, 5) if variant in config["figure3"] else (50, 1)  # the rest: cheap monitoring only
+        assert (options.dev_sentences, options.dev_beam) == expected, variant
+    for stage in ("weight_learning", "subspace"):  # not in Figure 3
+        options = TrainOptions.from_dict({**config["train"], **config[stage]["train"]})
+        assert (options.dev_sentences, options.dev_beam) == (50, 1)
+
+
+def test_the_demo_keeps_its_dev_protocol():
+    config = load("config")
+    assert {(variant_options(config, v).dev_sentences, variant_options(config, v).dev_beam)
+            for v in config["figure3"]} == {(20, 1)}
+
+
+def test_dev_sentences_null_is_the_whole_devtest():
+    import pandas as pd
+
+    from lslo.train import dev_rows
+
+    table = pd.DataFrame({"id": range(5), "en": list("abcde")})
+    assert dev_rows(table, TrainOptions.from_dict({"dev_sentences": None})).equals(table)
+    assert dev_rows(table, TrainOptions.from_dict({"dev_sentences": 2}))["en"].tolist() == ["a", "b"]
+    assert dev_rows(table, TrainOptions()).equals(table.head(50))  # unset: the first 50
+    with pytest.raises(LsloError, match="train.dev_sentences is 'all', expected null or a whole number"):
+        TrainOptions.from_dict({"dev_sentences": "all"}, "train")

@@ -136,6 +136,13 @@ def test_lang12_dry_run_covers_the_paper(workdir, tmp_path):
     assert counts["table"] == 4 and counts["score_table"] == 2  # Tables 1, 3, 4, 8 and 9, 10
     for vid in variants:
         assert f"results/evaluate/{vid}/groups.tsv" in out
+    # Figure 3's variants score the whole devtest each epoch (dev_sentences null), the rest its first 50 sentences
+    assert counts["dev_set"] == 2 and "output: results/data/dev/all.tsv" in out
+    # Table 3 (index strategies) reads the learned plan for its note; Table 1 does not
+    table_inputs = dict((output.split(",")[0], inputs) for inputs, output in re.findall(
+        r"^    input: (.*)\n    output: (results/tables/table\d\.tsv.*)$", out, flags=re.M))
+    assert "results/weight_learning/plan.json" in table_inputs["results/tables/table3.tsv"]
+    assert "results/weight_learning/plan.json" not in table_inputs["results/tables/table1.tsv"]
     # the decode jobs of one variant cover the 132 lang12 directions exactly once
     table = read_language_table(ROOT / "config/languages.tsv")
     all_directions = directions(select(table, "lang12"))

@@ -9,7 +9,7 @@ with stage_job(snakemake.log[0]):
     captions = ["Figure 1: learned weights per layer", "Figure 2: subspace demand per language (ISE)",
                 "Figure 3: dev spBLEU per epoch"]
     write_summary(stats=dict(zip(ROLES, inp.stats)), labels=dict(params.labels), weights_tsv=inp.weights,
-                  table9_tsv=inp.table9, table_mds=list(inp.table_mds),
+                  plan_json=inp.plan, table9_tsv=inp.table9, table_mds=list(inp.table_mds),
                   figures={caption: f"figures/{path.rsplit('/', 1)[1]}"
                            for caption, path in zip(captions, inp.figures)},
                   out_md=snakemake.output.md)

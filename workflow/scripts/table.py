@@ -15,4 +15,5 @@ with stage_job(snakemake.log[0]):
     make_table(groups_tsvs=by_label(labels, list(inp.groups), what), params=by_label(labels, trainable, what),
                out_tsv=out.tsv, out_md=out.md, title=params.title, spm_note=params.spm_note,
                stats_npzs=by_label(labels, list(inp.stats), what),
-               methods=by_label(labels, list(params.methods), what), out_intervals=out.intervals)
+               methods=by_label(labels, list(params.methods), what), out_intervals=out.intervals,
+               index_plan=inp.plan or None)  # Table 3: the learned plan against the paper's
