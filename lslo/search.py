@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from lslo.errors import LsloError
+
 NEG_INF = -math.inf
 
 
@@ -52,6 +54,9 @@ def fairseq_beam_search(step_fn: StepFunction, batch_size: int, beam: int, max_l
     """fairseq's `_generate` for ``batch_size`` sentences: per sentence its finalized hypotheses (at most
     ``beam``), best first. ``prefix`` [batch_size, P]: tokens forced after ``bos`` (M2M-100: the target-language
     token, `translation_multi_simple_epoch.inference_step` with lang_tok_replacing_bos_eos false)."""
+    if max_len < min_len:  # fairseq: assert self.min_len <= max_len
+        raise LsloError(f"the length limit is {max_len} tokens, under fairseq's minimum length {min_len} "
+                        f"(eval.max_len_a * source length + eval.max_len_b)")
     device = prefix.device
     rows = batch_size * beam
     tokens = torch.full((rows, max_len + 2), pad, dtype=torch.long, device=device)
