@@ -4,6 +4,7 @@ distributions, and on tiny real models against greedy decoding, single-sentence 
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,14 @@ from conftest import EOS, make_batch, lang_token_id, make_tiny_model  # noqa: E4
 from model_dirs import make_m2m100_model_dir, syllable_sentences  # noqa: E402
 from test_model import lslo_model  # noqa: E402
 
+from lslo.config import load_yaml  # noqa: E402
 from lslo.errors import LsloError  # noqa: E402
-from lslo.inference import DecodingOptions, decoding_precision, load_variant, translate_many  # noqa: E402
+from lslo.inference import (DTYPES, SEARCHES, DecodingOptions, decoding_precision, load_variant,  # noqa: E402
+                            translate_many)
 from lslo.search import fairseq_beam_search, m2m100_beam_search  # noqa: E402
+from lslo.train import TrainOptions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # scripted vocabulary: decoder start, pad, EOS, the target-language token L, words a b c d
 START, PAD, L, A, B, C, D = 0, 1, 3, 4, 5, 6, 7
@@ -232,6 +238,19 @@ def test_search_and_dtype_are_checked():
     for name, bad in (("search", "beam"), ("dtype", "bf16"), ("search", None)):
         with pytest.raises(LsloError, match=rf"{name} is {bad!r}, expected one of .* \(config eval.{name}\)"):
             DecodingOptions(**{name: bad})
+
+
+def test_the_schema_states_the_decoding_options_choices_and_defaults():
+    """config eval.search / eval.dtype: the values and defaults of DecodingOptions (the demo config sets neither)."""
+    schema = load_yaml(ROOT / "config" / "schema.yaml")
+    evaluation = schema["properties"]["eval"]["properties"]
+    train = schema["$defs"]["train"]["properties"]
+    assert evaluation["search"]["enum"] == list(SEARCHES) == train["dev_search"]["enum"]
+    assert evaluation["dtype"]["enum"] == list(DTYPES)
+    assert (evaluation["search"]["default"], evaluation["dtype"]["default"]) == (DecodingOptions().search,
+                                                                                DecodingOptions().dtype)
+    assert TrainOptions().dev_search == DecodingOptions().search
+    assert not {"search", "dtype"} & set(load_yaml(ROOT / "config" / "config.yaml")["eval"])
 
 
 def test_fp16_is_refused_off_cuda(translator):
