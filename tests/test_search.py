@@ -285,3 +285,29 @@ def test_fp16_decoding_on_cuda(translator):
     finally:
         translator.model.to("cpu")
         translator.device = "cpu"
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_dev_scores_decode_with_the_options_dev_search(monkeypatch, search):
+    """Per-epoch dev scores decode with train.dev_search, which the workflow sets to eval.search."""
+    import pandas as pd
+
+    import lslo.train as T
+
+    seen = []
+
+    class Decoded(Exception):
+        pass
+
+    def record(translator, texts, srcs, tgts, options, **kwargs):
+        seen.append(options)
+        raise Decoded
+
+    monkeypatch.setattr(T, "translate_many", record)
+    table = pd.DataFrame({"en": ["a b", "c d"], "fr": ["e f", "g h"]})
+    with pytest.raises(Decoded):
+        T.dev_scores(make_tiny_model(), None, table, ["en", "fr"], {"en": "H", "fr": "H"},
+                     TrainOptions(dev_sentences=2, dev_search=search), "cpu")
+    assert [o.search for o in seen] == [search] and seen[0].dtype == "fp32"
+    with pytest.raises(LsloError, match=r"options.dev_search is 'greedy', expected one of fairseq, hf"):
+        TrainOptions.from_dict({"dev_search": "greedy"})
