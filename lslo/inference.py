@@ -276,7 +276,7 @@ def decoding_precision(model, dtype: str, device):
         return
     if torch.device(device).type != "cuda":
         raise LsloError(f"eval.dtype is {dtype}, which decodes on CUDA only; this decoding runs on {device} "
-                        f"(set eval.dtype: fp32)")
+                        f"(set eval.dtype: fp32, or lslo translate --dtype fp32)")
     params = [(p, p.data) for p in model.parameters() if p.is_floating_point()]
     buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
                if b is not None and b.is_floating_point()]

@@ -255,7 +255,7 @@ def test_the_schema_states_the_decoding_options_choices_and_defaults():
 
 def test_fp16_is_refused_off_cuda(translator):
     with pytest.raises(LsloError, match=r"^eval.dtype is fp16, which decodes on CUDA only; this decoding runs on "
-                                        r"cpu \(set eval.dtype: fp32\)$"):
+                                        r"cpu \(set eval.dtype: fp32, or lslo translate --dtype fp32\)$"):
         translate_many(translator, ["a"], ["en"], ["oc"], DecodingOptions(dtype="fp16"))
 
 
@@ -311,3 +311,15 @@ def test_dev_scores_decode_with_the_options_dev_search(monkeypatch, search):
     assert [o.search for o in seen] == [search] and seen[0].dtype == "fp32"
     with pytest.raises(LsloError, match=r"options.dev_search is 'greedy', expected one of fairseq, hf"):
         TrainOptions.from_dict({"dev_search": "greedy"})
+
+
+def test_translate_dtype_flag_overrides_a_recorded_fp16(tmp_path):
+    """A paper run records dtype fp16; `lslo translate --dtype fp32` decodes it on a machine without CUDA."""
+    from lslo.inference import write_decoding_options
+    from lslo.translate import run_decoding_options
+
+    variant = tmp_path / "variant.json"
+    write_decoding_options(DecodingOptions(dtype="fp16"), tmp_path / "decoding.json")
+    options, line = run_decoding_options(variant, {"dtype": "fp32"})
+    assert (options.dtype, options.search) == ("fp32", "fairseq")
+    assert line.endswith("overridden by --dtype fp32 (recorded: fp16)")
