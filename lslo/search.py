@@ -82,7 +82,7 @@ def fairseq_beam_search(step_fn: StepFunction, batch_size: int, beam: int, max_l
         # finalize hypotheses that end in EOS, only among the first `beam` candidates
         eos_mask = cand_tokens.eq(eos) & cand_scores.ne(NEG_INF)
         first = min(beam, eos_mask.shape[1])  # fewer candidates than `beam` only with a vocabulary under 2·beam
-        eos_mask[:, :first] &= ~ignore[:, :first]
+        eos_mask[:, :first] &= ~ignore[:, :first]  # by candidate position, as fairseq applies cands_to_ignore
         done = set()
         if bool(eos_mask[:, :beam].any()):
             done = _finalize(finalized, sentences, tokens, step, beam, eos, lenpen, cand_beams[:, :beam],
@@ -225,4 +225,8 @@ def m2m100_beam_search(hf_model, input_ids, attention_mask, prefix, beam: int, m
     finally:
         if routing is not None:
             routing.clear()
+    empty = [i for i, hyps in enumerate(finalized) if not hyps]
+    if empty:  # fairseq stops on `assert step < max_len` here
+        raise LsloError(f"fairseq beam search ended sentence(s) {empty} of the batch without a hypothesis: every "
+                        f"continuation had log-probability -inf or NaN (with eval.dtype fp16: an overflow)")
     return [hyps[0] for hyps in finalized]

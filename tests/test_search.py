@@ -323,3 +323,14 @@ def test_translate_dtype_flag_overrides_a_recorded_fp16(tmp_path):
     options, line = run_decoding_options(variant, {"dtype": "fp32"})
     assert (options.dtype, options.search) == ("fp32", "fairseq")
     assert line.endswith("overridden by --dtype fp32 (recorded: fp16)")
+
+
+def test_a_model_without_a_finite_continuation_is_refused():
+    """NaN log-probabilities (an fp16 overflow) leave no hypothesis: one line, not an IndexError."""
+    model = make_tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    batch = make_batch([("en", "fr")], length=5)
+    with pytest.raises(LsloError, match=r"ended sentence\(s\) \[0\] of the batch without a hypothesis"):
+        m2m100_beam_search(model, batch["input_ids"], batch["attention_mask"], torch.tensor([[lang_token_id("fr")]]),
+                           2, 4, 1.0)
