@@ -116,6 +116,9 @@ def _add_model_commands(commands) -> None:
                            help="max new tokens = a * source length + b (default: the run's)")
     translate.add_argument("--max-len-b", type=int, help="(default: the run's)")
     translate.add_argument("--lenpen", type=float, help="length penalty (default: the run's, 1.0)")
+    translate.add_argument("--search", help="fairseq | hf: whose beam search (default: the run's eval.search)")
+    translate.add_argument("--dtype", help="fp32 | fp16 (CUDA only): the weights' precision while decoding "
+                                           "(default: the run's eval.dtype)")
     translate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     translate.set_defaults(func=run_translate)

@@ -5,8 +5,11 @@ zero-shot report (lslo.demo) and `lslo translate` (lslo.translate) all decode th
 
     encode each source ("__src__ tokens </s>", the fairseq / HF M2M100 convention)
     -> batches: one target language per batch, sources sorted by length under a token budget (fairseq --max-tokens)
-    -> generate: decoder prefix [decoder_start = </s>, __tgt__], beam search, at most
-       max_len_a * longest source + max_len_b new tokens (fairseq's max_len_a/b), length penalty `lenpen`
+    -> beam search: decoder prefix [decoder_start = </s>, __tgt__], at most max_len_a * longest source +
+       max_len_b new tokens (fairseq's max_len_a/b), length penalty `lenpen`; `search` "fairseq" is
+       fairseq-generate's beam search (lslo.search: its stop rule and its length normalization, which counts the
+       language token), "hf" is HF `generate`'s; `dtype` "fp16" decodes a half-precision copy of the weights
+       (fairseq-generate --fp16; CUDA only)
     -> decode, back in input order.
 
 `DecodingOptions` is the one place that defines these options and their defaults (fairseq-generate's, as the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,13 @@ from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, read_json, write_json
 from lslo.model import check_model_dir
+from lslo.search import m2m100_beam_search
 from lslo.tokenizer import load_tokenizer, require_languages
 from lslo.variant import decoded_model_dir, read_variant
 
 DECODING_FILE = "decoding.json"  # next to variant.json: the decoding options the evaluate stage used
+SEARCHES = ("fairseq", "hf")  # fairseq-generate's beam search (lslo.search), HF generate's
+DTYPES = ("fp32", "fp16")  # fp16: the weights cast to half precision for decoding (fairseq-generate --fp16)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -50,6 +57,8 @@ class DecodingOptions:
     lenpen: float = 1.0  # length penalty, fairseq's --lenpen (whatever the checkpoint's generation_config says)
     max_tokens: int | None = 4000  # source tokens per batch, padding included (None: no token budget)
     max_sentences: int | None = None  # sentences per batch (None: no limit)
+    search: str = "fairseq"  # whose beam search: fairseq-generate's (the authors') or HF generate's
+    dtype: str = "fp32"  # the weights' precision while decoding; fp16 (the authors' --fp16) needs CUDA
 
     def __post_init__(self):
         if not _whole(self.beam) or self.beam < 1:
@@ -64,6 +73,10 @@ class DecodingOptions:
             value = getattr(self, name)
             if value is not None and (not _whole(value) or value < 1):
                 raise LsloError(f"{name} is {value!r}, expected a whole number >= 1 or null (config eval.{name})")
+        for name, allowed in (("search", SEARCHES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise LsloError(f"{name} is {getattr(self, name)!r}, expected one of {', '.join(allowed)} "
+                                f"(config eval.{name})")
 
     def max_new_tokens(self, longest_source: int) -> int:
         return int(self.max_len_a * longest_source + self.max_len_b)
@@ -138,6 +151,8 @@ class Translator:
         attention_mask = (input_ids != pad).long()
         start = getattr(self.model, "base", self.model).config.decoder_start_token_id  # LSLoModel wraps HF
         prefix = torch.tensor([[start, self.tokenizer.get_lang_id(t)] for t in tgts], device=self.device)
+        if options.search == "fairseq":
+            return self._fairseq_batch(input_ids, attention_mask, prefix, srcs, tgts, options, max_new_tokens)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=prefix,
                       num_beams=options.beam, max_new_tokens=max_new_tokens, length_penalty=float(options.lenpen))
         if self.is_lslo:
@@ -149,6 +164,16 @@ class Translator:
         with torch.inference_mode():
             out = self.model.generate(**kwargs)
         return self.tokenizer.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)
+
+    def _fairseq_batch(self, input_ids, attention_mask, prefix, srcs, tgts, options, max_new_tokens):
+        """lslo.search: the decoder start begins every hypothesis, the target-language token is forced."""
+        route = {}
+        if self.is_lslo:
+            route = dict(routing=self.model.routing, src_lang=self._lang_ids(srcs), tgt_lang=self._lang_ids(tgts))
+        hyps = m2m100_beam_search(getattr(self.model, "base", self.model), input_ids, attention_mask, prefix[:, 1:],
+                                  options.beam, max_new_tokens, float(options.lenpen), **route)
+        forced = prefix.shape[1] - 1
+        return self.tokenizer.batch_decode([hyp.tokens[forced:] for hyp in hyps], skip_special_tokens=True)
 
     def _lang_ids(self, codes):
         unknown = sorted(set(codes) - set(self.languages))
@@ -229,7 +254,8 @@ def translate_many(translator: Translator, texts: list[str], srcs: list[str], tg
     hyps = [""] * len(texts)
     batches = make_decoding_batches(lengths, options.max_tokens, options.max_sentences, keys=list(tgts))
     disable = True if progress is None else (None if show_progress is None else not show_progress)
-    with tqdm(total=len(texts), desc=progress, unit="sent", file=sys.stderr, disable=disable) as bar:
+    with (decoding_precision(translator.model, options.dtype, translator.device),
+          tqdm(total=len(texts), desc=progress, unit="sent", file=sys.stderr, disable=disable) as bar):
         for batch in batches:
             longest = max(lengths[i] for i in batch)
             outputs = translator.translate_batch([encoded[i] for i in batch], [srcs[i] for i in batch],
@@ -238,6 +264,33 @@ def translate_many(translator: Translator, texts: list[str], srcs: list[str], tg
                 hyps[i] = hyp
             bar.update(len(batch))
     return hyps
+
+
+@contextmanager
+def decoding_precision(model, dtype: str, device):
+    """``model`` with its floating-point parameters and buffers in ``dtype`` ("fp16": half precision, as
+    fairseq-generate --fp16 calls model.half()) for the block, and the very same tensors as before afterwards:
+    the fp32 weights are set aside, not cast back, so a model in training (lslo.train.dev_scores) loses nothing."""
+    if dtype == "fp32":
+        yield model
+        return
+    if torch.device(device).type != "cuda":
+        raise LsloError(f"eval.dtype is {dtype}, which decodes on CUDA only; this decoding runs on {device} "
+                        f"(set eval.dtype: fp32, or lslo translate --dtype fp32)")
+    params = [(p, p.data) for p in model.parameters() if p.is_floating_point()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None and b.is_floating_point()]
+    try:
+        for p, data in params:
+            p.data = data.half()
+        for m, name, b in buffers:
+            m._buffers[name] = b.half()
+        yield model
+    finally:
+        for p, data in params:
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
 
 
 def one_line(hyp: str) -> str:

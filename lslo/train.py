@@ -54,7 +54,7 @@ from lslo.checkpoint import (data_identity, find_resumable, last_checkpoint, mar
 from lslo.code_identity import stage_code_hash
 from lslo.data import Corpus, TemperatureSampler, collate, make_batches, read_parallel
 from lslo.errors import LsloError
-from lslo.inference import DecodingOptions, Translator, translate_many
+from lslo.inference import SEARCHES, DecodingOptions, Translator, translate_many
 from lslo.io import write_tsv
 from lslo.languages import groups, nllb_codes, read_language_table, select
 from lslo.layer import LORA_INITS, BufferDict
@@ -123,14 +123,16 @@ class TrainOptions:
     dev_sentences: int | None = 50  # per-epoch dev spBLEU on the first N devtest sentences (Figure 3); 0: none,
     # None: the whole devtest (the paper's Figure 3 levels are Table 1's, i.e. all 1012 sentences)
     dev_beam: int = 1
+    dev_search: str = "fairseq"  # the dev decoding's beam search (lslo.inference.SEARCHES); the workflow sets it
+    # from config eval.search (rules/common.smk train_options), so dev scores decode as the evaluate stage does
     max_steps: int | None = None  # stop after this many updates (smoke runs)
     max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
 
     # The allowed values of every option, in JSON Schema keywords (an option without an entry takes any value of its
-    # type; lora_init, fc_lora and amp_dtype take the names in lslo.layer.LORA_INITS, lslo.model.FC_LAYOUTS and
-    # AMP_DTYPES). validate() enforces exactly these, and config/schema.yaml's `$defs.train` states the same types,
-    # bounds and defaults: tests/test_options.py compares the two field by field, so a change here must be made
-    # there too.
+    # type; lora_init, fc_lora, amp_dtype and dev_search take the names in lslo.layer.LORA_INITS,
+    # lslo.model.FC_LAYOUTS, AMP_DTYPES and lslo.inference.SEARCHES). validate() enforces exactly these, and
+    # config/schema.yaml's `$defs.train` states the same types, bounds and defaults: tests/test_options.py compares
+    # the two field by field, so a change here must be made there too.
     LIMITS = {
         "lr": {"exclusiveMinimum": 0},
         "epochs": {"minimum": 1},
@@ -178,7 +180,8 @@ class TrainOptions:
         """The JSON Schema of each option (type, bounds, allowed names), as config/schema.yaml must state it."""
         types = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
                  "int | None": {"type": ["integer", "null"]}, "list": {"type": "array"}}
-        enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS), "amp_dtype": list(AMP_DTYPES)}
+        enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS), "amp_dtype": list(AMP_DTYPES),
+                 "dev_search": list(SEARCHES)}
         schema = {}
         for f in fields(cls):
             limits = dict(cls.LIMITS.get(f.name, {}))
@@ -222,7 +225,7 @@ class TrainOptions:
             kind = ("a number" if json_type == "number" else "a whole number" if json_type == "integer"
                     else "null or a whole number")
             raise LsloError(f"{path}.{key} is {value!r}, expected {self._expected(limits, kind)}")
-        for key in ("lora_init", "fc_lora", "amp_dtype"):
+        for key in ("lora_init", "fc_lora", "amp_dtype", "dev_search"):
             if getattr(self, key) not in schema[key]["enum"]:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of "
                                 f"{', '.join(schema[key]['enum'])}")
@@ -508,7 +511,7 @@ def dev_scores(model, tokenizer, dev_table: pd.DataFrame | None, languages: list
                             is_lslo=is_lslo(model), device=str(device))
     # batches of batch_size sentences sorted by length, no token budget; at most 2 * longest source + 10 tokens
     decoding = DecodingOptions(beam=options.dev_beam, max_len_a=2, max_len_b=10, max_tokens=None,
-                               max_sentences=batch_size)
+                               max_sentences=batch_size, search=options.dev_search)
     was_training = unwrap(model).training
     unwrap(model).eval()
     try:

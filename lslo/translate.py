@@ -20,7 +20,7 @@ from lslo.inference import (DecodingOptions, Translator, decoding_options_path, 
 
 # decoding options a command-line flag may override, and the flag
 OPTION_FLAGS = {"beam": "--beam", "max_len_a": "--max-len-a", "max_len_b": "--max-len-b", "lenpen": "--lenpen",
-                "max_tokens": "--max-tokens"}
+                "max_tokens": "--max-tokens", "search": "--search", "dtype": "--dtype"}
 
 
 def run_decoding_options(variant_json, overrides: dict) -> tuple[DecodingOptions, str]:

@@ -226,8 +226,9 @@ def canonical(value):
 
 
 def train_options(*overrides):
-    """TrainOptions dict: the config's `train` block updated by stage/variant overrides (later wins)."""
-    options = dict(config["train"])
+    """TrainOptions dict: the config's `train` block updated by stage/variant overrides (later wins). The dev
+    scores decode with the evaluate stage's beam search (eval.search) unless a `train` block says otherwise."""
+    options = {"dev_search": config["eval"]["search"], **config["train"]}
     for override in overrides:
         options.update(override or {})
     return canonical(options)
@@ -239,7 +240,7 @@ def variant_options(wildcards):
 
 # The options the untrained base model's dev scores read (lslo.train.dev_scores): a pretrain variant depends on
 # nothing else of the `train` block.
-PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam"]
+PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam", "dev_search"]
 
 
 def finetune_options(variant):

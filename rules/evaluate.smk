@@ -8,7 +8,9 @@ rule decoding_options:
     output:
         options="results/finetune/{variant}/decoding.json",
     params:
-        options={key: config["eval"][key] for key in ("beam", "max_len_a", "max_len_b", "max_tokens")},
+        options={
+            key: config["eval"][key] for key in ("beam", "max_len_a", "max_len_b", "max_tokens", "search", "dtype")
+        },
         code=CODE["decoding_options"],
     log:
         "logs/decoding_options/{variant}.log",

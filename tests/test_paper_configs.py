@@ -69,6 +69,7 @@ def test_shipped_configs_use_the_authors_lora_structure(name):
 def test_paper_configs_decode_with_fairseq_generate_defaults(name):
     evaluation = load(name)["eval"]
     assert (evaluation["beam"], evaluation["max_len_a"], evaluation["max_len_b"]) == (5, 0.0, 200)
+    assert (evaluation["search"], evaluation["dtype"]) == ("fairseq", "fp16")  # fairseq-generate --fp16
 
 
 def test_lang30_uses_the_papers_index_plan(tmp_path):

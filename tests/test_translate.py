@@ -75,7 +75,7 @@ def test_translate_without_recorded_options_says_so(run, tmp_path, monkeypatch, 
     assert code == 0 and len(out.splitlines()) == 1
     assert err.splitlines() == [f"lslo translate: decoding with lslo's default decoding options "
                                 f"({tmp_path / 'decoding.json'} not found), overridden by --max-len-b 3; beam 5, "
-                                f"max_len_a 0.0, max_len_b 3, lenpen 1.0, max_tokens 4000"]
+                                f"max_len_a 0.0, max_len_b 3, lenpen 1.0, max_tokens 4000, search fairseq, dtype fp32"]
 
 
 def test_an_empty_line_gives_an_empty_line(run, monkeypatch, capsys):
