@@ -262,8 +262,9 @@ def read_fairseq_dict(path: str | os.PathLike, languages: list[str],
 
     fairseq's multilingual task adds a __xx__ token per language unless the dictionary already holds it, so a
     dict.txt that lists them (flores101_mm100_615M's does) fixes their ids: its order is the language order, they
-    must be its last lines, and `languages` (from `origin`; None: a default list, not checked) must name them
-    in the same order. A dict.txt without them gets `languages` appended in the given order."""
+    must be its last lines, and `languages` (from `origin`; None: a default list, not checked) must name some of
+    them in the same order (lang_pairs, which fairseq sorts: name some of them). A dict.txt without them gets
+    `languages` appended in the given order."""
     path = Path(path)
     if not path.is_file():
         raise LsloError(f"{path}: fairseq dictionary not found")
@@ -287,7 +288,9 @@ def read_fairseq_dict(path: str | os.PathLike, languages: list[str],
                         "tokens as the dictionary's last entries")
     if not in_dict:
         return FAIRSEQ_SPECIALS + tokens, list(languages)
-    if origin is not None and languages != in_dict and not _in_order(languages, in_dict):
+    # lang_pairs' languages are sorted by fairseq, so only their presence says anything about the dictionary
+    ordered = origin is None or not origin.endswith("lang_pairs")
+    if origin is not None and not (_in_order(languages, in_dict) if ordered else set(languages) <= set(in_dict)):
         raise LsloError(f"{path}: its language tokens fix the language order {in_dict}, which {origin} "
                         f"contradicts: {languages}; give --languages in the dictionary's order (or leave it out)")
     return FAIRSEQ_SPECIALS + tokens[:tail], in_dict
