@@ -292,7 +292,8 @@ def read_fairseq_dict(path: str | os.PathLike, languages: list[str],
     ordered = origin is None or not origin.endswith("lang_pairs")
     if origin is not None and not (_in_order(languages, in_dict) if ordered else set(languages) <= set(in_dict)):
         raise LsloError(f"{path}: its language tokens fix the language order {in_dict}, which {origin} "
-                        f"contradicts: {languages}; give --languages in the dictionary's order (or leave it out)")
+                        f"contradicts: {languages}; if this dictionary belongs to the checkpoint, give --languages "
+                        "in its order")
     return FAIRSEQ_SPECIALS + tokens[:tail], in_dict
 
 

@@ -18,6 +18,7 @@ themselves (no __xx__), and its source convention is transformers' default (lega
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from transformers.models.m2m_100.tokenization_m2m_100 import (FAIRSEQ_LANGUAGE_C
                                                               load_spm)
 
 from lslo.errors import LsloError
+
+log = logging.getLogger(__name__)
 
 # fairseq Dictionary's fixed head (bos, pad, eos, unk); M2M100 keeps these ids (decoder_start = eos = 2).
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -93,7 +96,13 @@ class LsloM2M100Tokenizer(M2M100Tokenizer):
         not registered (docs/your-model.md)."""
         files = super().save_vocabulary(save_directory, filename_prefix)
         path = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + "tokenizer.json")
-        fast_tokenizer(self.spm_file, self.encoder, list(self.lang_token_to_id)).save(str(path))
+        try:
+            fast = fast_tokenizer(self.spm_file, self.encoder, list(self.lang_token_to_id))
+        except LsloError as err:  # the lslo tokenizer is exact without it; say what stock transformers will lack
+            log.warning("no tokenizer.json written (%s); this tokenizer loads with lslo.tokenizer.load_tokenizer "
+                        "only", err)
+            return files
+        fast.save(str(path))
         return (*files, str(path))
 
     def get_lang_token(self, lang: str) -> str:
@@ -119,7 +128,7 @@ def fast_tokenizer(spm_model: str | os.PathLike, vocab: dict[str, int], language
     M2M100Tokenizer with src_lang "en" does ("__en__ tokens </s>").
 
     Every SentencePiece piece must be in `vocab`: fairseq maps a piece outside its dictionary to <unk>, which no
-    tokenizers model can reproduce, so such a vocabulary is refused."""
+    tokenizers model can reproduce, so such a vocabulary is refused (LsloError)."""
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf  # noqa: PLC0415
 
     proto = import_protobuf().ModelProto()

@@ -650,3 +650,18 @@ def test_a_converted_directory_decodes_with_transformers_alone(m2m124_release, t
         expected.append(result["output"][2:])
     width = max(len(row) for row in produced)
     assert sorted(produced) == sorted(row + [PAD] * (width - len(row)) for row in expected)
+
+
+def test_a_dictionary_without_some_pieces_converts_without_tokenizer_json(fake, spm_model, tmp_path, caplog):
+    """fairseq maps a SentencePiece piece missing from dict.txt to <unk>: lslo's tokenizer does the same, a
+    tokenizer.json cannot, so none is written and a warning says so."""
+    directory, checkpoint = fake
+    lines = (directory / "dict.txt").read_text().splitlines(keepends=True)
+    (tmp_path / "dict.txt").write_text("".join(lines[1:]))
+    missing = lines[0].split(" ")[0]
+    out = convert_fairseq_m2m(directory / "model.pt", tmp_path / "dict.txt", spm_model, tmp_path / "hf", LANGS)
+    assert not (out / "tokenizer.json").exists() and (out / "vocab.json").is_file()
+    assert f"no tokenizer.json written ({spm_model}: 1 SentencePiece piece(s) not in the vocabulary, e.g. " \
+           f"['{missing}']" in caplog.text
+    tokenizer = load_tokenizer(out)
+    assert missing not in tokenizer.get_vocab() and len(tokenizer.get_vocab()) == len(lines) + 3 + len(LANGS)
