@@ -107,8 +107,7 @@ def _fairseq_safe_globals() -> list:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar  # noqa: PLC0415
     dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
-    typing_names = [(getattr(typing, name), f"typing.{name}") for name in ("Any", "Dict", "List", "Tuple",
-                                                                           "Optional", "Union")]
+    typing_names = [(getattr(typing, name), f"typing.{name}") for name in ("Any", "Dict", "List")]
     return [argparse.Namespace, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
             (scalar, "numpy._core.multiarray.scalar"), *_OMEGACONF_STAND_INS, *typing_names,
             collections.defaultdict, dict, list, tuple, str, int, float, bool, type(None)]

@@ -665,3 +665,23 @@ def test_a_dictionary_without_some_pieces_converts_without_tokenizer_json(fake, 
            f"['{missing}']" in caplog.text
     tokenizer = load_tokenizer(out)
     assert missing not in tokenizer.get_vocab() and len(tokenizer.get_vocab()) == len(lines) + 3 + len(LANGS)
+
+
+def test_the_checkpoint_is_memory_mapped_and_the_old_format_still_reads(fake, spm_model, tmp_path, monkeypatch):
+    """A training checkpoint carries the optimizer state (4.9 GB for 615M): torch.load maps the file instead of
+    reading it; a checkpoint in torch's format before 1.6, which cannot be mapped, is read without mapping."""
+    directory, checkpoint = fake
+    calls, load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    convert_fairseq_m2m(directory / "model.pt", directory / "dict.txt", spm_model, tmp_path / "a")
+    assert calls == [True]
+    torch.save(checkpoint, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    out = convert_fairseq_m2m(tmp_path / "old.pt", directory / "dict.txt", spm_model, tmp_path / "b")
+    assert calls == [True, True, None]
+    model = M2M100ForConditionalGeneration.from_pretrained(str(out))
+    assert torch.equal(model.model.shared.weight, checkpoint["model"]["encoder.embed_tokens.weight"])
