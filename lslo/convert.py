@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import re
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,6 @@ def _fairseq_safe_globals() -> list:
     (meter values and losses in extra_state / optimizer_history); omegaconf 2.0 nodes (a DictConfig `cfg`) as
     inert stand-ins, with what their metadata names: typing.Any and builtin types (ref_type, object_type,
     key_type, element_type) and collections.defaultdict(dict) (resolver_cache)."""
-    import typing  # noqa: PLC0415
-
     try:
         from numpy._core.multiarray import scalar  # noqa: PLC0415 - its module moved in numpy 2
     except ImportError:  # numpy < 2
