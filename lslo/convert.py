@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import typing
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +98,95 @@ _OMEGACONF_STAND_INS = ([_stand_in(name, _OmegaConfStandIn) for name in _OMEGACO
                         + [_stand_in(name, _OmegaConfMetadata) for name in _OMEGACONF_METADATA])
 
 
-def _fairseq_safe_globals() -> list:
+class _FairseqStandIn:
+    """An inert object in place of whatever a `fairseq.*` module defines. A structured config's metadata names
+    fairseq's config dataclasses (ref_type / object_type: fairseq.dataclass.configs.CommonConfig, model
+    configs) and ChoiceEnum classes (an EnumNode's enum_type), and an EnumNode's value is a member of one, which
+    pickle rebuilds by calling its class with the member's value: calling a stand-in class only records the
+    arguments, so nothing fairseq defines is imported or run. `_plain` reads a recorded enum value only where
+    omegaconf keeps one (an EnumNode's value) and a class as its qualified name."""
+
+    def __init__(self, *args):
+        self.__dict__["_called_with"] = args
+
+
+# typing.List[str], Optional[int], Dict[str, Any] pickle as operator.getitem(typing.List, str) and
+# Optional's NoneType as type(None); they are read by these two functions under those names (the real
+# getitem and type never are), which accept only typing forms and types, and only None.
+_TYPING_FORMS = ("Any", "Dict", "List", "Optional", "Tuple", "Union")
+_REFUSED_CALL = "refused call: "
+
+
+def _typing_subscript(*arguments) -> str:
+    """The name of a subscripted typing form, e.g. "typing.List[str]": metadata only, dropped by `_plain`."""
+    forms = [getattr(typing, name) for name in _TYPING_FORMS]
+    origin, parameters = arguments if len(arguments) == 2 else (None, ())
+    parameters = parameters if isinstance(parameters, tuple) else (parameters,)
+    if not (any(origin is form for form in forms) and all(
+            p is Ellipsis or isinstance(p, (type, str)) or any(p is form for form in forms) for p in parameters)):
+        raise pickle.UnpicklingError(f"{_REFUSED_CALL}operator.getitem called on "
+                                     f"{', '.join(type(a).__name__ for a in arguments)}, not a typing form")
+
+    def name(p):
+        if isinstance(p, str) or p is Ellipsis or any(p is form for form in forms):
+            return "..." if p is Ellipsis else str(p)
+        return p.__qualname__
+    return f"{origin}[{', '.join(name(p) for p in parameters)}]"
+
+
+def _type_of_none(*arguments) -> type:
+    """type(None), as pickle rebuilds NoneType (Optional[X] is Union[X, NoneType]); nothing else."""
+    if len(arguments) != 1 or arguments[0] is not None:
+        raise pickle.UnpicklingError(f"{_REFUSED_CALL}builtins.type called on "
+                                     f"{', '.join(type(a).__name__ for a in arguments)}, not None")
+    return type(None)
+
+
+def _pickled_global_names(path: Path) -> set[str]:
+    """The GLOBAL names of a torch.save pickle (zip format: data.pkl; the pre-1.6 format: its leading pickles),
+    read with pickletools: nothing is imported or run. Empty when the file cannot be read this way (the
+    unpickler then says why)."""
+    names = set()
+    try:
+        with open(path, "rb") as stream:
+            if zipfile.is_zipfile(stream):
+                with zipfile.ZipFile(stream) as archive:
+                    record = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+                    pickles = [io.BytesIO(archive.read(record))]
+            else:
+                stream.seek(0)  # read in place: tensor data follows the pickles
+                pickles = [stream] * 4  # magic number, protocol, sys info, the object
+            for data in pickles:
+                for opcode, argument, _ in pickletools.genops(data):
+                    if opcode.name == "GLOBAL":
+                        names.add(".".join(argument.split(" ", 1)))
+    except Exception:  # not a pickle this reads: the unpickler reports it
+        pass
+    return names
+
+
+def _fairseq_stand_ins(names: set[str]) -> list[tuple[type, str]]:
+    return [_stand_in(name, _FairseqStandIn) for name in sorted(names)
+            if name.startswith("fairseq.")]
+
+
+def _fairseq_safe_globals(names: set[str] = frozenset()) -> list:
     """What fairseq checkpoints pickle besides tensors and containers, none of which runs code when unpickled:
     argparse.Namespace (args, and cfg.model / cfg.task of legacy architectures); numpy scalars with their dtypes
     (meter values and losses in extra_state / optimizer_history); omegaconf 2.0 nodes (a DictConfig `cfg`) as
-    inert stand-ins, with what their metadata names: typing.Any and builtin types (ref_type, object_type,
-    key_type, element_type) and collections.defaultdict(dict) (resolver_cache)."""
+    inert stand-ins, with what their metadata names: typing forms and builtin types (ref_type, object_type,
+    key_type, element_type), collections.defaultdict(dict) (resolver_cache), and of `names` (the pickle's own)
+    those of fairseq's modules (a structured config's dataclasses and ChoiceEnum classes) as inert stand-ins."""
     try:
         from numpy._core.multiarray import scalar  # noqa: PLC0415 - its module moved in numpy 2
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar  # noqa: PLC0415
     dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
-    typing_names = [(getattr(typing, name), f"typing.{name}") for name in ("Any", "Dict", "List")]
+    typing_names = [(getattr(typing, name), f"typing.{name}") for name in _TYPING_FORMS]
     return [argparse.Namespace, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
             (scalar, "numpy._core.multiarray.scalar"), *_OMEGACONF_STAND_INS, *typing_names,
+            (_typing_subscript, "_operator.getitem"), (_type_of_none, "builtins.type"), (Ellipsis, "builtins.Ellipsis"),
+            *_fairseq_stand_ins(names),
             collections.defaultdict, dict, list, tuple, str, int, float, bool, type(None)]
 
 
@@ -117,16 +195,17 @@ def load_fairseq_checkpoint(path: Path) -> dict:
 
     Memory-mapped, so a training checkpoint's optimizer state (4.9 GB for M2M-124 615M) is not read into memory.
     Every layout fairseq wrote loads: `args` an argparse.Namespace (before 2020-10-20), `cfg` an omegaconf
-    DictConfig (fairseq 3b27ed79 .. f6d60e2f, 2020-10-20 .. 2021-03-03; read through inert stand-ins, omegaconf
-    is not needed) or a plain dict (later, e.g. flores101_mm100_615M); the result holds plain dicts, lists and
-    scalars. Anything that is not a readable torch checkpoint, or whose structure is not {"model": state dict,
+    DictConfig (fairseq 3b27ed79 .. f6d60e2f, 2020-10-20 .. 2021-03-03, untyped or built by hydra from fairseq's
+    config dataclasses; read through inert stand-ins, neither omegaconf nor fairseq is needed) or a plain dict
+    (later, e.g. flores101_mm100_615M); the result holds plain dicts, lists and scalars (an enum field its value).
+    Anything that is not a readable torch checkpoint, or whose structure is not {"model": state dict,
     "args" / "cfg": arguments}, is one LsloError naming the file."""
     with open(path, "rb") as stream:
         head = stream.read(9)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         raise LsloError(f"{path}: a safetensors file, not a fairseq checkpoint; lslo convert reads the model.pt "
                         "that fairseq writes with torch.save")
-    safe = _fairseq_safe_globals()
+    safe = _fairseq_safe_globals(_pickled_global_names(path))
     try:
         with torch.serialization.safe_globals(safe):
             saved = _torch_load(path)
@@ -136,7 +215,11 @@ def load_fairseq_checkpoint(path: Path) -> dict:
             raise LsloError(f"{path}: refused to unpickle {unsafe}: lslo reads a checkpoint without running pickled "
                             "code (torch.load weights_only), and these names could run code. If the file is one "
                             f"you trust, re-save it: {RESAVE_RECIPE}") from None
-        raise LsloError(f"{path}: not a readable torch checkpoint ({_unpickler_reason(err)}); {_UNREADABLE}") from None
+        reason = _unpickler_reason(err)
+        if reason.startswith(_REFUSED_CALL):
+            raise LsloError(f"{path}: refused to unpickle a call ({reason.removeprefix(_REFUSED_CALL)}): lslo reads "
+                            "a checkpoint without running pickled code (torch.load weights_only)") from None
+        raise LsloError(f"{path}: not a readable torch checkpoint ({reason}); {_UNREADABLE}") from None
     except Exception as err:  # the unpickler and zip reader raise many types for bytes that are not a checkpoint
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise LsloError(f"{path}: not a readable torch checkpoint ({reason}); {_UNREADABLE}") from None
@@ -170,12 +253,25 @@ def _torch_load(path: Path):
 
 def _plain(value, field: str, source: Path):
     """`value` with omegaconf stand-ins replaced by their content: DictConfig -> dict, ListConfig -> list,
-    value node -> its value (an interpolation or "???" stays the string omegaconf stored)."""
+    value node -> its value (an interpolation or "???" stays the string omegaconf stored; an EnumNode's member
+    of a fairseq ChoiceEnum -> its value), metadata dropped; a fairseq class -> its qualified name."""
+    if isinstance(value, type) and issubclass(value, _FairseqStandIn):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, _FairseqStandIn):
+        raise LsloError(f"{source}: field '{field}' holds a pickled {type(value).__module__}."
+                        f"{type(value).__qualname__} object, which lslo reads only as an omegaconf enum value; "
+                        f"if the file is one you trust, re-save it: {RESAVE_RECIPE}")
     if isinstance(value, _OmegaConfMetadata):
         raise LsloError(f"{source}: field '{field}' holds omegaconf metadata outside a node")
     if isinstance(value, _OmegaConfStandIn):
         name = type(value).__name__
         content = value.__dict__.get("_val" if name.endswith("Node") else "_content")
+        if name == "EnumNode" and isinstance(content, _FairseqStandIn):
+            called_with = content.__dict__.get("_called_with")
+            if not (isinstance(called_with, tuple) and len(called_with) == 1):
+                raise LsloError(f"{source}: field '{field}' is an omegaconf EnumNode whose value is not an enum "
+                                f"member ({type(content).__module__}.{type(content).__qualname__})")
+            return _plain(called_with[0], field, source)
         if name == "DictConfig" and isinstance(content, dict):
             return {key: _plain(item, f"{field}.{key}", source) for key, item in content.items()}
         if name == "ListConfig" and isinstance(content, (list, tuple)):

@@ -4,9 +4,11 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import enum
 import io
 import json
 import math
+import operator
 import os
 import random
 import sys
@@ -440,7 +442,8 @@ def omegaconf_stubs():
     saved = {name: sys.modules.get(name) for name in _OMEGACONF_MODULES}
     sys.modules.update(modules)
     try:
-        yield SimpleNamespace(create=create, DictConfig=DictConfig)
+        yield SimpleNamespace(create=create, DictConfig=DictConfig, ListConfig=ListConfig, Node=Node,
+                              Metadata=Metadata, ContainerMetadata=ContainerMetadata)
     finally:
         for name, module in saved.items():
             if module is None:
@@ -523,6 +526,211 @@ def test_crafted_payloads_next_to_a_dictconfig_are_refused_and_never_run(fake, s
     if payload != "stand-in called":
         assert "OmegaConf.to_container" in message and "holds only" not in message
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a structured config (fairseq's dataclasses)
+
+_FAIRSEQ_MODULES = ("fairseq", "fairseq.dataclass", "fairseq.dataclass.configs", "fairseq.dataclass.constants",
+                    "fairseq.utils")
+
+
+@contextlib.contextmanager
+def fairseq_stubs():
+    """fairseq's config classes where a structured config's pickle names them, in sys.modules only while a test
+    saves: a ChoiceEnum (fairseq's StrEnum, values = names) in fairseq.dataclass.constants, the config dataclasses
+    in fairseq.dataclass.configs, and `structured(FairseqConfig(...))`: the DictConfig that hydra built from
+    them, laid out as omegaconf 2.0.0 pickles it (seen with the real wheel): a container's metadata names its
+    dataclass (ref_type = object_type), a value node's its type (int, str, the enum class), Optional[X] is the
+    `optional` flag with ref_type X, a List[str] field is a ListConfig (ref_type None, object_type list,
+    key_type int, element_type str) of StringNodes, and an EnumNode keeps `fields`, `enum_type` and the member.
+    typing_refs: ref_type as the typing form instead (Optional[int], List[str]), as later omegaconf reports it."""
+    modules = {name: types.ModuleType(name) for name in _FAIRSEQ_MODULES}
+
+    class StrEnum(enum.Enum):
+        def __str__(self):
+            return self.value
+
+    choices = StrEnum("Choices", {k: k for k in ("json", "none", "simple", "tqdm")},
+                      module="fairseq.dataclass.constants")
+    modules["fairseq.dataclass.constants"].Choices = choices
+
+    @dataclasses.dataclass
+    class CommonConfig:
+        log_format: typing.Optional[choices] = choices.json
+        seed: int = 1
+        fp16: bool = False
+        tensorboard_logdir: typing.Optional[str] = None
+
+    @dataclasses.dataclass
+    class MultilingualConfig:
+        encoder_langtok: typing.Optional[str] = None
+        lang_list: typing.List[str] = dataclasses.field(default_factory=lambda: ["en", "de"])
+        max_tokens: typing.Optional[int] = 4096
+
+    @dataclasses.dataclass
+    class FairseqConfig:
+        common: CommonConfig = dataclasses.field(default_factory=CommonConfig)
+        multilingual: MultilingualConfig = dataclasses.field(default_factory=MultilingualConfig)
+        model: typing.Any = None
+        task: typing.Any = None
+
+    for cls in (CommonConfig, MultilingualConfig, FairseqConfig):
+        cls.__module__, cls.__qualname__ = "fairseq.dataclass.configs", cls.__name__
+        setattr(modules["fairseq.dataclass.configs"], cls.__name__, cls)
+    with omegaconf_stubs() as omegaconf:
+        nodes = {name: type(name, (omegaconf.Node,), {"__module__": "omegaconf.nodes", "__qualname__": name})
+                 for name in ("StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode")}
+        for name, cls in nodes.items():
+            setattr(sys.modules["omegaconf.nodes"], name, cls)
+        node_of = {str: "StringNode", int: "IntegerNode", float: "FloatNode", bool: "BooleanNode"}
+
+        def structured(obj, parent=None, key=None, typing_refs=False):
+            if dataclasses.is_dataclass(obj):
+                node = omegaconf.DictConfig(parent, omegaconf.ContainerMetadata(
+                    ref_type=type(obj), object_type=type(obj), optional=False, key=key))
+                hints = typing.get_type_hints(type(obj))
+                node.__dict__["_content"] = {
+                    f.name: value_node(getattr(obj, f.name), hints[f.name], node, f.name, typing_refs)
+                    for f in dataclasses.fields(obj)}
+                return node
+            return omegaconf.create(obj, parent, key)
+
+        def value_node(value, hint, parent, key, typing_refs):
+            optional = typing.get_origin(hint) is typing.Union
+            inner = typing.get_args(hint)[0] if optional else hint
+            if dataclasses.is_dataclass(value) or inner is typing.Any:
+                return structured(value, parent, key, typing_refs)
+            if typing.get_origin(inner) is list:
+                element = typing.get_args(inner)[0]
+                node = omegaconf.ListConfig(parent, omegaconf.ContainerMetadata(
+                    ref_type=inner if typing_refs else None, object_type=list, optional=optional, key=key,
+                    key_type=int, element_type=element))
+                node.__dict__["_content"] = [value_node(v, element, node, i, typing_refs)
+                                             for i, v in enumerate(value)]
+                return node
+            ref_type = hint if typing_refs and optional else inner
+            if isinstance(inner, type) and issubclass(inner, enum.Enum):
+                node = nodes["EnumNode"](parent, omegaconf.Metadata(ref_type=ref_type, object_type=inner,
+                                                                    optional=optional, key=key))
+                node.__dict__.update(fields={m.name: m.value for m in inner}, enum_type=inner)
+            else:
+                node = nodes[node_of[inner]](parent, omegaconf.Metadata(ref_type=ref_type, object_type=None,
+                                                                        optional=optional, key=key))
+            node.__dict__["_val"] = value
+            return node
+
+        saved = {name: sys.modules.get(name) for name in _FAIRSEQ_MODULES}
+        sys.modules.update(modules)
+        try:
+            yield SimpleNamespace(structured=structured, Choices=choices, FairseqConfig=FairseqConfig,
+                                  CommonConfig=CommonConfig, MultilingualConfig=MultilingualConfig,
+                                  utils=modules["fairseq.utils"], omegaconf=omegaconf)
+        finally:
+            for name, module in saved.items():
+                if module is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
+
+
+@pytest.mark.parametrize("typing_refs", [False, True], ids=["omegaconf-2.0.0-metadata", "typing-ref-types"])
+def test_a_structured_fairseq_config_loads_and_converts(fake, spm_model, tmp_path, typing_refs):
+    """fairseq (3b27ed79 .. f6d60e2f) built cfg with hydra from its dataclasses: the pickle names fairseq's
+    config classes and ChoiceEnum, and an enum field holds a member. They load as inert stand-ins and flatten to
+    what OmegaConf.to_container(cfg, enum_to_str=True) gives: the fields' values, the enum member's value."""
+    directory, checkpoint = fake
+    with fairseq_stubs() as fairseq:
+        cfg = fairseq.FairseqConfig(
+            common=fairseq.CommonConfig(log_format=fairseq.Choices.tqdm, seed=7),
+            multilingual=fairseq.MultilingualConfig(encoder_langtok="tgt"),
+            model={**fairseq_args(), "lang_list": ["de", "en"]},
+            task={"_name": "translation_multi_simple_epoch", "lang_pairs": "en-de,de-kam,kam-en"})
+        expected = dataclasses.asdict(cfg)  # an independent flattening: the dataclass's own values
+        expected["common"]["log_format"] = "tqdm"
+        root = fairseq.structured(cfg, typing_refs=typing_refs)
+        root.__dict__["_metadata"].flags["struct"] = True
+        torch.save({"args": None, "cfg": root, "model": checkpoint["model"],
+                    "extra_state": {"val_loss": np.float64(3.25)}}, tmp_path / "model.pt")
+    assert "fairseq" not in sys.modules and "omegaconf" not in sys.modules
+    names = set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "model.pt"))
+    assert {"fairseq.dataclass.configs.FairseqConfig", "fairseq.dataclass.configs.CommonConfig",
+            "fairseq.dataclass.configs.MultilingualConfig", "fairseq.dataclass.constants.Choices",
+            "omegaconf.nodes.EnumNode", "omegaconf.nodes.IntegerNode", "omegaconf.nodes.StringNode"} <= names
+    assert ({"_operator.getitem", "typing.Union", "builtins.type"} <= names) == typing_refs
+    saved = load_fairseq_checkpoint(tmp_path / "model.pt")
+    assert saved["cfg"] == expected
+    assert saved["cfg"]["common"] == {"log_format": "tqdm", "seed": 7, "fp16": False, "tensorboard_logdir": None}
+    assert saved["cfg"]["multilingual"] == {"encoder_langtok": "tgt", "lang_list": ["en", "de"], "max_tokens": 4096}
+    assert type(saved["cfg"]["common"]["log_format"]) is str
+    out = convert_fairseq_m2m(tmp_path / "model.pt", directory / "dict.txt", spm_model, tmp_path / "hf")
+    assert load_tokenizer(out).languages == LANGS
+
+
+def _run_command(command):
+    os.system(command)
+
+
+@pytest.mark.parametrize("payload", ["fairseq-named function", "fairseq-named function as enum value",
+                                     "fairseq-named class reducing to os.system", "getitem on a dict",
+                                     "type() making a class"])
+def test_payloads_behind_fairseq_and_typing_names_never_run(fake, spm_model, tmp_path, payload):
+    """A `fairseq.` name is read as an inert stand-in whatever it names in fairseq: calling it records the
+    arguments and runs nothing; the names typing forms pickle through (operator.getitem, builtins.type) are read
+    by functions that accept only typing forms / None."""
+    directory, checkpoint = fake
+    marker = tmp_path / "payload-ran"
+    command = f"touch {marker}"
+    with fairseq_stubs() as fairseq:
+        _run_command.__module__, _run_command.__qualname__ = "fairseq.utils", "run_command"
+        fairseq.utils.run_command = _run_command
+        try:
+            cfg = fairseq.structured(fairseq.FairseqConfig(model=fairseq_args(), task={"langs": "de,en,kam"}))
+            extra = {}
+            if payload == "fairseq-named function":
+                extra["hook"] = _Reduces(_run_command, (command,))
+            elif payload == "fairseq-named function as enum value":
+                cfg.__dict__["_content"]["common"].__dict__["_content"]["log_format"].__dict__["_val"] = (
+                    _Reduces(_run_command, (command,)))
+            elif payload == "fairseq-named class reducing to os.system":
+                extra["hook"] = type("Hook", (), {"__module__": "fairseq.models", "__qualname__": "Hook",
+                                                  "__reduce__": lambda self: (os.system, (command,))})()
+            elif payload == "getitem on a dict":
+                extra["hook"] = _Reduces(operator.getitem, ({"a": 1}, "a"))
+            else:
+                extra["hook"] = _Reduces(type, ("Made", (), {}))
+            torch.save({"args": None, "cfg": cfg, "model": checkpoint["model"], "extra_state": extra},
+                       tmp_path / "crafted.pt")
+            torch.load(tmp_path / "crafted.pt", weights_only=False) if "function" in payload else None
+        finally:
+            _run_command.__module__, _run_command.__qualname__ = __name__, "_run_command"
+    if "function" in payload:  # the payload is live: plain unpickling (with the module present) runs it
+        assert marker.exists()
+        marker.unlink()
+    if payload == "fairseq-named function as enum value":  # loads: the call was recorded, never made
+        saved = load_fairseq_checkpoint(tmp_path / "crafted.pt")
+        assert saved["cfg"]["common"]["log_format"] == command
+        assert not marker.exists()
+        return
+    expected = {"fairseq-named function": "holds a pickled fairseq.utils.run_command object",
+                "fairseq-named class reducing to os.system": "refused to unpickle ['posix.system']",
+                "getitem on a dict": "refused to unpickle a call (operator.getitem called on dict, str, not a "
+                                     "typing form)",
+                "type() making a class": "refused to unpickle a call (builtins.type called on str, tuple, dict, "
+                                         "not None)"}[payload]
+    with pytest.raises(LsloError) as err:
+        convert_fairseq_m2m(tmp_path / "crafted.pt", directory / "dict.txt", spm_model, tmp_path / "out")
+    assert expected in str(err.value), str(err.value)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class _Reduces:
+    """Pickles as a call of `function` with `arguments`."""
+
+    def __init__(self, function, arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
 
 
 # ---------------------------------------------------------------- language order: dict.txt's __xx__ tokens
