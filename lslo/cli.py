@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--checkpoint", required=True, help="fairseq model.pt (e.g. flores101_mm100_615M/model.pt)")
     convert.add_argument("--dict", required=True, help="the fairseq dictionary (dict.txt)")
     convert.add_argument("--spm", required=True, help="the SentencePiece model of that dictionary")
-    convert.add_argument("--languages", help="comma list of language codes in the checkpoint's order "
-                                             "(default: the checkpoint's own list, else the 124 M2M-124 codes)")
+    convert.add_argument("--languages", help="comma list of language codes in the checkpoint's order; when "
+                                             "dict.txt ends with the __xx__ tokens their order is used and this "
+                                             "must agree with it (default: the checkpoint's own list, else the "
+                                             "124 M2M-124 codes)")
     convert.add_argument("--out", required=True, help="output HF checkpoint directory (new or empty)")
     convert.add_argument("--force", action="store_true",
                          help="replace --out if it is an earlier lslo output (never a directory lslo did not write)")

@@ -18,17 +18,21 @@ themselves (no __xx__), and its source convention is transformers' default (lega
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer, processors
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.m2m_100.tokenization_m2m_100 import (FAIRSEQ_LANGUAGE_CODES, M2M100Tokenizer, load_json,
                                                               load_spm)
 
 from lslo.errors import LsloError
+
+log = logging.getLogger(__name__)
 
 # fairseq Dictionary's fixed head (bos, pad, eos, unk); M2M100 keeps these ids (decoder_start = eos = 2).
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -86,6 +90,21 @@ class LsloM2M100Tokenizer(M2M100Tokenizer):
     def languages(self) -> list[str]:
         return list(self.lang_code_to_id)
 
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """M2M100Tokenizer's files (vocab.json, sentencepiece.bpe.model) and tokenizer.json, the same tokenizer
+        for transformers without lslo: `AutoTokenizer` reads it when the class named in tokenizer_config.json is
+        not registered (docs/your-model.md)."""
+        files = super().save_vocabulary(save_directory, filename_prefix)
+        path = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + "tokenizer.json")
+        try:
+            fast = fast_tokenizer(self.spm_file, self.encoder, list(self.lang_token_to_id))
+        except LsloError as err:  # the lslo tokenizer is exact without it; say what stock transformers will lack
+            log.warning("no tokenizer.json written (%s); this tokenizer loads with lslo.tokenizer.load_tokenizer "
+                        "only", err)
+            return files
+        fast.save(str(path))
+        return (*files, str(path))
+
     def get_lang_token(self, lang: str) -> str:
         if lang not in self.lang_code_to_token:
             raise LsloError(f"language '{lang}' is not known to this tokenizer; it knows {self.languages}")
@@ -99,6 +118,48 @@ class _LsloTokenizerConfig(PretrainedConfig):
 
 
 AutoTokenizer.register(_LsloTokenizerConfig, tokenizer_class=LsloM2M100Tokenizer, exist_ok=True)
+
+
+def fast_tokenizer(spm_model: str | os.PathLike, vocab: dict[str, int], language_tokens: list[str]) -> Tokenizer:
+    """A `tokenizers` Tokenizer with the ids of LsloM2M100Tokenizer: transformers' SentencePiece conversion
+    (SpmConverter: the model's normalizer, BPE merges or Unigram scores), renumbered to `vocab` (fairseq
+    dictionary order), the language tokens as special added tokens at len(vocab), len(vocab) + 1, ..., and
+    "$A </s>" around a text. The source language is the text's first token: "__en__ Hello" encodes as
+    M2M100Tokenizer with src_lang "en" does ("__en__ tokens </s>").
+
+    Every SentencePiece piece must be in `vocab`: fairseq maps a piece outside its dictionary to <unk>, which no
+    tokenizers model can reproduce, so such a vocabulary is refused (LsloError)."""
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf  # noqa: PLC0415
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(spm_model).read_bytes())
+    pieces = {piece.piece: piece.score for piece in proto.pieces}
+    normal = [p.piece for p in proto.pieces if p.type not in (2, 3)]  # neither <unk> nor control pieces
+    missing = [piece for piece in normal if piece not in vocab]
+    if missing:
+        raise LsloError(f"{spm_model}: {len(missing)} SentencePiece piece(s) not in the vocabulary, e.g. "
+                        f"{missing[:5]}; fairseq maps them to <unk>, which a tokenizer.json cannot reproduce")
+    unigram = proto.trainer_spec.model_type == 1
+    spm_ids = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    converted = SpmConverter.build_tokenizer_from_spm_proto(
+        proto, [(p.piece, p.score) for p in proto.pieces] if unigram else spm_ids, legacy=True)
+    ids = {**vocab, **{token: len(vocab) + i for i, token in enumerate(language_tokens)}}
+    spec = json.loads(converted.to_str())
+    if unigram:  # a token SentencePiece never emits (a special, a language token) gets no chance in the lattice
+        by_id = sorted(ids, key=ids.get)
+        spec["model"]["vocab"] = [[token, pieces.get(token, -1e9) if token in normal else -1e9] for token in by_id]
+        spec["model"]["unk_id"] = ids[FAIRSEQ_SPECIALS[3]]
+    else:
+        spec["model"]["vocab"] = ids
+        spec["model"]["unk_token"] = FAIRSEQ_SPECIALS[3]
+    spec["added_tokens"] = []
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token in FAIRSEQ_SPECIALS + list(language_tokens)])
+    eos = FAIRSEQ_SPECIALS[2]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}",
+                                                             special_tokens=[(eos, ids[eos])])
+    return tokenizer
 
 
 def spm_vocab(spm_model: str | os.PathLike) -> list[str]:

@@ -79,3 +79,50 @@ def make_m2m100_model_dir(directory, codes, seed: int = 0, spm_model=None, **ove
     tokenizer = build_tokenizer(spm_model, list(codes), directory)
     _save_model(directory, vocab_size=model_vocab_size(tokenizer), seed=seed, **overrides)
     return directory
+
+
+# Decoding with transformers alone, in a fresh interpreter that never imports lslo. stdin holds a JSON list of
+# [src, tgt, text, beam, max_len_b, lenpen, mode]; the source is "__src__ text" (the language token as the
+# text's first token). mode "prefix": decoder_input_ids [</s>, __tgt__] and max_len_b new tokens (the evaluate
+# stage's prefix); mode "forced": forced_bos_token_id __tgt__ after </s> and max_len_b + 1 new tokens (the
+# language token is one of them).
+STOCK_DECODE = r"""
+import json, sys
+import torch
+from transformers import AutoTokenizer, M2M100ForConditionalGeneration
+
+directory, requests = sys.argv[1], json.loads(sys.stdin.read())
+tokenizer = AutoTokenizer.from_pretrained(directory)
+model = M2M100ForConditionalGeneration.from_pretrained(directory).eval()
+languages = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens
+             if token.startswith("__") and token.endswith("__")}
+results = []
+for src, tgt, text, beam, max_len_b, lenpen, mode in requests:
+    batch = tokenizer(f"__{src}__ {text}", return_tensors="pt")
+    tgt_id = tokenizer.convert_tokens_to_ids(f"__{tgt}__")
+    if mode == "prefix":
+        how = dict(decoder_input_ids=torch.tensor([[tokenizer.eos_token_id, tgt_id]]), max_new_tokens=max_len_b)
+    else:
+        how = dict(forced_bos_token_id=tgt_id, max_new_tokens=max_len_b + 1)
+    with torch.inference_mode():
+        out = model.generate(**batch, num_beams=beam, length_penalty=lenpen, **how)
+    results.append({"source": batch["input_ids"][0].tolist(), "output": out[0].tolist(),
+                    "text": tokenizer.decode(out[0], skip_special_tokens=True)})
+print(json.dumps({"lslo_imported": "lslo" in sys.modules, "class": type(tokenizer).__name__,
+                  "languages": languages, "results": results}))
+"""
+
+
+def stock_transformers_decode(directory, requests) -> dict:
+    """Run STOCK_DECODE on `directory` in a subprocess without the repository on its path (cwd: the directory)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", STOCK_DECODE, str(directory)], input=json.dumps(requests),
+                          capture_output=True, text=True, cwd=directory, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -21,20 +21,21 @@ from lslo.cli import main  # noqa: E402
 from lslo.errors import LsloError  # noqa: E402
 from lslo.export import export_direction, site_factors  # noqa: E402
 from lslo.model import LSLoSpec, inject_lslo  # noqa: E402
+from lslo.tokenizer import load_tokenizer  # noqa: E402
 
 LANGS = ["en", "fr", "oc"]
 RANKS = {"en": 2, "fr": 3, "oc": 4}
 PLANS = {"mixed": {"enc": ["src", "tgt"], "dec": ["tgt", "src"]}, "learn": "learn"}
 
 
-def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=False, fc_lora="full"):
+def lslo_variant(root, base_dir, index_plan, nllb_codes=None, seed=1, pruned=False, fc_lora="full", scale=0.5):
     """Random non-zero adapters on the base in `base_dir`, saved with save_adapters, and their variant.json."""
     base = M2M100ForConditionalGeneration.from_pretrained(base_dir)
     model = inject_lslo(base, LSLoSpec(languages=LANGS, ranks=RANKS, index_plan=index_plan, fc_lora=fc_lora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.5)
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * scale)
         if pruned:  # GPS leaves masks: pruned entries must be zero in the export as well
             for module in model.lslo_modules().values():
                 for bank in module.banks.values():
@@ -216,3 +217,82 @@ def test_export_refuses_a_plain_variant(tmp_path, m2m_base):
     variant.write_text(json.dumps({"method": "pretrain", "base_model": str(m2m_base), "languages": LANGS}))
     with pytest.raises(LsloError, match="not lslo"):
         export_variant(variant, tmp_path / "out", [("en", "fr")])
+
+
+def _evaluate_stage_tokens(translator, monkeypatch) -> dict:
+    """{source ids: generated ids after the prefix [</s>, tgt] (pads dropped)} of every sentence the evaluate stage
+    decodes through `translator` (a spy on Translator.translate_batch and the tokenizer's batch_decode)."""
+    tokens, current = {}, []
+    translate_batch, batch_decode = translator.translate_batch, translator.tokenizer.batch_decode
+
+    def spy_translate(batch_ids, *args, **kwargs):
+        current[:] = batch_ids
+        return translate_batch(batch_ids, *args, **kwargs)
+
+    def spy_decode(ids, **kwargs):
+        for source, out in zip(current, ids.tolist()):
+            tokens[tuple(source)] = [t for t in out if t != translator.tokenizer.pad_token_id]
+        return batch_decode(ids, **kwargs)
+
+    monkeypatch.setattr(translator, "translate_batch", spy_translate)
+    monkeypatch.setattr(translator.tokenizer, "batch_decode", spy_decode)
+    return tokens
+
+
+def _end_sentences_sooner(model_dir, alpha=5.0) -> None:
+    """Raise the </s> logit of the model in `model_dir` (its embedding row moved along the mean decoder output),
+    so that beam search finishes hypotheses of different lengths, as a trained model does, instead of always
+    running to the length limit."""
+    model = M2M100ForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.src_lang = "en"
+    batch = tokenizer(syllable_sentences(20, seed=1, words=5), return_tensors="pt", padding=True)
+    prefix = torch.tensor([[2, tokenizer.get_lang_id("oc"), *range(10, 16)]] * 20)
+    with torch.no_grad():
+        hidden = model(**batch, decoder_input_ids=prefix, output_hidden_states=True).decoder_hidden_states[-1]
+        mean = hidden.mean((0, 1))
+        model.model.shared.weight[2] += alpha * mean / mean.norm() ** 2
+    model.save_pretrained(model_dir)
+
+
+def test_a_plain_export_decodes_with_transformers_alone(tmp_path, monkeypatch):
+    """An exported direction loads in an interpreter that never imports lslo (AutoTokenizer reads tokenizer.json)
+    and encodes sources to lslo's ids. generate with the evaluate stage's decoder prefix [</s>, __oc__] gives
+    the evaluate stage's tokens; forced_bos_token_id (max_new_tokens = max_len_b + 1) gives them with length
+    penalty 0, while with length penalty 1 it normalises by one token more (the forced language token) and so
+    ranks some finished hypotheses differently."""
+    from model_dirs import stock_transformers_decode
+
+    base = make_m2m100_model_dir(tmp_path / "base", LANGS, init_std=0.5)
+    _end_sentences_sooner(base)
+    variant = lslo_variant(tmp_path, base, PLANS["mixed"], scale=0.1)
+    sentences = syllable_sentences(12, seed=11, words=5)
+    pd.DataFrame({"id": range(12), "en": sentences, "oc": sentences}).to_csv(tmp_path / "test.tsv", sep="\t",
+                                                                             index=False)
+    out = tmp_path / "exported"
+    assert main(["export", "--variant", str(variant), "--direction", "en-oc", "--out", str(out)]) == 0
+    translator = inference.load_variant(variant, device="cpu")
+    oc = translator.tokenizer.get_lang_id("oc")
+    evaluated, requests = {}, []
+    for lenpen in (1.0, 0.0):
+        options = inference.DecodingOptions(beam=5, max_tokens=200, max_len_b=10, lenpen=lenpen)
+        with monkeypatch.context() as patch:
+            tokens = _evaluate_stage_tokens(translator, patch)
+            frame = evaluate.decode_shard(variant, tmp_path / "test.tsv", [("en", "oc")], tmp_path / "hyps.tsv",
+                                          options, translator=translator)
+        assert len({len(ids) for ids in tokens.values()}) > (3 if lenpen else 1)  # some hypotheses end sooner
+        evaluated[lenpen] = tokens, [dict(zip(frame.id.astype(int), frame.hyp))[i] for i in range(12)]
+        requests += [["en", "oc", s, options.beam, options.max_len_b, lenpen, mode]
+                     for mode in ("prefix", "forced") for s in sentences]
+    stock = stock_transformers_decode(out, requests)
+    assert not stock["lslo_imported"] and stock["class"] == "TokenizersBackend"
+    assert stock["languages"] == {f"__{c}__": translator.tokenizer.get_lang_id(c) for c in LANGS}
+    for n, lenpen in enumerate((1.0, 0.0)):
+        tokens, hyps = evaluated[lenpen]
+        prefix, forced = stock["results"][24 * n:24 * n + 12], stock["results"][24 * n + 12:24 * n + 24]
+        for sentence, result, hyp in zip(sentences, prefix, hyps):
+            assert result["source"] == translator.encode(sentence, "en")
+            assert result["output"][:2] == [2, oc] and result["output"][2:] == tokens[tuple(result["source"])]
+            assert " ".join(result["text"].split()) == hyp
+        same = [a["output"] == b["output"] for a, b in zip(prefix, forced)]
+        assert all(same) if lenpen == 0 else not all(same), (lenpen, same)
