@@ -836,7 +836,7 @@ def test_a_converted_directory_decodes_with_transformers_alone(m2m124_release, t
     directions = [("oc", "zu"), ("wo", "oc")]
     pd.DataFrame({"id": range(3), "oc": sentences, "wo": sentences, "zu": sentences}).to_csv(
         tmp_path / "test.tsv", sep="\t", index=False)
-    options = inference.DecodingOptions(beam=4, max_len_b=6)
+    options = inference.DecodingOptions(beam=4, max_len_b=6, search="hf")  # transformers' generate: eval.search hf
     produced, batch_decode = [], translator.tokenizer.batch_decode
 
     def spy(ids, **kwargs):  # the evaluate stage decodes each batch's tokens after the prefix [</s>, __tgt__]

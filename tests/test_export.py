@@ -275,7 +275,8 @@ def test_a_plain_export_decodes_with_transformers_alone(tmp_path, monkeypatch):
     oc = translator.tokenizer.get_lang_id("oc")
     evaluated, requests = {}, []
     for lenpen in (1.0, 0.0):
-        options = inference.DecodingOptions(beam=5, max_tokens=200, max_len_b=10, lenpen=lenpen)
+        # transformers' generate is the evaluate stage's eval.search: hf (fairseq's search is lslo.search)
+        options = inference.DecodingOptions(beam=5, max_tokens=200, max_len_b=10, lenpen=lenpen, search="hf")
         with monkeypatch.context() as patch:
             tokens = _evaluate_stage_tokens(translator, patch)
             frame = evaluate.decode_shard(variant, tmp_path / "test.tsv", [("en", "oc")], tmp_path / "hyps.tsv",
