@@ -5,14 +5,17 @@
   method "full":     every parameter, lr 1e-4 unless options say otherwise (§5); writes out_dir/model (HF
                      model + tokenizer).
   method "lslo":     the base frozen; per-language ranks and GPS targets from ranks_json
-                     {"ranks": {lang: r}, "prune": {lang: P}, "gps": {"start": E, "duration": k} | null};
+                     {"ranks": {lang: r}, "prune": {lang: P},
+                     "gps": {"start": E, "duration": k, "matrices": [...], "pool": ...} | null};
                      writes out_dir/adapters.safetensors (lslo.adapters.save_adapters).
 Index plans: "learned" = the weight-learning plan (plan_json); "src" / "tgt" = every *encoder* layer source- /
 target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as in the learned plans;
 "paper" = the plan the paper learned on lang12 (encoder src×9, tgt×3; decoder tgt×12), which the authors also
 use for lang30; a path ending in .json = another run's plan.json.
 GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
-gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
+gps_ratio(epoch, P, E, k), so P is in force from epoch E+k. The plan's gps.matrices ([A, B] by default, or [B] /
+[A]) are pruned, gps.pool "tensor" (default) each matrix on its own (torch's l1_unstructured, the paper's
+footnote 1; scope "matrix") or "language" one pool per language over all its chosen matrices (scope "language").
 Every method writes out_dir/variant.json (lslo.variant: the methods, the record and its reader).
 """
 
@@ -29,7 +32,7 @@ from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, portable_path, read_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
-from lslo.pruning import gps_ratio, prune
+from lslo.pruning import GPS_POOLS, gps_ratio, prune
 from lslo.ranks import read_rank_plan
 from lslo.tokenizer import nllb_codes_of
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
@@ -83,11 +86,12 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
                              "modules": modules}}
     model = inject_lslo(hf_model, spec)
 
-    def gps(epoch: int) -> None:  # eq. 4, per target ratio, each A and B matrix its own pool
+    def gps(epoch: int) -> None:  # eq. 4, per target ratio, in the plan's pools (gps.matrices, gps.pool)
         for target in sorted(set(targets.values())):
             ratio = gps_ratio(epoch, target, schedule["start"], schedule["duration"]) if schedule else 0.0
             if ratio > 0:
-                prune(model, ratio, [lang for lang in codes if targets[lang] == target], scope="matrix")
+                prune(model, ratio, [lang for lang in codes if targets[lang] == target],
+                      scope=GPS_POOLS[schedule["pool"]], matrices=schedule["matrices"])
 
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
           dev_table=dev_table, groups=groups, identity=identity)

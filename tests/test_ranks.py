@@ -26,7 +26,8 @@ def test_resource_policy_is_the_papers_2_2_8_gps(tmp_path):
     assert plan["ranks"] == {"en": 2, "fr": 2, "de": 2, "it": 2, "zh": 2, "nl": 2, "ja": 2, "ko": 2,
                              "oc": 8, "or": 8, "sd": 8, "wo": 8}
     assert plan["prune"]["fr"] == 0.9 and plan["prune"]["ko"] == 0.9 and plan["prune"]["wo"] == 0.0
-    assert plan["gps"] == {"start": 2, "duration": 8} and plan["groups"]["oc"] == "V"
+    assert plan["gps"] == {"start": 2, "duration": 8, "matrices": ["A", "B"], "pool": "tensor"}  # the defaults
+    assert plan["groups"]["oc"] == "V"
 
 
 def test_no_gps_prunes_nothing():
