@@ -227,6 +227,15 @@ def test_validate_config_names_the_key_path(config):
     gps["variants"][name]["gps"]["ratio"] = 1.5
     raises(validate_config, f"config key 'variants.{name}.gps.ratio': 1.5 is greater than or equal to the maximum "
            "of 1", config=gps, schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(ratio=0.9, matrices=["A", "C"])
+    raises(validate_config, f"config key 'variants.{name}.gps.matrices.1': 'C' is not one of ['A', 'B']", config=gps,
+           schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(matrices=["B"], pool="global")
+    raises(validate_config, f"config key 'variants.{name}.gps.pool': 'global' is not one of ['tensor', 'language']",
+           config=gps, schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(matrices=["B", "B"], pool="language")
+    raises(validate_config, f"config key 'variants.{name}.gps.matrices': 'B' listed more than once", config=gps,
+           schema_path=SCHEMA)
     rank = copy.deepcopy(config)
     rank["weight_learning"]["rank"] = 0
     raises(validate_config, "config key 'weight_learning.rank': 0 is less than the minimum of 1", config=rank,
