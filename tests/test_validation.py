@@ -213,6 +213,22 @@ def test_snakemake_validate_rejects_unknown_key_and_wrong_type(config):
     assert "instance['train']['lr']" in str(err.value)
 
 
+def test_snakemake_fills_the_schema_defaults_of_every_shipped_config():
+    """The Snakefile runs validate(set_default=True) after validate_config: a default inside a block that may be
+    null (a variant's `gps: null`) would crash it, so gps.matrices and gps.pool have none in the schema and an
+    absent one stays absent (lslo.pruning.gps_scope gives [A, B] and tensor)."""
+    from snakemake.utils import validate
+
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        if path.name == "schema.yaml":
+            continue
+        config = load_yaml(path)
+        validate(config, str(SCHEMA), set_default=True)
+        blocks = [spec["gps"] for spec in config["variants"].values()]
+        assert None in blocks, path  # a variant without GPS is in the test
+        assert all(block is None or not {"matrices", "pool"} & set(block) for block in blocks), path
+
+
 def test_validate_config_names_the_key_path(config):
     for path in sorted((REPO / "config").glob("*.yaml")):
         if path.name != "schema.yaml":
