@@ -32,8 +32,8 @@ from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, portable_path, read_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
-from lslo.pruning import GPS_POOLS, gps_ratio, prune
-from lslo.ranks import read_rank_plan
+from lslo.pruning import gps_ratio, prune
+from lslo.ranks import GPS_POOLS, read_rank_plan
 from lslo.tokenizer import nllb_codes_of
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
                         load_stage_data, train)

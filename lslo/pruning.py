@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 SCOPES = ("matrix", "language", "layer")
 MATRICES = ("A", "B")
-GPS_POOLS = {"tensor": "matrix", "language": "language"}  # fine-tuning GPS: config `gps.pool` -> pruning scope
-GPS_SCOPE_DEFAULTS = {"matrices": list(MATRICES), "pool": "tensor"}  # torch's l1_unstructured on every A and B
 
 
 # --------------------------------------------------------------------------- Gradual Pruning Schedule (eq. 4)
@@ -67,25 +65,6 @@ def validate_gps(target: float, start: int, duration: int, epochs: int) -> None:
             f"GPS start E={start} + duration k={duration} = {start + duration} exceeds the {epochs} training "
             "epochs; eq. 4 needs E + k <= T so the target ratio is reached before training ends"
         )
-
-
-def gps_scope(matrices=None, pool=None) -> dict:
-    """The checked pruning scope of fine-tuning GPS: {"matrices": [...], "pool": "tensor" | "language"}.
-
-    ``matrices`` (config ``gps.matrices``, default [A, B]) are the LoRA matrices GPS prunes; ``pool`` (``gps.pool``,
-    default tensor) is where one L1 threshold applies: "tensor" = each matrix on its own (torch's
-    ``l1_unstructured``, the paper's footnote 1), "language" = all of one language's chosen matrices at every site
-    together (torch's ``global_unstructured`` over them). Matrices come back in A, B order, the order of a pool's
-    entries (it decides which of equal |w| go first), so [B, A] and [A, B] are one scope.
-    """
-    matrices = GPS_SCOPE_DEFAULTS["matrices"] if matrices is None else matrices
-    pool = GPS_SCOPE_DEFAULTS["pool"] if pool is None else pool
-    if (not isinstance(matrices, (list, tuple)) or not matrices or not all(m in MATRICES for m in matrices)
-            or len(set(matrices)) != len(matrices)):
-        raise LsloError(f"gps.matrices is {matrices!r}, expected a non-empty list of {list(MATRICES)}, each once")
-    if not isinstance(pool, str) or pool not in GPS_POOLS:
-        raise LsloError(f"gps.pool is {pool!r}, expected one of {list(GPS_POOLS)}")
-    return {"matrices": [m for m in MATRICES if m in matrices], "pool": pool}
 
 
 def _check_gps(target: float, start: int, duration: int) -> None:

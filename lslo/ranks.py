@@ -35,11 +35,15 @@ from lslo.config import schema_errors
 from lslo.errors import LsloError
 from lslo.io import read_json, write_json
 from lslo.languages import RESOURCE_GROUPS, read_language_table, select
-from lslo.pruning import GPS_POOLS, MATRICES, check_ratio, gps_scope, validate_gps
+from lslo.pruning import MATRICES, check_ratio, validate_gps
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("resource", "subspace")
+# Fine-tuning GPS's scope (config gps.matrices, gps.pool): gps.pool -> the scope of lslo.pruning.prune. The defaults
+# are torch's l1_unstructured on every A and B (the paper's footnote 1).
+GPS_POOLS = {"tensor": "matrix", "language": "language"}
+GPS_SCOPE_DEFAULTS = {"matrices": list(MATRICES), "pool": "tensor"}
 SUBSPACE_DEFAULTS = {"small_rank": 2, "large_rank": 8, "threshold": 0.0, "max_ratio": 0.9}
 SCORE_COLUMNS = ["language", "side", "layer", "module", "n_params", "n_pruned", "score"]
 
@@ -131,6 +135,25 @@ def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dic
         for target in set(targets.values()):
             validate_gps(target, schedule["start"], schedule["duration"], epochs)
     return {code: ranks[code] for code in codes}, targets, schedule
+
+
+def gps_scope(matrices=None, pool=None) -> dict:
+    """The checked pruning scope of fine-tuning GPS: {"matrices": [...], "pool": "tensor" | "language"}.
+
+    ``matrices`` (config ``gps.matrices``, default [A, B]) are the LoRA matrices GPS prunes; ``pool`` (``gps.pool``,
+    default tensor) is where one L1 threshold applies: "tensor" = each matrix on its own (torch's
+    ``l1_unstructured``, the paper's footnote 1), "language" = all of one language's chosen matrices at every site
+    together (torch's ``global_unstructured`` over them). Matrices come back in A, B order, the order of a pool's
+    entries (it decides which of equal |w| go first), so [B, A] and [A, B] are one scope.
+    """
+    matrices = GPS_SCOPE_DEFAULTS["matrices"] if matrices is None else matrices
+    pool = GPS_SCOPE_DEFAULTS["pool"] if pool is None else pool
+    if (not isinstance(matrices, (list, tuple)) or not matrices or not all(m in MATRICES for m in matrices)
+            or len(set(matrices)) != len(matrices)):
+        raise LsloError(f"gps.matrices is {matrices!r}, expected a non-empty list of {list(MATRICES)}, each once")
+    if not isinstance(pool, str) or pool not in GPS_POOLS:
+        raise LsloError(f"gps.pool is {pool!r}, expected one of {list(GPS_POOLS)}")
+    return {"matrices": [m for m in MATRICES if m in matrices], "pool": pool}
 
 
 def _check_schedule(gps: dict | None, epochs: int | None) -> dict | None:

@@ -11,8 +11,9 @@ from torch.nn.utils import prune as torch_prune
 from conftest import LANGUAGES, make_batch, make_tiny_model, randomize_lora
 from lslo.errors import LsloError
 from lslo.model import LSLoSpec, inject_lslo
-from lslo.pruning import (GPS_POOLS, gps_ratio, gps_scope, lora_matrices, prune, pruning_ratio, reapply_masks,
-                          subspace_scores, validate_gps)
+from lslo.pruning import (gps_ratio, lora_matrices, prune, pruning_ratio, reapply_masks, subspace_scores,
+                          validate_gps)
+from lslo.ranks import GPS_POOLS, gps_scope
 
 RANKS = {"en": 2, "fr": 2, "de": 3, "oc": 8, "wo": 8}
 

@@ -216,7 +216,7 @@ def test_snakemake_validate_rejects_unknown_key_and_wrong_type(config):
 def test_snakemake_fills_the_schema_defaults_of_every_shipped_config():
     """The Snakefile runs validate(set_default=True) after validate_config: a default inside a block that may be
     null (a variant's `gps: null`) would crash it, so gps.matrices and gps.pool have none in the schema and an
-    absent one stays absent (lslo.pruning.gps_scope gives [A, B] and tensor)."""
+    absent one stays absent (lslo.ranks.gps_scope gives [A, B] and tensor)."""
     from snakemake.utils import validate
 
     for path in sorted((REPO / "config").glob("*.yaml")):
