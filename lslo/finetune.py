@@ -86,12 +86,21 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
                              "modules": modules}}
     model = inject_lslo(hf_model, spec)
 
+    emptied: set = set()
+
     def gps(epoch: int) -> None:  # eq. 4, per target ratio, in the plan's pools (gps.matrices, gps.pool)
         for target in sorted(set(targets.values())):
             ratio = gps_ratio(epoch, target, schedule["start"], schedule["duration"]) if schedule else 0.0
             if ratio > 0:
-                prune(model, ratio, [lang for lang in codes if targets[lang] == target],
-                      scope=GPS_POOLS[schedule["pool"]], matrices=schedule["matrices"])
+                pools = prune(model, ratio, [lang for lang in codes if targets[lang] == target],
+                              scope=GPS_POOLS[schedule["pool"]], matrices=schedule["matrices"])
+                for language, matrix in emptied_matrices(pools):
+                    if (language, matrix) not in emptied:
+                        emptied.add((language, matrix))
+                        log.warning("GPS epoch %d: every %s entry of language '%s' is pruned at every site, so its "
+                                    "LoRA adds nothing; one L1 pool over A and B (gps.pool: language) takes the "
+                                    "smaller B first (paper §4.2); gps.matrices: [B] or gps.pool: tensor keep both",
+                                    epoch, matrix, language)
 
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
           dev_table=dev_table, groups=groups, identity=identity)
@@ -101,6 +110,17 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
         return path
     return save_adapters(model, path, base_model=portable_path(model_dir, out_dir),  # as variant.json names it
                          base_identity=base_identity)
+
+
+def emptied_matrices(pools: dict) -> list[tuple[str, str]]:
+    """(language, matrix) pairs of the pruning pools (lslo.pruning.prune's return) whose every entry, at every
+    site, is masked: that language's LoRA then adds x·A·B = 0."""
+    empty: dict = {}
+    for items in pools.values():
+        for item in items:
+            key = (item.language, item.matrix)
+            empty[key] = empty.get(key, True) and not bool(item.mask().any())
+    return [key for key, is_empty in empty.items() if is_empty]
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:

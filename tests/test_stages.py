@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import torch
 from lslo.adapters import load_adapters, read_adapters
 from lslo.data import write_parallel
 from lslo.variant import read_variant
-from lslo.finetune import run_finetune
+from lslo.finetune import emptied_matrices, run_finetune
 from lslo.io import write_json
 from lslo.subspace import run_subspace
 from lslo.weight_learning import run_weight_learning
@@ -118,14 +119,30 @@ def finetune_with_gps(stage_world, name, gps, epochs=2):
     return load_adapters(hf, variant["adapters"]), out
 
 
+def _pools_of(model, matrices):
+    """The pruned languages' matrices, one pool per language (for lslo.finetune.emptied_matrices)."""
+    from lslo.pruning import lora_matrices
+
+    pools: dict = {}
+    for item in lora_matrices(model, [lang for lang, group in GROUPS.items() if group in "HM"], matrices):
+        pools.setdefault((item.language,), []).append(item)
+    return pools
+
+
 @pytest.mark.parametrize("matrices, pool", [(["B"], "tensor"), (["A", "B"], "language"), (["B"], "language")])
-def test_finetune_gps_prunes_the_plans_matrices_in_the_plans_pools(stage_world, matrices, pool):
+def test_finetune_gps_prunes_the_plans_matrices_in_the_plans_pools(stage_world, caplog, matrices, pool):
     """gps.matrices: the matrices not listed are trained but never masked; gps.pool: tensor = round(P n) of each
     matrix, language = round(P n) of all of a language's listed matrices together (one threshold)."""
     from lslo.pruning import lora_matrices
 
-    model, _ = finetune_with_gps(stage_world, f"ft-{pool}-{''.join(matrices)}",
-                                 {"start": 1, "duration": 1, "matrices": matrices, "pool": pool})
+    with caplog.at_level(logging.WARNING, logger="lslo.finetune"):
+        model, _ = finetune_with_gps(stage_world, f"ft-{pool}-{''.join(matrices)}",
+                                     {"start": 1, "duration": 1, "matrices": matrices, "pool": pool})
+    # a language whose every B (or A) entry is pruned gets one warning naming it: its LoRA adds nothing
+    warned = sorted((m.args[2], m.args[1]) for m in caplog.records if m.name == "lslo.finetune")
+    assert warned == sorted(emptied_matrices(_pools_of(model, matrices)))
+    if (pool, matrices) == ("language", ["A", "B"]):
+        assert warned  # B starts at zero and stays smaller than A: one pool over both takes all of B (§4.2)
     per_language: dict = {}
     uneven = []
     for item in lora_matrices(model):
@@ -161,8 +178,6 @@ def test_finetune_default_gps_scope_is_every_a_and_b_per_tensor(stage_world):
 
 @pytest.mark.parametrize("field, value", [("pool", "language"), ("matrices", ["B"])])
 def test_a_resume_with_another_gps_scope_does_not_reuse_the_checkpoints(stage_world, caplog, field, value):
-    import logging
-
     from lslo.checkpoint import COMPLETE
 
     gps = {"start": 1, "duration": 1, "matrices": ["A", "B"], "pool": "tensor"}
