@@ -6,14 +6,17 @@
                      are the options' (the configs state Ft-all's in its own `train` block, lslo's choice:
                      docs/params.md); writes out_dir/model (HF model + tokenizer).
   method "lslo":     the base frozen; per-language ranks and GPS targets from ranks_json
-                     {"ranks": {lang: r}, "prune": {lang: P}, "gps": {"start": E, "duration": k} | null};
+                     {"ranks": {lang: r}, "prune": {lang: P},
+                     "gps": {"start": E, "duration": k, "matrices": [...], "pool": ...} | null};
                      writes out_dir/adapters.safetensors (lslo.adapters.save_adapters).
 Index plans: "learned" = the weight-learning plan (plan_json); "src" / "tgt" = every *encoder* layer source- /
 target-indexed (Table 3's SRC/TGT); the decoder stays target-indexed in both, as in the learned plans;
 "paper" = the plan the paper learned on lang12 (encoder src×9, tgt×3; decoder tgt×12), which the authors also
 use for lang30; a path ending in .json = another run's plan.json.
 GPS (eq. 4): at each epoch boundary, before the epoch, the languages with target P are pruned to
-gps_ratio(epoch, P, E, k), each A and each B matrix on its own (scope "matrix"), so P is in force from epoch E+k.
+gps_ratio(epoch, P, E, k), so P is in force from epoch E+k. The plan's gps.matrices ([A, B] by default, or [B] /
+[A]) are pruned, gps.pool "tensor" (default) each matrix on its own (torch's l1_unstructured, the paper's
+footnote 1; scope "matrix") or "language" one pool per language over all its chosen matrices (scope "language").
 Every method writes out_dir/variant.json (lslo.variant: the methods, the record and its reader).
 """
 
@@ -31,7 +34,7 @@ from lslo.errors import LsloError
 from lslo.io import atomic_write, portable_path, read_json, write_tsv
 from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
 from lslo.pruning import gps_ratio, prune
-from lslo.ranks import read_rank_plan
+from lslo.ranks import GPS_POOLS, read_rank_plan
 from lslo.tokenizer import nllb_codes_of
 from lslo.train import (METRICS_COLUMNS, TrainOptions, dev_scores, is_main_process, load_base,
                         load_stage_data, train)
@@ -84,11 +87,21 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
                              "modules": modules}}
     model = inject_lslo(hf_model, spec)
 
-    def gps(epoch: int) -> None:  # eq. 4, per target ratio, each A and B matrix its own pool
+    emptied: set = set()
+
+    def gps(epoch: int) -> None:  # eq. 4, per target ratio, in the plan's pools (gps.matrices, gps.pool)
         for target in sorted(set(targets.values())):
             ratio = gps_ratio(epoch, target, schedule["start"], schedule["duration"]) if schedule else 0.0
             if ratio > 0:
-                prune(model, ratio, [lang for lang in codes if targets[lang] == target], scope="matrix")
+                pools = prune(model, ratio, [lang for lang in codes if targets[lang] == target],
+                              scope=GPS_POOLS[schedule["pool"]], matrices=schedule["matrices"])
+                for language, matrix in emptied_matrices(pools):
+                    if (language, matrix) not in emptied:
+                        emptied.add((language, matrix))
+                        log.warning("GPS epoch %d: every %s entry of language '%s' is pruned at every site, so its "
+                                    "LoRA adds nothing; one L1 pool over A and B (gps.pool: language) takes the "
+                                    "smaller B first (paper §4.2); gps.matrices: [B] or gps.pool: tensor keep both",
+                                    epoch, matrix, language)
 
     train(model, tokenizer, train_table, codes, options, checkpoint_dir, out_metrics, epoch_hook=gps,
           dev_table=dev_table, groups=groups, identity=identity)
@@ -98,6 +111,17 @@ def _finetune_lslo(hf_model, tokenizer, train_table, dev_table, codes, groups, i
         return path
     return save_adapters(model, path, base_model=portable_path(model_dir, out_dir),  # as variant.json names it
                          base_identity=base_identity)
+
+
+def emptied_matrices(pools: dict) -> list[tuple[str, str]]:
+    """(language, matrix) pairs of the pruning pools (lslo.pruning.prune's return) whose every entry, at every
+    site, is masked: that language's LoRA then adds x·A·B = 0."""
+    empty: dict = {}
+    for items in pools.values():
+        for item in items:
+            key = (item.language, item.matrix)
+            empty[key] = empty.get(key, True) and not bool(item.mask().any())
+    return [key for key, is_empty in empty.items() if is_empty]
 
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:

@@ -10,9 +10,11 @@ eq. 4 is a total), not a fraction of what is still unpruned, and already pruned 
 so calling ``prune`` at a growing ratio epoch after epoch gives masks that only grow.
 
 Pool scopes:
-  "matrix"   each A and each B of each chosen language separately (fine-tuning GPS, Table 1);
-  "language" all B matrices of one language, every site and index, in one pool (language-specific pruning,
-             §7.3 / appendix D);
+  "matrix"   each A and each B of each chosen language separately (fine-tuning GPS's default, Table 1; torch's
+             l1_unstructured on one tensor, the paper's footnote 1);
+  "language" all chosen matrices of one language, every site and index, in one pool: its B matrices in
+             language-specific pruning (§7.3 / appendix D), the matrices of `gps.matrices` under fine-tuning
+             GPS with `gps.pool: language`;
   "layer"    all chosen languages' B matrices of every module of one layer (side, layer) in one pool
              (layer-wise cross-language pruning for intrinsic subspace estimation, §4.2).
 """

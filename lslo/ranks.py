@@ -5,7 +5,9 @@ Two policies produce the same plan (results/ranks/{variant}.json, docs/formats.m
     {"policy": "resource" | "subspace",
      "ranks": {lang: r},              # LSLo rank of every language (eq. 3, r_l)
      "prune": {lang: P_l},            # GPS target ratio per language; 0.0 = not pruned
-     "gps": {"start": E, "duration": k} | null,   # eq. 4 schedule shared by the pruned languages
+     "gps": {"start": E, "duration": k,           # eq. 4 schedule shared by the pruned languages,
+             "matrices": [A, B] | [B] | [A],      # the LoRA matrices GPS prunes,
+             "pool": "tensor" | "language"} | null,   # one L1 threshold per matrix or per language
      "groups": {lang: H|M|L|V},       # resource group, for the record
      "scores": {lang: excess} | null}  # subspace policy only: the per-language demand it used
 
@@ -33,11 +35,15 @@ from lslo.config import schema_errors
 from lslo.errors import LsloError
 from lslo.io import read_json, write_json
 from lslo.languages import RESOURCE_GROUPS, read_language_table, select
-from lslo.pruning import check_ratio, validate_gps
+from lslo.pruning import MATRICES, check_ratio, validate_gps
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("resource", "subspace")
+# Fine-tuning GPS's scope (config gps.matrices, gps.pool): gps.pool -> the scope of lslo.pruning.prune. The defaults
+# are torch's l1_unstructured on every A and B (the paper's footnote 1).
+GPS_POOLS = {"tensor": "matrix", "language": "language"}
+GPS_SCOPE_DEFAULTS = {"matrices": list(MATRICES), "pool": "tensor"}
 SUBSPACE_DEFAULTS = {"small_rank": 2, "large_rank": 8, "threshold": 0.0, "max_ratio": 0.9}
 SCORE_COLUMNS = ["language", "side", "layer", "module", "n_params", "n_pruned", "score"]
 
@@ -47,8 +53,9 @@ def assign_ranks(policy: str, language_table, languages, group_ranks: dict | Non
                  epochs: int | None = None) -> dict:
     """Build the rank/pruning plan of one LSLo variant; write it to `out_json` (if given) and return it.
 
-    `gps` = {"groups": [...], "ratio": P, "start": E, "duration": k} or None (no pruning); `epochs` (T), when
-    given, is checked against E + k <= T. The subspace policy reads `scores_tsv` and ignores `group_ranks`
+    `gps` = {"groups": [...], "ratio": P, "start": E, "duration": k, "matrices": [...], "pool": ...} or None (no
+    pruning; matrices and pool default to [A, B] and tensor, lslo.pruning.gps_scope); `epochs` (T), when given,
+    is checked against E + k <= T. The subspace policy reads `scores_tsv` and ignores `group_ranks`
     and gps["groups"/"ratio"] (it derives them; see the module docstring).
     """
     table = read_language_table(language_table)
@@ -91,7 +98,10 @@ def rank_plan_schema(languages: list[str]) -> dict:
                       "additionalProperties": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
             "gps": {"type": ["object", "null"], "additionalProperties": False, "required": ["start", "duration"],
                     "properties": {"start": {"type": "integer", "minimum": 0},
-                                   "duration": {"type": "integer", "minimum": 1}}},
+                                   "duration": {"type": "integer", "minimum": 1},
+                                   "matrices": {"type": "array", "items": {"enum": list(MATRICES)},
+                                                "minItems": 1, "uniqueItems": True},
+                                   "pool": {"enum": list(GPS_POOLS)}}},
             "groups": {"type": "object", **language_keys, "additionalProperties": {"enum": RESOURCE_GROUPS}},
             "scores": {"type": ["object", "null"], **language_keys, "additionalProperties": {"type": "number"}},
         },
@@ -107,7 +117,8 @@ def validate_rank_plan(plan, languages: list[str], source) -> None:
 
 
 def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dict, dict | None]:
-    """(ranks, GPS target per language, {"start", "duration"} or None) from results/ranks/{variant}.json."""
+    """(ranks, GPS target per language, {"start", "duration", "matrices", "pool"} or None) from
+    results/ranks/{variant}.json; a plan without matrices or pool gets their defaults ([A, B], tensor)."""
     if not ranks_json:
         raise LsloError("method 'lslo' needs ranks_json (results/ranks/{variant}.json)")
     plan = read_json(ranks_json)
@@ -115,6 +126,9 @@ def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dic
     ranks, targets = plan["ranks"], plan["prune"]
     targets = {code: float(targets.get(code, 0.0)) for code in codes}
     schedule = plan.get("gps")
+    if schedule:
+        schedule = {"start": schedule["start"], "duration": schedule["duration"],
+                    **gps_scope(schedule.get("matrices"), schedule.get("pool"))}
     if any(targets.values()):
         if not schedule:
             raise LsloError(f"{ranks_json}: languages have pruning targets but field 'gps' is empty")
@@ -123,18 +137,38 @@ def read_rank_plan(ranks_json, codes: list[str], epochs: int) -> tuple[dict, dic
     return {code: ranks[code] for code in codes}, targets, schedule
 
 
+def gps_scope(matrices=None, pool=None) -> dict:
+    """The checked pruning scope of fine-tuning GPS: {"matrices": [...], "pool": "tensor" | "language"}.
+
+    ``matrices`` (config ``gps.matrices``, default [A, B]) are the LoRA matrices GPS prunes; ``pool`` (``gps.pool``,
+    default tensor) is where one L1 threshold applies: "tensor" = each matrix on its own (torch's
+    ``l1_unstructured``, the paper's footnote 1), "language" = all of one language's chosen matrices at every site
+    together (torch's ``global_unstructured`` over them). Matrices come back in A, B order, the order of a pool's
+    entries (it decides which of equal |w| go first), so [B, A] and [A, B] are one scope.
+    """
+    matrices = GPS_SCOPE_DEFAULTS["matrices"] if matrices is None else matrices
+    pool = GPS_SCOPE_DEFAULTS["pool"] if pool is None else pool
+    if (not isinstance(matrices, (list, tuple)) or not matrices or not all(m in MATRICES for m in matrices)
+            or len(set(matrices)) != len(matrices)):
+        raise LsloError(f"gps.matrices is {matrices!r}, expected a non-empty list of {list(MATRICES)}, each once")
+    if not isinstance(pool, str) or pool not in GPS_POOLS:
+        raise LsloError(f"gps.pool is {pool!r}, expected one of {list(GPS_POOLS)}")
+    return {"matrices": [m for m in MATRICES if m in matrices], "pool": pool}
+
+
 def _check_schedule(gps: dict | None, epochs: int | None) -> dict | None:
     if gps is None:
         return None
     missing = [key for key in ("start", "duration") if key not in gps]
     if missing:
-        raise LsloError(f"gps: missing field(s) {missing}; expected groups, ratio, start, duration")
+        raise LsloError(f"gps: missing field(s) {missing}; expected groups, ratio, start, duration (and optionally "
+                        "matrices, pool)")
     ratio = gps.get("ratio", 0.0)
     if epochs is not None:
         validate_gps(ratio, gps["start"], gps["duration"], epochs)
     else:
         validate_gps(ratio, gps["start"], gps["duration"], gps["start"] + gps["duration"])
-    return {"start": gps["start"], "duration": gps["duration"]}
+    return {"start": gps["start"], "duration": gps["duration"], **gps_scope(gps.get("matrices"), gps.get("pool"))}
 
 
 def _resource_plan(groups: dict, group_ranks: dict | None, gps: dict | None) -> dict:

@@ -244,7 +244,7 @@ def test_a_written_rank_plan_reads_back(rank_plan):
     path, plan = rank_plan
     ranks, targets, schedule = read_plan(path, plan)
     assert ranks == {"en": 2, "fr": 2, "oc": 8} and targets == {"en": 0.9, "fr": 0.9, "oc": 0.0}
-    assert schedule == {"start": 2, "duration": 8}
+    assert schedule == {"start": 2, "duration": 8, "matrices": ["A", "B"], "pool": "tensor"}  # the default scope
 
 
 @pytest.mark.parametrize("edit,lines", [

@@ -2,6 +2,7 @@
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from lslo.errors import LsloError
 from lslo.model import LSLoSpec, inject_lslo
 from lslo.pruning import (gps_ratio, lora_matrices, prune, pruning_ratio, reapply_masks, subspace_scores,
                           validate_gps)
+from lslo.ranks import GPS_POOLS, gps_scope
 
 RANKS = {"en": 2, "fr": 2, "de": 3, "oc": 8, "wo": 8}
 
@@ -104,6 +106,83 @@ def test_global_scopes_equal_global_unstructured(scope, fc_lora):
             assert torch.equal(mask_of(item), reference.weight_mask.bool()), (key, item.site, item.language)
     for item in lora_matrices(model, matrices=("A",)):
         assert item.language not in item.bank.A_mask
+
+
+def tie_at(model, languages, value=0.25, fraction=0.4, seed=0):
+    """Give a random `fraction` of the languages' LoRA entries the magnitude `value` (random signs): a block of
+    equal |w| wide enough to straddle a pool's threshold, so the tie-break is what decides."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for item in lora_matrices(model, languages):
+            chosen = torch.rand(item.weight.shape, generator=g) < fraction
+            signs = torch.where(torch.rand(item.weight.shape, generator=g) < 0.5, -1.0, 1.0)
+            item.weight[chosen] = (value * signs)[chosen]
+
+
+@pytest.mark.parametrize("matrices", [["A", "B"], ["B"]])
+def test_gps_language_pool_prunes_the_kth_smallest_of_all_its_matrices(matrices):
+    """pool: language = one L1 threshold over all of a language's chosen matrices at every site: the k = round(P n)
+    entries below the k-th smallest |w| of the whole pool (numpy's sort), ties at the threshold broken as torch's
+    global_unstructured breaks them; the matrices not chosen keep their weights and have no mask."""
+    model = lslo_model(seed=21)
+    pruned_languages, ratio = ["en", "oc"], 0.5
+    tie_at(model, pruned_languages)
+    before = {id(i.weight): i.weight.detach().clone() for i in lora_matrices(model)}
+    pools = prune(model, ratio, pruned_languages, scope=GPS_POOLS["language"], matrices=matrices)
+    assert sorted(pools) == [("en",), ("oc",)]
+    for language in pruned_languages:
+        items = list(lora_matrices(model, [language], matrices))
+        assert pools[(language,)] == items
+        magnitudes = np.concatenate([before[id(i.weight)].abs().numpy().ravel() for i in items])
+        pruned = np.concatenate([(~mask_of(i)).numpy().ravel() for i in items])
+        k = round(ratio * magnitudes.size)
+        threshold = np.sort(magnitudes, kind="stable")[k - 1]
+        assert (magnitudes < threshold).sum() < k < (magnitudes <= threshold).sum()  # the ties decide
+        assert pruned.sum() == k
+        assert pruned[magnitudes < threshold].all() and not pruned[magnitudes > threshold].any()
+        # which of the tied entries go: as torch's own global pruning over the same tensors in the same order
+        references = [reference_container(before[id(i.weight)]) for i in items]
+        torch_prune.global_unstructured([(r, "weight") for r in references],
+                                        pruning_method=torch_prune.L1Unstructured, amount=ratio)
+        for item, reference in zip(items, references):
+            assert torch.equal(mask_of(item), reference.weight_mask.bool()), (language, item.site, item.matrix)
+            assert torch.equal(item.weight.detach(), reference.weight.detach())
+        # one threshold for the whole language: its matrices are pruned unevenly (the tensor pool is exact each)
+        fractions = {round(float((~mask_of(i)).float().mean()), 6) for i in items}
+        assert len(fractions) > 1
+    for item in lora_matrices(model):
+        if item.language in pruned_languages and item.matrix in matrices:
+            continue
+        assert item.language not in getattr(item.bank, f"{item.matrix}_mask")
+        assert torch.equal(item.weight.detach(), before[id(item.weight)])
+
+
+def test_gps_b_only_leaves_a_untouched_and_prunes_each_b_to_the_ratio():
+    model = lslo_model(seed=23)
+    before = {id(i.weight): i.weight.detach().clone() for i in lora_matrices(model)}
+    prune(model, 0.7, ["en", "fr"], scope=GPS_POOLS["tensor"], matrices=gps_scope(["B"])["matrices"])
+    for item in lora_matrices(model):
+        if item.matrix == "B" and item.language in ("en", "fr"):
+            reference = reference_container(before[id(item.weight)])
+            torch_prune.l1_unstructured(reference, "weight", amount=0.7)
+            assert torch.equal(mask_of(item), reference.weight_mask.bool())
+            assert int((~mask_of(item)).sum()) == round(0.7 * item.weight.numel())
+        else:
+            assert item.language not in getattr(item.bank, f"{item.matrix}_mask")
+            assert torch.equal(item.weight.detach(), before[id(item.weight)])
+    assert pruning_ratio(model, ["en", "fr"], matrices=("A",)) == 0.0
+
+
+def test_gps_scope_defaults_order_and_errors():
+    assert gps_scope() == {"matrices": ["A", "B"], "pool": "tensor"}  # torch's l1_unstructured on every A and B
+    assert gps_scope(["B", "A"], "language") == {"matrices": ["A", "B"], "pool": "language"}
+    assert gps_scope(("B",)) == {"matrices": ["B"], "pool": "tensor"}
+    for bad in (["C"], [], ["B", "B"], "B", [["A"]]):
+        with pytest.raises(LsloError, match=r"^gps\.matrices is "):
+            gps_scope(bad)
+    for bad in ("global", "matrix", "layer", ["language"], 1):
+        with pytest.raises(LsloError, match=r"^gps\.pool is .*expected one of \['tensor', 'language'\]"):
+            gps_scope(pool=bad)
 
 
 def test_exact_fraction_per_group():

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lslo.errors import LsloError
-from lslo.ranks import assign_ranks, language_demand
+from lslo.ranks import assign_ranks, language_demand, read_rank_plan
 
 TABLE = "config/languages.tsv"
 GPS = {"groups": ["H", "M"], "ratio": 0.9, "start": 2, "duration": 8}
@@ -26,7 +26,30 @@ def test_resource_policy_is_the_papers_2_2_8_gps(tmp_path):
     assert plan["ranks"] == {"en": 2, "fr": 2, "de": 2, "it": 2, "zh": 2, "nl": 2, "ja": 2, "ko": 2,
                              "oc": 8, "or": 8, "sd": 8, "wo": 8}
     assert plan["prune"]["fr"] == 0.9 and plan["prune"]["ko"] == 0.9 and plan["prune"]["wo"] == 0.0
-    assert plan["gps"] == {"start": 2, "duration": 8} and plan["groups"]["oc"] == "V"
+    assert plan["gps"] == {"start": 2, "duration": 8, "matrices": ["A", "B"], "pool": "tensor"}  # the defaults
+    assert plan["groups"]["oc"] == "V"
+
+
+@pytest.mark.parametrize("scope", [{"matrices": ["B"], "pool": "tensor"}, {"matrices": ["A", "B"], "pool": "language"},
+                                   {"matrices": ["B"], "pool": "language"}])
+def test_the_gps_scope_travels_in_the_plan_to_fine_tuning(tmp_path, scope):
+    out = tmp_path / "plan.json"
+    plan = assign_ranks("resource", TABLE, "lang12", {"H": 2, "M": 2, "V": 8}, {**GPS, **scope}, out_json=out,
+                        epochs=15)
+    assert plan["gps"] == {"start": 2, "duration": 8, **scope}
+    codes = list(plan["ranks"])
+    assert read_rank_plan(out, codes, 15)[2] == {"start": 2, "duration": 8, **scope}
+    # a plan written before the scope was recorded reads as the default scope
+    old = {**plan, "gps": {"start": 2, "duration": 8}}
+    out.write_text(json.dumps(old))
+    assert read_rank_plan(out, codes, 15)[2] == {"start": 2, "duration": 8, "matrices": ["A", "B"], "pool": "tensor"}
+    # a hand-edited plan with a scope it does not know: one line naming the field
+    out.write_text(json.dumps({**plan, "gps": {**plan["gps"], "pool": "layer"}}))
+    with pytest.raises(LsloError, match=re.escape("field 'gps.pool': 'layer' is not one of ['tensor', 'language']")):
+        read_rank_plan(out, codes, 15)
+    out.write_text(json.dumps({**plan, "gps": {**plan["gps"], "matrices": ["B", "C"]}}))
+    with pytest.raises(LsloError, match=re.escape("field 'gps.matrices.1': 'C' is not one of ['A', 'B']")):
+        read_rank_plan(out, codes, 15)
 
 
 def test_no_gps_prunes_nothing():
@@ -44,6 +67,9 @@ def test_no_gps_prunes_nothing():
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "ratio": -0.1}, 15, "ratio"),
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "start": 8}, 15, "exceeds the 15 training epochs"),
         ({"H": 2, "M": 2, "V": 8}, {**GPS, "groups": ["Q"]}, 15, "gps.groups"),
+        ({"H": 2, "M": 2, "V": 8}, {**GPS, "matrices": ["C"]}, 15, "gps.matrices is ['C']"),
+        ({"H": 2, "M": 2, "V": 8}, {**GPS, "matrices": []}, 15, "gps.matrices is []"),
+        ({"H": 2, "M": 2, "V": 8}, {**GPS, "pool": "global"}, 15, "gps.pool is 'global'"),
     ],
 )
 def test_bad_plans_are_rejected(group_ranks, gps, epochs, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import torch
 from lslo.adapters import load_adapters, read_adapters
 from lslo.data import write_parallel
 from lslo.variant import read_variant
-from lslo.finetune import run_finetune
+from lslo.finetune import emptied_matrices, run_finetune
 from lslo.io import write_json
 from lslo.subspace import run_subspace
 from lslo.weight_learning import run_weight_learning
@@ -100,6 +101,94 @@ def test_finetune_gps_reaches_the_target_for_h_and_m_and_leaves_v_unpruned(stage
     assert metrics["pruning_ratio"].tolist()[0] == 0 and metrics["pruning_ratio"].iloc[1] > 0
     assert (metrics["effective_params"] < metrics["trainable_params"]).tolist() == [False, True]
     assert metrics["dev_H2H"].notna().all() and metrics["dev_V2V"].notna().all()
+
+
+def finetune_with_gps(stage_world, name, gps, epochs=2):
+    """A tiny LSLo fine-tune with H and M pruned to 0.6 under `gps` (the rank plan's block); returns the model
+    with its saved adapters and the output directory."""
+    root, common = stage_world
+    ranks = {"ranks": {"en": 2, "fr": 2, "de": 2, "oc": 4, "wo": 4},
+             "prune": {"en": 0.6, "fr": 0.6, "de": 0.6, "oc": 0.0, "wo": 0.0}, "gps": gps}
+    write_json(ranks, root / f"{name}.json")
+    out = root / name
+    run_finetune(method="lslo", **common, index_plan="src", plan_json=None, ranks_json=root / f"{name}.json",
+                 modules="all", options=dict(OPTIONS, epochs=epochs), out_dir=out, out_metrics=out / "metrics.tsv",
+                 checkpoint_dir=out / "ckpt")
+    variant = read_variant(out / "variant.json")
+    hf = __import__("transformers").M2M100ForConditionalGeneration.from_pretrained(variant["base_model"])
+    return load_adapters(hf, variant["adapters"]), out
+
+
+def _pools_of(model, matrices):
+    """The pruned languages' matrices, one pool per language (for lslo.finetune.emptied_matrices)."""
+    from lslo.pruning import lora_matrices
+
+    pools: dict = {}
+    for item in lora_matrices(model, [lang for lang, group in GROUPS.items() if group in "HM"], matrices):
+        pools.setdefault((item.language,), []).append(item)
+    return pools
+
+
+@pytest.mark.parametrize("matrices, pool", [(["B"], "tensor"), (["A", "B"], "language"), (["B"], "language")])
+def test_finetune_gps_prunes_the_plans_matrices_in_the_plans_pools(stage_world, caplog, matrices, pool):
+    """gps.matrices: the matrices not listed are trained but never masked; gps.pool: tensor = round(P n) of each
+    matrix, language = round(P n) of all of a language's listed matrices together (one threshold)."""
+    from lslo.pruning import lora_matrices
+
+    with caplog.at_level(logging.WARNING, logger="lslo.finetune"):
+        model, _ = finetune_with_gps(stage_world, f"ft-{pool}-{''.join(matrices)}",
+                                     {"start": 1, "duration": 1, "matrices": matrices, "pool": pool})
+    # a language whose every B (or A) entry is pruned gets one warning naming it: its LoRA adds nothing
+    warned = sorted((m.args[2], m.args[1]) for m in caplog.records if m.name == "lslo.finetune")
+    assert warned == sorted(emptied_matrices(_pools_of(model, matrices)))
+    if (pool, matrices) == ("language", ["A", "B"]):
+        assert warned  # B starts at zero and stays smaller than A: one pool over both takes all of B (§4.2)
+    per_language: dict = {}
+    uneven = []
+    for item in lora_matrices(model):
+        n, pruned = item.weight.numel(), int((item.mask() == 0).sum())
+        if GROUPS[item.language] not in "HM" or item.matrix not in matrices:
+            assert item.language not in getattr(item.bank, f"{item.matrix}_mask"), (item.site, item.matrix)
+            if item.matrix == "A":  # random init, trained: no entry zeroed (B may keep untrained zeros)
+                assert bool((item.weight != 0).all()), (item.site, item.language)
+            continue
+        if pool == "tensor":
+            assert pruned == round(0.6 * n), (item.site, item.language, item.matrix)
+        uneven.append(pruned != round(0.6 * n))
+        total = per_language.setdefault(item.language, [0, 0])
+        total[0], total[1] = total[0] + n, total[1] + pruned
+    assert sorted(per_language) == ["de", "en", "fr"]
+    if pool == "language":
+        for language, (n, pruned) in per_language.items():
+            assert pruned == round(0.6 * n), language
+        assert any(uneven)  # one threshold per language, not one per matrix
+
+
+def test_finetune_default_gps_scope_is_every_a_and_b_per_tensor(stage_world):
+    """A plan without matrices/pool (written before they existed) and one with the defaults spelled out train the
+    same adapters, bit for bit."""
+    old, _ = finetune_with_gps(stage_world, "ft-old-plan", {"start": 1, "duration": 1})
+    new, _ = finetune_with_gps(stage_world, "ft-explicit",
+                               {"start": 1, "duration": 1, "matrices": ["A", "B"], "pool": "tensor"})
+    old_state, new_state = old.state_dict(), new.state_dict()
+    assert old_state.keys() == new_state.keys()
+    for key in old_state:
+        assert torch.equal(old_state[key], new_state[key]), key
+
+
+@pytest.mark.parametrize("field, value", [("pool", "language"), ("matrices", ["B"])])
+def test_a_resume_with_another_gps_scope_does_not_reuse_the_checkpoints(stage_world, caplog, field, value):
+    from lslo.checkpoint import COMPLETE
+
+    gps = {"start": 1, "duration": 1, "matrices": ["A", "B"], "pool": "tensor"}
+    _, out = finetune_with_gps(stage_world, f"ft-resume-{field}", gps)
+    (out / "ckpt" / COMPLETE).unlink()  # as if killed after epoch 1
+    (out / "ckpt" / "epoch002.pt").unlink()
+    with caplog.at_level(logging.INFO, logger="lslo.checkpoint"):
+        finetune_with_gps(stage_world, f"ft-resume-{field}", {**gps, field: value})
+    lines = [r.getMessage() for r in caplog.records if r.name == "lslo.checkpoint" and "set aside" in r.getMessage()]
+    assert len(lines) == 1 and f"settings.gps.{field}" in lines[0], lines
+    assert (out / "ckpt.set-aside-1" / "epoch001.pt").exists()
 
 
 def test_finetune_pretrain_and_full(stage_world):

@@ -213,6 +213,22 @@ def test_snakemake_validate_rejects_unknown_key_and_wrong_type(config):
     assert "instance['train']['lr']" in str(err.value)
 
 
+def test_snakemake_fills_the_schema_defaults_of_every_shipped_config():
+    """The Snakefile runs validate(set_default=True) after validate_config: a default inside a block that may be
+    null (a variant's `gps: null`) would crash it, so gps.matrices and gps.pool have none in the schema and an
+    absent one stays absent (lslo.ranks.gps_scope gives [A, B] and tensor)."""
+    from snakemake.utils import validate
+
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        if path.name == "schema.yaml":
+            continue
+        config = load_yaml(path)
+        validate(config, str(SCHEMA), set_default=True)
+        blocks = [spec["gps"] for spec in config["variants"].values()]
+        assert None in blocks, path  # a variant without GPS is in the test
+        assert all(block is None or not {"matrices", "pool"} & set(block) for block in blocks), path
+
+
 def test_validate_config_names_the_key_path(config):
     for path in sorted((REPO / "config").glob("*.yaml")):
         if path.name != "schema.yaml":
@@ -227,6 +243,15 @@ def test_validate_config_names_the_key_path(config):
     gps["variants"][name]["gps"]["ratio"] = 1.5
     raises(validate_config, f"config key 'variants.{name}.gps.ratio': 1.5 is greater than or equal to the maximum "
            "of 1", config=gps, schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(ratio=0.9, matrices=["A", "C"])
+    raises(validate_config, f"config key 'variants.{name}.gps.matrices.1': 'C' is not one of ['A', 'B']", config=gps,
+           schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(matrices=["B"], pool="global")
+    raises(validate_config, f"config key 'variants.{name}.gps.pool': 'global' is not one of ['tensor', 'language']",
+           config=gps, schema_path=SCHEMA)
+    gps["variants"][name]["gps"].update(matrices=["B", "B"], pool="language")
+    raises(validate_config, f"config key 'variants.{name}.gps.matrices': 'B' listed more than once", config=gps,
+           schema_path=SCHEMA)
     rank = copy.deepcopy(config)
     rank["weight_learning"]["rank"] = 0
     raises(validate_config, "config key 'weight_learning.rank': 0 is less than the minimum of 1", config=rank,

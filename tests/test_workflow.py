@@ -183,10 +183,11 @@ def test_slurm_profile_requests_gpus_for_training_and_decoding_only(workdir):
     assert set_gres_string(Job()).strip() == ""
 
 
-def test_changing_one_gps_ratio_reruns_only_that_variant(workdir):
+@pytest.mark.parametrize("key, value", [("ratio", 0.5), ("pool", "language"), ("matrices", ["B"])])
+def test_changing_one_gps_ratio_or_scope_reruns_only_that_variant(workdir, key, value):
     materialise(workdir)
     config = yaml.safe_load((workdir / "config/config.yaml").read_text())
-    config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"]["ratio"] = 0.5
+    config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"][key] = value
     (workdir / "config/changed.yaml").write_text(yaml.safe_dump(config))  # keys re-ordered too: no effect
     out = snakemake(workdir, "-n", "--configfile", "config/changed.yaml").stdout
     assert job_counts(out) == {"ranks": 1, "finetune": 1, "decode": 2, "score": 1, "table": 1, "figure3": 1,
