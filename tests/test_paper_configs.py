@@ -166,3 +166,23 @@ def test_dev_sentences_null_is_the_whole_devtest():
     assert dev_rows(table, TrainOptions()).equals(table.head(50))  # unset: the first 50
     with pytest.raises(LsloError, match="train.dev_sentences is 'all', expected null or a whole number"):
         TrainOptions.from_dict({"dev_sentences": "all"}, "train")
+
+
+def test_docs_authors_table_gives_every_choice_a_value_and_a_source():
+    """docs/authors.md's one table: no choice without its value in the paper configs and its source, and the
+    choices that change the paper's numbers are all in it."""
+    lines = (ROOT / "docs" / "authors.md").read_text(encoding="utf-8").splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    header, rows = rows[0], [row for row in rows[1:] if not row[0].startswith("**")]  # bold rows: sections
+    assert header[:3] == ["choice", "the paper configs", "source"]
+    assert all(len(row) == len(header) for row in rows), [row[0] for row in rows if len(row) != len(header)]
+    unsourced = [row[0] for row in rows if not row[1] or not row[2]]
+    assert not unsourced
+    choices = {row[0] for row in rows}
+    for needed in ("precision", "an overflowed update", "search", "decoding precision", "GPS matrices and pool",
+                   "Ft-all schedule", "Figure 3", "index plan, lang12", "weight-learning training",
+                   "label smoothing", "gradient clipping", "optimizer", "checkpoint tested", "language tokens",
+                   "detokenisation"):
+        assert needed in choices, needed
+    lslo_choices = [row for row in rows if "lslo's choice" in row[2]]
+    assert all(":" in row[2].split("lslo's choice", 1)[1] for row in lslo_choices)  # each says why
