@@ -788,6 +788,25 @@ def m2m124_release(tmp_path_factory, spm_model):
     return SimpleNamespace(root=root, out=out, state=state, dict_ids={t: 4 + i for i, t in enumerate(lines)})
 
 
+def test_m2m124_in_the_dictconfig_layout_converts_as_the_release(m2m124_release, spm_model, tmp_path):
+    """The release's sizes with `cfg` pickled as an omegaconf DictConfig (fairseq 2020-10-20 .. 2021-03-03): the
+    124 language tokens at fairseq's ids and the same weights as the plain-dict release, whose tokens and logits
+    test_m2m124_sizes_convert_to_fairseqs_ids_and_logits checks against the fairseq rule."""
+    release = m2m124_release
+    save_layout("dictconfig", tmp_path / "model.pt", release.state, {"langs": ",".join(M2M124_LANGUAGE_CODES)})
+    out = convert_fairseq_m2m(tmp_path / "model.pt", release.root / "dict.txt", spm_model, tmp_path / "hf")
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.languages == M2M124_LANGUAGE_CODES
+    assert [tokenizer.convert_tokens_to_ids(f"__{c}__") for c in ("oc", "wo", "zu")] == [256083, 256119, 256124]
+    tokenizer.src_lang = "oc"
+    assert tokenizer("kamo tiru selve")["input_ids"] == fairseq_ids(spm_model, release.dict_ids, "kamo tiru selve",
+                                                                      "oc")
+    converted = M2M100ForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    expected = M2M100ForConditionalGeneration.from_pretrained(str(release.out)).state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
 def fairseq_ids(spm_model, dict_ids, text, src):
     """fairseq's rule: SentencePiece pieces looked up in dict.txt (id = 4 + line), __src__ first, </s> last."""
     processor = spm.SentencePieceProcessor(model_file=str(spm_model))
