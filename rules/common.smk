@@ -339,6 +339,13 @@ def metrics_of(variants):
     return expand("results/finetune/{variant}/metrics.tsv", variant=variants)
 
 
+def learned_plan_of(table):
+    """Table 3 (the index strategies) with a WL row: its notes compare the learned plan with the paper's."""
+    if table == "table3" and any(VARIANTS[v].get("index") == "learned" for v in config["tables"][table]):
+        return "results/weight_learning/plan.json"
+    return []
+
+
 def table_labels(variants):
     return [VARIANTS[v]["label"] for v in variants]
 

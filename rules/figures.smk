@@ -31,13 +31,6 @@ SPM_NOTE = (
 )
 
 
-def learned_plan_of(table):
-    """Table 3 (the index strategies) with a WL row: its notes compare the learned plan with the paper's."""
-    if table == "table3" and any(VARIANTS[v].get("index") == "learned" for v in config["tables"][table]):
-        return "results/weight_learning/plan.json"
-    return []
-
-
 rule figure1:
     input:
         weights="results/weight_learning/weights.tsv",
