@@ -12,6 +12,7 @@ import operator
 import os
 import random
 import sys
+from unittest import mock
 import types
 import typing
 from types import SimpleNamespace
@@ -439,17 +440,9 @@ def omegaconf_stubs():
         node.__dict__["_val"] = value
         return node
 
-    saved = {name: sys.modules.get(name) for name in _OMEGACONF_MODULES}
-    sys.modules.update(modules)
-    try:
+    with mock.patch.dict(sys.modules, modules):  # the stubs exist only while saving
         yield SimpleNamespace(create=create, DictConfig=DictConfig, ListConfig=ListConfig, Node=Node,
                               Metadata=Metadata, ContainerMetadata=ContainerMetadata)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def save_layout(layout, path, state, task, model=None):
@@ -619,18 +612,10 @@ def fairseq_stubs():
             node.__dict__["_val"] = value
             return node
 
-        saved = {name: sys.modules.get(name) for name in _FAIRSEQ_MODULES}
-        sys.modules.update(modules)
-        try:
+        with mock.patch.dict(sys.modules, modules):  # the stubs exist only while saving
             yield SimpleNamespace(structured=structured, Choices=choices, FairseqConfig=FairseqConfig,
                                   CommonConfig=CommonConfig, MultilingualConfig=MultilingualConfig,
                                   utils=modules["fairseq.utils"], omegaconf=omegaconf)
-        finally:
-            for name, module in saved.items():
-                if module is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = module
 
 
 @pytest.mark.parametrize("typing_refs", [False, True], ids=["omegaconf-2.0.0-metadata", "typing-ref-types"])
