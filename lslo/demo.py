@@ -143,7 +143,7 @@ def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: i
                         label_smoothing=label_smoothing * (vocab - 1) / vocab, dropout=config.dropout,
                         attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,
                         layerdrop=config.encoder_layerdrop, clip_norm=1.0, amp=False, mixed_directions=True,
-                        dev_sentences=0, max_steps=max_steps)
+                        dev_sentences=0, max_updates=max_steps)
 
 
 def fast_tokenize(texts: list[str], tokenizer) -> list[list[int]]:

@@ -161,8 +161,8 @@ def test_options_unknown_key_and_wrong_type_name_the_key():
         TrainOptions.from_dict({"amp": 1})
     with pytest.raises(LsloError, match=r"options\.dropout"):
         TrainOptions.from_dict({"dropout": 1.5})
-    opts = TrainOptions.from_dict({"lr": 1, "adam_betas": [0.9, 0.98], "max_steps": None})
-    assert opts.lr == 1.0 and isinstance(opts.lr, float) and opts.max_steps is None
+    opts = TrainOptions.from_dict({"lr": 1, "adam_betas": [0.9, 0.98], "max_updates": None})
+    assert opts.lr == 1.0 and isinstance(opts.lr, float) and opts.max_updates is None
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -178,7 +178,7 @@ def test_train_writes_metrics_and_checkpoints(world, tmp_path):
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert list(metrics.columns) == ["epoch", "step", "loss", "pruning_ratio", "trainable_params",
                                      "effective_params", "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high",
-                                     "dev_V2V_low", "dev_V2V_high"]
+                                     "dev_V2V_low", "dev_V2V_high", "stopped"]
     assert (metrics["dev_V2V_low"] <= metrics["dev_V2V"]).all()
     assert (metrics["dev_V2V"] <= metrics["dev_V2V_high"]).all()
     assert metrics["epoch"].tolist() == [1, 2] and hooks == [1, 2]
