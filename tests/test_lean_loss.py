@@ -202,3 +202,26 @@ def test_forward_loss_under_cpu_bf16_autocast_projects_in_bf16_and_softmaxes_in_
     (loss_p, grad_p), (loss_c, grad_c) = results["plain"], results["chunked"]
     assert loss_c.dtype == torch.float32 and loss_c.item() == pytest.approx(loss_p.item(), rel=1e-3)
     torch.testing.assert_close(grad_c, grad_p, rtol=2e-2, atol=2e-2 * grad_p.abs().max().item())
+
+
+def test_forward_loss_chunked_under_ddp_gives_the_plain_gradients(tmp_path):
+    """Under torchrun the updates run the DDP wrapper (find_unused_parameters, as make_trainer builds it): the loss
+    is computed inside the wrapped forward, so DDP sees the projection used; one process of the gloo backend."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for kind in ("ft-all", "lslo"):
+            grads = {}
+            for loss_kind in ("plain", "chunked"):
+                model = make_tiny_model(0).double().train()
+                if kind == "lslo":
+                    model = inject_lslo(model, LSLoSpec(LANGUAGES, {c: 2 for c in LANGUAGES}))
+                ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                for _ in range(2):  # a second backward: DDP's reducer was ready again
+                    ddp.zero_grad(set_to_none=True)
+                    forward_loss(ddp, collated(), 0.2, torch.device("cpu"), loss_kind, 3 * 64).backward()
+                grads[loss_kind] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            assert grads["plain"].keys() == grads["chunked"].keys() and grads["plain"]
+            for name, want in grads["plain"].items():
+                torch.testing.assert_close(grads["chunked"][name], want, rtol=1e-9, atol=1e-12, msg=name)
+    finally:
+        torch.distributed.destroy_process_group()
