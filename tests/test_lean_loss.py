@@ -225,3 +225,16 @@ def test_forward_loss_chunked_under_ddp_gives_the_plain_gradients(tmp_path):
                 torch.testing.assert_close(grads["chunked"][name], want, rtol=1e-9, atol=1e-12, msg=name)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_an_output_projection_with_a_bias_is_refused_not_dropped():
+    """The chunked loss projects with the weight alone; a projection with a bias (not M2M100's) stops with one line
+    instead of training without the bias."""
+    from lslo.errors import LsloError
+
+    model = make_tiny_model(0)
+    model.lm_head = torch.nn.Linear(model.config.d_model, model.config.vocab_size, bias=True)
+    with pytest.raises(LsloError, match=r"^train\.loss chunked: the model's output projection is Linear\(.*bias=True\)"
+                       r", expected a Linear without bias \(M2M100's lm_head\); set train\.loss: plain$"):
+        forward_loss(model, collated(), 0.2, torch.device("cpu"), "chunked")
+    assert forward_loss(model, collated(), 0.2, torch.device("cpu"), "plain").isfinite()
