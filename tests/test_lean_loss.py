@@ -64,6 +64,21 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(dtype, tolerance, epsil
     assert torch.all(got[2][0, 4:] == 0) and torch.all(got[2][2, 6] == 0)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("rows", [1, 5, 1000])
+def test_training_gradients_taken_in_the_forward_equal_the_plain_path(dtype, tolerance, rows):
+    """Training backpropagates the loss alone, scaled (1 / tokens, the AMP loss scale): the gradients the forward
+    takes, times that scalar, are the plain path's."""
+    hidden, weight, target = case(dtype)
+    grads = []
+    for fn in (plain(0.2), chunked(0.2, rows)):
+        hidden.grad = weight.grad = None
+        (fn(hidden, weight, target)[0] * 3.5).backward()
+        grads.append((hidden.grad.clone(), weight.grad.clone()))
+    for name, got, want in zip(("grad hidden", "grad weight"), grads[1], grads[0]):
+        assert_relative(got, want, tolerance, name)
+
+
 def test_loss_by_hand_fairseqs_weights():
     """Against the formula written out: gold weight 1 - ε, each other token ε/(V - 1), padding left out."""
     hidden, weight, target = case(torch.float64)
