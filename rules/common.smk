@@ -387,7 +387,7 @@ def table_labels(variants):
 
 
 def stage_script(name):
-    """The script a rule runs: workflow/scripts/<name>.py, or in a rehearsal rehearsed.py, which runs it measured."""
+    """A rule's script: workflow/scripts/<name>.py, or in a rehearsal rehearsed.py, which runs it measured."""
     return f"../workflow/scripts/{'rehearsed' if REHEARSAL else name}.py"
 
 
