@@ -203,17 +203,26 @@ def measured_job(clock_json, outputs, job: dict, checkpoint_dir=None, timed: boo
 
 # ---------------------------------------------------------------------------------------------- the full run
 
-def planned_updates(corpus, options, world_size: int = 1) -> tuple[int, int]:
+# The options an epoch's batches depend on (lslo.train.epoch_plan); lr, ranks, dropout, ... do not change them.
+PLAN_OPTIONS = ("seed", "temperature", "max_epoch_examples", "max_tokens", "mixed_directions")
+
+
+def planned_updates(corpus, options, world_size: int = 1, batches_cache: dict | None = None) -> tuple[int, int]:
     """(updates, epochs) the trainer runs with `options` on `corpus` (lslo.data.Corpus): the batches of each epoch
     from the trainer's own epoch plan (lslo.train.epoch_plan: temperature sampling, token-budget batches), sharded
     over `world_size` processes and grouped update_freq to an update, until max_updates. An epoch in which
-    max_updates is reached is run (and dev-scored), the next ones are not (lslo.train.training_epochs)."""
+    max_updates is reached is run (and dev-scored), the next ones are not (lslo.train.training_epochs).
+    batches_cache: {(PLAN_OPTIONS values, epoch, world_size): batches}, shared by stages whose plans agree."""
+    batches_cache = {} if batches_cache is None else batches_cache
+    plan = tuple(getattr(options, name) for name in PLAN_OPTIONS)
     update_freq = options.update_freq_for(world_size)
     limit = getattr(options, STOP_OPTION, None)
     updates = 0
     for epoch in range(1, options.epochs + 1):
-        batches = shard(epoch_plan(corpus, options, epoch), 0, world_size)
-        updates += math.ceil(len(batches) / update_freq)
+        key = (plan, epoch, world_size)
+        if key not in batches_cache:
+            batches_cache[key] = len(shard(epoch_plan(corpus, options, epoch), 0, world_size))
+        updates += math.ceil(batches_cache[key] / update_freq)
         if limit is not None and updates >= limit:
             return limit, epoch
     return updates, options.epochs
@@ -341,7 +350,7 @@ def rehearsal_report(clock_jsons, plans: dict, train_tsv, devtest_tsv, model_dir
     table = read_language_table(language_table)
     devtest_rows = len(read_parallel(devtest_tsv, languages))
     train = read_parallel(train_tsv, languages)
-    corpus, cache = None, {}
+    corpus, cache, batches_cache = None, {}, {}
 
     def corpus_updates(options: dict) -> tuple[int, int]:
         nonlocal corpus
@@ -350,7 +359,8 @@ def rehearsal_report(clock_jsons, plans: dict, train_tsv, devtest_tsv, model_dir
             corpus = Corpus.multiparallel(train, list(languages), tokenizer)
         key = json.dumps(options, sort_keys=True)
         if key not in cache:
-            cache[key] = planned_updates(corpus, TrainOptions.from_dict(options, "train"))
+            cache[key] = planned_updates(corpus, TrainOptions.from_dict(options, "train"),
+                                         batches_cache=batches_cache)
         return cache[key]
 
     rows = [projected_row(clock, plans[path], corpus_updates, devtest_rows) for path, clock in clocks.items()]

@@ -64,6 +64,18 @@ def test_planned_updates_by_hand(limit, expected):
     assert planned_updates(uniform_corpus(10, 8), options) == expected
 
 
+def test_stages_share_the_batch_counts_of_one_plan_only():
+    corpus, cache = uniform_corpus(10, 8), {}
+    # another lr, the same batches: counted once; another max_tokens (20: 2 a batch, 10 batches, 5 updates)
+    assert planned_updates(corpus, TrainOptions.from_dict({"max_tokens": 40, "update_freq": 2, "epochs": 3}),
+                           batches_cache=cache) == (9, 3)
+    assert planned_updates(corpus, TrainOptions.from_dict({"max_tokens": 40, "update_freq": 2, "epochs": 3,
+                                                           "lr": 1e-4}), batches_cache=cache) == (9, 3)
+    assert len(cache) == 3
+    assert planned_updates(corpus, TrainOptions.from_dict({"max_tokens": 20, "update_freq": 2, "epochs": 3}),
+                           batches_cache=cache) == (15, 3)
+
+
 @pytest.mark.parametrize("limit", [None, 5])
 def test_planned_updates_are_the_training_loops(monkeypatch, limit):
     """On sampled, uneven data: the count equals the updates and epochs lslo.train.training_epochs runs."""
