@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import lslo.train
+from lslo.config import validate_config
 from lslo.data import Corpus
 from lslo.errors import LsloError
 from lslo.rehearsal import (REHEARSAL_DIR, STOP_OPTION, RehearsalOptions, planned_updates, project_decoding,
@@ -35,6 +36,19 @@ def test_rehearse_values():
     for bad in ({"update": 5}, {"updates": 0}, {"updates": "5"}, 3):
         with pytest.raises(LsloError, match="rehearse"):
             RehearsalOptions.from_config(bad)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"updates": 0}, "config key 'rehearse.updates': 0 is less than the minimum of 1"),
+    ({"update": 3}, "config key 'rehearse.update': unknown key"),
+    ("yes", "config key 'rehearse': 'yes' does not match"),
+])
+def test_a_bad_rehearse_value_is_named_by_its_key(value, message):
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    for good in (True, "true", False, {"updates": 3}):
+        validate_config({**config, "rehearse": good}, ROOT / "config/schema.yaml")
+    with pytest.raises(LsloError, match=re.escape(message)):
+        validate_config({**config, "rehearse": value}, ROOT / "config/schema.yaml")
 
 
 def test_the_cut_keeps_smaller_limits_and_the_batch_size():
