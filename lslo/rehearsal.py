@@ -318,14 +318,18 @@ def projected_row(clock: dict, plan: dict, corpus_updates, devtest_rows: int) ->
         dev_scale = (rows_of(devtest_rows, plan["dev_sentences"])
                      / max(rows_of(devtest_rows, plan["rehearsed_dev_sentences"]), 1))
         per_update = seconds_per_update(clock)
-        row.update(rate=f"{per_update:.3g} s/update" if per_update else "",
+        untimed = plan["trains"] and per_update is None  # trained in torchrun's processes (resources gpu > 1)
+        row.update(rate="not timed (several processes)" if untimed else
+                   f"{per_update:.3g} s/update" if per_update else "",
                    work=f"{updates:,} updates, {epochs} epochs" if plan["trains"] else "dev scores only",
-                   time=project_training(clock, updates, epochs, dev_scale),
+                   time=None if untimed else project_training(clock, updates, epochs, dev_scale),
                    full_disk=project_disk(clock, epochs))
     elif kind == "pretrain":  # the demo's pretraining: exactly `updates` updates, no epochs, no dev scores
         per_update = seconds_per_update(clock)
-        row.update(rate=f"{per_update:.3g} s/update" if per_update else "", work=f"{plan['updates']:,} updates",
-                   time=clock["wall_s"] - sum(clock["updates_s"]) + plan["updates"] * (per_update or 0.0))
+        row.update(rate=f"{per_update:.3g} s/update" if per_update else "not timed",
+                   work=f"{plan['updates']:,} updates",
+                   time=None if per_update is None else
+                   clock["wall_s"] - sum(clock["updates_s"]) + plan["updates"] * per_update)
     elif kind == "decode":
         rehearsed = rows_of(devtest_rows, plan["rehearsed_sentences"])
         full = rows_of(devtest_rows, plan["sentences"])
@@ -389,10 +393,12 @@ def write_report(rows: list[dict], out_md, rehearsal: dict, devices: list[str], 
                      f"{size(row['disk'])} | {row['rate']} | {row['work']} | {duration(row['time'])} | "
                      f"{size(row['full_disk'])} |")
     gpu = [row["gpu"] for row in rows if row["gpu"] is not None]
+    untimed = [row["job"] for row in rows if row["time"] is None]
     lines += [
         f"| **all jobs, one after another** | {duration(sum(r['wall'] for r in rows))} | "
         f"{size(max(r['rss'] for r in rows))} | {size(max(gpu) if gpu else None)} | "
-        f"{size(sum(r['disk'] for r in rows))} | | | {duration(sum(r['time'] for r in rows))} | "
+        f"{size(sum(r['disk'] for r in rows))} | | | "
+        f"{duration(None if untimed else sum(r['time'] for r in rows))} | "
         f"{size(sum(r['full_disk'] for r in rows))} |",
         "",
         "Peak RSS and peak GPU are the job's own (GPU: torch.cuda.max_memory_allocated), at the config's batch size "
@@ -404,5 +410,8 @@ def write_report(rows: list[dict], out_md, rehearsal: dict, devices: list[str], 
         "length cap. Jobs without a rate run in full in the rehearsal. One process per job: a job that trains on "
         "N GPUs divides its update time by about N.",
     ]
+    if untimed:  # its updates ran in torchrun's processes, where this process's clock does not reach
+        lines += ["", f"Not timed, so no full run time: {', '.join(untimed)}. Rehearse them in one process "
+                      "(resources gpu=1) to time their updates."]
     Path(out_md).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ from lslo.config import validate_config
 from lslo.data import Corpus
 from lslo.errors import LsloError
 from lslo.rehearsal import (REHEARSAL_DIR, STOP_OPTION, RehearsalOptions, planned_updates, project_decoding,
-                            project_disk, project_training, seconds_per_update)
+                            project_disk, project_training, projected_row, seconds_per_update)
 from lslo.train import BatchSource, TrainOptions, epoch_plan, training_epochs
 from test_workflow import ROOT, copy_workflow, job_counts, snakemake
 
@@ -134,6 +134,21 @@ def test_decoding_projection_by_hand():
     assert project_decoding(measured, 1012 / 2, 0.0, 200) == pytest.approx(17 + 6 * 506)
     # a full-run cap of 0.5 x 40 + 4 = 24 steps for batch 1, 0.5 x 10 + 4 = 9 for batch 2
     assert project_decoding(measured, 1.0, 0.5, 4) == pytest.approx(17 + 2 * 24 / 16 + 1 * 9 / 10)
+
+
+def test_a_training_row_projects_from_the_plan_and_refuses_to_guess_without_timed_updates():
+    plan = {"kind": "train", "trains": True, "options": {"epochs": 10}, "dev_sentences": None,
+            "rehearsed_dev_sentences": 2}
+    measured = clock(rule="finetune", wildcards={"variant": "v"}, peak_rss_bytes=1, peak_gpu_bytes=None,
+                     wall_s=100.0, updates_s=[5.0, 3.0, 3.0], epochs=1, dev_s=[4.0], output_bytes=1000,
+                     checkpoint_bytes=600)
+    row = projected_row(measured, plan, lambda options: (1000, 10), devtest_rows=50)
+    # dev scoring on all 50 devtest sentences instead of 2: x 25
+    assert row["time"] == pytest.approx(85 + 3000 + 10 * 4 * 25) and row["work"] == "1,000 updates, 10 epochs"
+    assert row["rate"] == "3 s/update" and row["full_disk"] == 2200 and row["job"] == "finetune/v"
+    # updates run in torchrun's processes are not seen by the job's clock: no time rather than a wrong one
+    row = projected_row({**measured, "updates_s": []}, plan, lambda options: (1000, 10), devtest_rows=50)
+    assert row["time"] is None and row["rate"].startswith("not timed")
 
 
 def test_disk_projection_by_hand():
