@@ -23,7 +23,7 @@ from lslo.errors import LsloError
 from lslo.rehearsal import (REHEARSAL_DIR, STOP_OPTION, RehearsalOptions, planned_updates, project_decoding,
                             project_disk, project_training, projected_row, seconds_per_update)
 from lslo.train import BatchSource, TrainOptions, epoch_plan, training_epochs
-from test_workflow import ROOT, copy_workflow, job_counts, snakemake
+from test_workflow import ROOT, copy_workflow, job_counts, paper_paths, snakemake
 
 # ---------------------------------------------------------------------------------------------- options
 
@@ -231,3 +231,17 @@ def test_a_rehearsal_dry_run_keeps_the_real_paths_and_writes_below_its_directory
     paths = re.findall(r"^    (?:output|log): (.*)$", out, flags=re.M)
     assert paths and all(p.startswith(REHEARSAL_DIR + "/") for line in paths for p in line.split(", "))
     assert "rehearsal_report" in job_counts(out)
+
+
+
+def test_a_lang12_rehearsal_schedules_the_real_runs_jobs_and_its_report(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    setup = ["-n", "--configfile", "config/lang12.yaml", *paper_paths(tmp_path)]  # ends in --config model=...
+    real = job_counts(snakemake(workdir, *setup).stdout)
+    out = snakemake(workdir, *setup, "rehearse=true").stdout
+    # every job of the real run, and the report; one dev set (the real run's first 50 and all are both cut to 2)
+    assert real["dev_set"] == 2 and job_counts(out) == {**real, "dev_set": 1, "rehearsal_report": 1}
+    paths = re.findall(r"^    (?:output|log): (.*)$", out, flags=re.M)
+    assert paths and all(p.startswith(REHEARSAL_DIR + "/") for line in paths for p in line.split(", "))
+    # the dev sets of every training stage are the first 2 devtest sentences (lang12's Figure 3 variants: all)
+    assert "results/rehearsal/data/dev/2.tsv" in out and "data/dev/all.tsv" not in out
