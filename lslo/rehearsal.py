@@ -8,7 +8,8 @@ Under `rehearse` the workflow writes everything below results/rehearsal/ (rules/
 - decoding takes the first `sentences` test sentences of every direction, at most `max_new_tokens` new tokens each;
 - scoring, tables and figures run on what that gives.
 Each job runs inside `measured_job`, which writes the job's clock (its wall time, peak memory, the bytes of its
-outputs and checkpoints, and the seconds of each update, dev scoring and decoding batch) next to its outputs.
+outputs and checkpoints, and the seconds of each update, dev scoring and decoding batch) to
+results/rehearsal/clocks/.
 `rehearsal_report` turns the clocks into results/rehearsal/report.md: what each job took, and what the full run of
 the same config will take, from the number of updates the trainer's own epoch plan (lslo.train.epoch_plan) gives on
 the real data and the number of sentences the real config decodes.
@@ -53,9 +54,9 @@ class RehearsalOptions:
     @classmethod
     def from_config(cls, value) -> "RehearsalOptions | None":
         """None for a real run (false, null, absent); the options otherwise. A wrong value raises LsloError."""
-        if value in (None, False, "false"):
+        if value is None or value is False or value == "false":
             return None
-        if value in (True, "true"):  # "true": snakemake --config rehearse=true (it reads only True as a boolean)
+        if value is True or value == "true":  # "true": snakemake --config rehearse=true (it reads only True as a boolean)
             return cls()
         if not isinstance(value, dict):
             raise LsloError(f"config key 'rehearse' is {value!r}; expected true, false or a mapping of "

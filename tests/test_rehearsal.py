@@ -33,7 +33,7 @@ def test_rehearse_values():
     assert RehearsalOptions.from_config("false") is None
     assert RehearsalOptions.from_config(True) == RehearsalOptions.from_config("true") == RehearsalOptions(2, 2, 16)
     assert RehearsalOptions.from_config({"updates": 5}) == RehearsalOptions(5, 2, 16)
-    for bad in ({"update": 5}, {"updates": 0}, {"updates": "5"}, 3):
+    for bad in ({"update": 5}, {"updates": 0}, {"updates": "5"}, 3, 0, 1):
         with pytest.raises(LsloError, match="rehearse"):
             RehearsalOptions.from_config(bad)
 
