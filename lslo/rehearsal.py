@@ -56,7 +56,7 @@ class RehearsalOptions:
         """None for a real run (false, null, absent); the options otherwise. A wrong value raises LsloError."""
         if value is None or value is False or value == "false":
             return None
-        if value is True or value == "true":  # "true": snakemake --config rehearse=true (it reads only True as a boolean)
+        if value is True or value == "true":  # "true": --config rehearse=true (snakemake reads only True as a bool)
             return cls()
         if not isinstance(value, dict):
             raise LsloError(f"config key 'rehearse' is {value!r}; expected true, false or a mapping of "
@@ -113,6 +113,7 @@ class Clock:
         self.epochs = 0
         self.dev_s: list[float] = []
         self.dev_sentences: list[int] = []
+        self.checkpoint_s: list[float] = []
         self.decode_batches: list[dict] = []
         self._in_dev = False
 
@@ -126,7 +127,8 @@ class Clock:
     def installed(self) -> Iterator["Clock"]:
         """Time the library's own steps while the job runs (the names the training loop and decoding call)."""
         clock = self
-        update_step, epoch_metrics = lslo.train.update_step, lslo.train.epoch_metrics
+        update_step, epoch_metrics, save_checkpoint = (lslo.train.update_step, lslo.train.epoch_metrics,
+                                                       lslo.train.save_checkpoint)
         dev_scores, translate_batch = lslo.train.dev_scores, lslo.inference.Translator.translate_batch
 
         def timed_update(*args, **kwargs):
@@ -139,6 +141,13 @@ class Clock:
         def counted_epoch(*args, **kwargs):
             clock.epochs += 1
             return epoch_metrics(*args, **kwargs)
+
+        def timed_checkpoint(*args, **kwargs):
+            start = clock.now()
+            try:
+                return save_checkpoint(*args, **kwargs)
+            finally:
+                clock.checkpoint_s.append(clock.now() - start)
 
         def timed_dev(*args, **kwargs):
             start, clock._in_dev, before = clock.now(), True, len(clock.decode_batches)
@@ -159,6 +168,7 @@ class Clock:
             return hyps
 
         patches = [(lslo.train, "update_step", timed_update), (lslo.train, "epoch_metrics", counted_epoch),
+                   (lslo.train, "save_checkpoint", timed_checkpoint),
                    (lslo.train, "dev_scores", timed_dev), (lslo.finetune, "dev_scores", timed_dev),
                    (lslo.inference.Translator, "translate_batch", timed_batch)]
         originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
@@ -196,6 +206,7 @@ def measured_job(clock_json, outputs, job: dict, checkpoint_dir=None, timed: boo
         "epochs": clock.epochs,
         "dev_s": clock.dev_s,
         "dev_sentences": clock.dev_sentences,
+        "checkpoint_s": clock.checkpoint_s,
         "decode_batches": clock.decode_batches,
     }
     Path(clock_json).parent.mkdir(parents=True, exist_ok=True)
@@ -237,13 +248,17 @@ def seconds_per_update(clock: dict) -> float | None:
 
 
 def project_training(clock: dict, updates: int, epochs: int, dev_scale: float) -> float:
-    """Seconds of the full run of a training job: what the rehearsal spent outside updates and dev scoring (loading,
-    tokenizing, writing; the same in the full run) + updates x seconds per update + its dev scorings (one per epoch,
-    and any outside the epochs) x their measured seconds, scaled by dev_scale (full / rehearsed dev sentences)."""
-    spent = sum(clock["updates_s"]) + sum(clock["dev_s"])
+    """Seconds of the full run of a training job: what the rehearsal spent outside updates, dev scoring and epoch
+    checkpoints (starting, loading, tokenizing, writing the outputs; the same in the full run) + updates x seconds
+    per update + its dev scorings (one per epoch, and any outside the epochs) x their measured seconds, scaled by
+    dev_scale (full / rehearsed dev sentences) + one epoch checkpoint per epoch x its measured seconds."""
+    checkpoints = clock.get("checkpoint_s", [])
+    spent = sum(clock["updates_s"]) + sum(clock["dev_s"]) + sum(checkpoints)
     dev_calls = len(clock["dev_s"]) - clock["epochs"] + epochs
     dev_each = sum(clock["dev_s"]) / len(clock["dev_s"]) if clock["dev_s"] else 0.0
-    return (clock["wall_s"] - spent) + updates * (seconds_per_update(clock) or 0.0) + dev_calls * dev_each * dev_scale
+    checkpoint_each = sum(checkpoints) / len(checkpoints) if checkpoints else 0.0
+    return ((clock["wall_s"] - spent) + updates * (seconds_per_update(clock) or 0.0)
+            + dev_calls * dev_each * dev_scale + epochs * checkpoint_each)
 
 
 def decode_steps(max_new_tokens: int, longest_source: int) -> int:

@@ -123,6 +123,10 @@ def test_training_projection_by_hand():
     base = clock(wall_s=10.0, dev_s=[2.0])
     assert project_training(base, updates=0, epochs=0, dev_scale=50.0) == pytest.approx(8 + 100)
     assert seconds_per_update(clock(updates_s=[7.0])) == 7.0
+    # epoch checkpoints: 2 of 6 s in the rehearsal, one per epoch in the full run
+    saving = clock(wall_s=100.0, updates_s=[5.0, 3.0, 3.0], epochs=2, dev_s=[4.0, 4.0], checkpoint_s=[6.0, 6.0])
+    assert project_training(saving, updates=1000, epochs=10, dev_scale=1.0) == pytest.approx(
+        (100 - 11 - 8 - 12) + 3000 + 10 * 4 + 10 * 6)
 
 
 def test_decoding_projection_by_hand():
