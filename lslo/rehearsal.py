@@ -384,7 +384,8 @@ def rehearsal_report(clock_jsons, plans: dict, train_tsv, devtest_tsv, model_dir
         return cache[key]
 
     rows = [projected_row(clock, plans[path], corpus_updates, devtest_rows) for path, clock in clocks.items()]
-    devices = sorted({f"{c['device']} ({c['threads']} threads)" if c["threads"] else c["device"]
+    devices = sorted({f"{c['device']} ({c['threads']} thread{'s' if c['threads'] > 1 else ''})"
+                      if c["threads"] else c["device"]
                       for c in clocks.values()})
     write_report(rows, out_md, rehearsal, devices, model_dir, languages, len(train))
     return rows
@@ -419,12 +420,13 @@ def write_report(rows: list[dict], out_md, rehearsal: dict, devices: list[str], 
         "",
         "Peak RSS and peak GPU are the job's own (GPU: torch.cuda.max_memory_allocated), at the config's batch size "
         "for training; decoding batches hold at most the rehearsed sentences. Disk: the job's outputs and training "
-        "checkpoints. Full run time: the job's time outside updates, dev scoring and decoding as measured, plus the "
-        "full run's updates (lslo.train.epoch_plan on the training data) x the seconds per update after the first, "
-        "its dev scorings x their measured seconds scaled by dev sentences, and its test sentences x the measured "
-        "decoding seconds scaled by decoder steps, a translation taken as long as its source under the config's "
-        "length cap. Jobs without a rate run in full in the rehearsal. One process per job: a job that trains on "
-        "N GPUs divides its update time by about N.",
+        "checkpoints. Full run time: the job's time outside updates, dev scoring, epoch checkpoints and decoding as "
+        "measured (process start included), plus the full run's updates (lslo.train.epoch_plan on the training "
+        "data) x the seconds per update after the first, its dev scorings x their measured seconds scaled by dev "
+        "sentences, an epoch checkpoint per epoch, and its test sentences x the measured decoding seconds scaled by "
+        "decoder steps, a translation taken as long as its source under the config's length cap. Jobs without a "
+        "rate run in full in the rehearsal. One process per job: a job that trains on N GPUs divides its update "
+        "time by about N.",
     ]
     if untimed:  # its updates ran in torchrun's processes, where this process's clock does not reach
         lines += ["", f"Not timed, so no full run time: {', '.join(untimed)}. Rehearse them in one process "
