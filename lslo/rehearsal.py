@@ -317,6 +317,10 @@ def duration(s: float | None) -> str:
     return f"{hours}:{rest // 60:02d} h" if hours else f"{rest // 60}:{rest % 60:02d} min"
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def rows_of(n_rows: int, limit: int | None) -> int:
     """Sentences used of `n_rows` under a first-N limit (None: all)."""
     return n_rows if limit is None else min(limit, n_rows)
@@ -337,13 +341,14 @@ def projected_row(clock: dict, plan: dict, corpus_updates, devtest_rows: int) ->
         untimed = plan["trains"] and per_update is None  # trained in torchrun's processes (resources gpu > 1)
         row.update(rate="not timed (several processes)" if untimed else
                    f"{per_update:.3g} s/update" if per_update else "",
-                   work=f"{updates:,} updates, {epochs} epochs" if plan["trains"] else "dev scores only",
+                   work=f"{plural(updates, 'update')}, {plural(epochs, 'epoch')}" if plan["trains"]
+                   else "dev scores only",
                    time=None if untimed else project_training(clock, updates, epochs, dev_scale),
                    full_disk=project_disk(clock, epochs))
     elif kind == "pretrain":  # the demo's pretraining: exactly `updates` updates, no epochs, no dev scores
         per_update = seconds_per_update(clock)
         row.update(rate=f"{per_update:.3g} s/update" if per_update else "not timed",
-                   work=f"{plan['updates']:,} updates",
+                   work=plural(plan["updates"], "update"),
                    time=None if per_update is None else
                    clock["wall_s"] - sum(clock["updates_s"]) + plan["updates"] * per_update)
     elif kind == "decode":
