@@ -53,6 +53,11 @@ include: "rules/evaluate.smk"
 include: "rules/figures.smk"
 
 
+if REHEARSAL:
+
+    include: "rules/rehearsal.smk"
+
+
 rule all:
     input:
         all_targets(),

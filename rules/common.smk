@@ -9,8 +9,32 @@ from lslo.checkpoint import files_identity, model_identity
 from lslo.errors import LsloError
 from lslo.jobs import code_hash
 from lslo.languages import file_code, language_rows, read_language_table, select
+from lslo.rehearsal import REHEARSAL_DIR, RehearsalOptions
 from lslo.train import TrainOptions
 from lslo.variant import METHODS
+
+# config `rehearse` (lslo.rehearsal): every stage of this config on its model and data, cut to a few updates and
+# sentences, measured, and projected to the full run in results/rehearsal/report.md. Every path a rule writes is
+# under RESULTS (its logs too), so a rehearsal shares no file, and no file record in .snakemake/, with the real
+# run: the real run after it starts from scratch. Paths the user brings (model, FLORES, spm, language table) are
+# the same in both.
+try:
+    REHEARSAL = RehearsalOptions.from_config(config.get("rehearse"))
+except LsloError as err:
+    sys.exit(str(err))
+RESULTS = REHEARSAL_DIR if REHEARSAL else "results"
+LOGS = f"{RESULTS}/logs" if REHEARSAL else "logs"
+
+
+def result_path(path):
+    """`path` under the run's results directory: results/, or results/rehearsal/ in a rehearsal."""
+    return f"{RESULTS}/{path}"
+
+
+def log_path(path):
+    """`path` under the run's log directory: logs/, or results/rehearsal/logs/ in a rehearsal."""
+    return f"{LOGS}/{path}"
+
 
 # A params entry of every rule: the hash of its script and of every lslo module the script imports
 # (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
@@ -87,21 +111,21 @@ check_profile()
 
 
 def get_flores_root():
-    return "results/demo/benchmark" if DEMO else config["data"]["flores"]
+    return result_path("demo/benchmark") if DEMO else config["data"]["flores"]
 
 
 def get_language_table():
     if config["data"]["language_table"]:
         return config["data"]["language_table"]
-    return "results/demo/languages.tsv" if DEMO else "config/languages.tsv"
+    return result_path("demo/languages.tsv") if DEMO else "config/languages.tsv"
 
 
 def get_model():
-    return "results/demo/model" if DEMO else config["model"]
+    return result_path("demo/model") if DEMO else config["model"]
 
 
 def get_spm():
-    return "results/demo/spm.model" if DEMO else config["eval"]["spm"]
+    return result_path("demo/spm.model") if DEMO else config["eval"]["spm"]
 
 
 # ----------------------------------------------------------------------------- inputs by content
@@ -157,7 +181,7 @@ FLORES_FILES, FLORES_IDENTITY, MODEL_IDENTITY, SPM_IDENTITY = content_identities
 # input: another model is another stamp, missing until it is written, and its new file reruns every stage that
 # read the model, with or without the record.
 def identity_stamp(kind, identity):
-    return f"results/inputs/{kind}-{identity[:16]}.json" if identity else []
+    return result_path(f"inputs/{kind}-{identity[:16]}.json") if identity else []
 
 
 STAMPS = {"flores": FLORES_IDENTITY, "model": MODEL_IDENTITY, "spm": SPM_IDENTITY}
@@ -225,12 +249,15 @@ def canonical(value):
     return value
 
 
-def train_options(*overrides):
+def train_options(*overrides, full_run=False):
     """TrainOptions dict: the config's `train` block updated by stage/variant overrides (later wins). The dev
-    scores decode with the evaluate stage's beam search (eval.search) unless a `train` block says otherwise."""
+    scores decode with the evaluate stage's beam search (eval.search) unless a `train` block says otherwise. In a
+    rehearsal, cut to its updates and dev sentences, unless full_run (what the real run will train)."""
     options = {"dev_search": config["eval"]["search"], **config["train"]}
     for override in overrides:
         options.update(override or {})
+    if REHEARSAL and not full_run:
+        options = REHEARSAL.train_options(options)
     return canonical(options)
 
 
@@ -243,20 +270,24 @@ def variant_options(wildcards):
 PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam", "dev_search"]
 
 
-def finetune_options(variant):
-    options = train_options(VARIANTS[variant]["train"])
+def finetune_options(variant, full_run=False):
+    options = train_options(VARIANTS[variant]["train"], full_run=full_run)
     if not METHODS[VARIANTS[variant]["method"]].trains:
         return {key: options[key] for key in PRETRAIN_OPTIONS if key in options}
     return options
 
 
-def stage_options():
+def stage_options(full_run=False):
     """{stage: train options} of every training stage (weight learning, the two subspace modes, each variant)."""
     return {
-        "weight_learning": train_options(config["weight_learning"]["train"]),
-        "subspace": train_options(config["subspace"]["train"]),
-        **{variant: finetune_options(variant) for variant in VARIANTS},
+        "weight_learning": train_options(config["weight_learning"]["train"], full_run=full_run),
+        "subspace": train_options(config["subspace"]["train"], full_run=full_run),
+        **{variant: finetune_options(variant, full_run) for variant in VARIANTS},
     }
+
+
+# The `eval` options the rules read: a rehearsal decodes its first sentences with a short length cap.
+EVAL = REHEARSAL.eval_options(config["eval"]) if REHEARSAL else config["eval"]
 
 
 def dev_file(options):
@@ -265,8 +296,8 @@ def dev_file(options):
     results/data/dev/all.tsv for dev_sentences null (the whole devtest); [] for 0 (no dev scores)."""
     n = options.get("dev_sentences", TrainOptions.dev_sentences)
     if n is None:
-        return "results/data/dev/all.tsv"
-    return f"results/data/dev/{n}.tsv" if n else []
+        return result_path("data/dev/all.tsv")
+    return result_path(f"data/dev/{n}.tsv") if n else []
 
 
 def variant_param(key):
@@ -289,14 +320,14 @@ def get_finetune_input(wildcards):
     inputs = {
         "model": get_model(),
         "model_stamp": MODEL_STAMP,
-        "train": "results/data/train.tsv",
+        "train": result_path("data/train.tsv"),
         "dev": dev_file(finetune_options(wildcards.variant)),  # per-epoch monitoring only (Figure 3)
         "table": table_input(),
     }
     if spec["method"] == "lslo":
-        inputs["ranks"] = f"results/ranks/{wildcards.variant}.json"
+        inputs["ranks"] = result_path(f"ranks/{wildcards.variant}.json")
         if spec["index"] == "learned":
-            inputs["plan"] = "results/weight_learning/plan.json"
+            inputs["plan"] = result_path("weight_learning/plan.json")
         elif spec["index"].endswith(".json"):  # another run's plan (lslo.finetune.resolve_index_plan)
             inputs["plan"] = spec["index"]
     return inputs
@@ -306,7 +337,7 @@ def get_decode_input(wildcards):
     """variant.json and every file it names: new adapters or a new model rerun the decoding. The base model is
     read by every method (its tokenizer; Ft-all's weights are its own model/)."""
     return {
-        "variant": f"results/finetune/{wildcards.variant}/variant.json",
+        "variant": result_path(f"finetune/{wildcards.variant}/variant.json"),
         **finetune_artifacts(wildcards.variant),
         "base": get_model(),
         "model_stamp": MODEL_STAMP,
@@ -315,39 +346,115 @@ def get_decode_input(wildcards):
 
 def get_rank_scores(wildcards):
     if VARIANTS[wildcards.variant]["rank_policy"] == "subspace":
-        return "results/subspace/ise/scores.tsv"
+        return result_path("subspace/ise/scores.tsv")
     return []
 
 
 def get_hyps(wildcards):
     return expand(
-        "results/evaluate/{variant}/hyps/{shard}.tsv",
+        result_path("evaluate/{variant}/hyps/{shard}.tsv"),
         variant=wildcards.variant,
         shard=range(config["eval"]["shards"]),
     )
 
 
 def groups_of(variants):
-    return expand("results/evaluate/{variant}/groups.tsv", variant=variants)
+    return expand(result_path("evaluate/{variant}/groups.tsv"), variant=variants)
 
 
 def stats_of(variants):
-    return expand("results/evaluate/{variant}/sentence_stats.npz", variant=variants)
+    return expand(result_path("evaluate/{variant}/sentence_stats.npz"), variant=variants)
 
 
 def metrics_of(variants):
-    return expand("results/finetune/{variant}/metrics.tsv", variant=variants)
+    return expand(result_path("finetune/{variant}/metrics.tsv"), variant=variants)
 
 
 def learned_plan_of(table):
     """Table 3 (the index strategies) with a WL row: its notes compare the learned plan with the paper's."""
     if table == "table3" and any(VARIANTS[v].get("index") == "learned" for v in config["tables"][table]):
-        return "results/weight_learning/plan.json"
+        return result_path("weight_learning/plan.json")
     return []
 
 
 def table_labels(variants):
     return [VARIANTS[v]["label"] for v in variants]
+
+
+# ----------------------------------------------------------------------------- rehearsal (lslo.rehearsal)
+# In a rehearsal every rule runs its script through workflow/scripts/rehearsed.py, which measures the job into its
+# `clock` output; outside one, rules run their scripts as they are and have no clock.
+
+
+def stage_script(name):
+    """A rule's script: workflow/scripts/<name>.py, or in a rehearsal rehearsed.py, which runs it measured."""
+    return f"../workflow/scripts/{'rehearsed' if REHEARSAL else name}.py"
+
+
+def rehearsal_params(script, timed=False):
+    """A rehearsal's params of a rule: its own script, and whether its updates and decoding batches are timed."""
+    return {"stage_script": script, "timed": timed} if REHEARSAL else {}
+
+
+def clock_path(job):
+    return result_path(f"clocks/{job}.json")
+
+
+def rehearsal_clock(job):
+    """A rehearsal's output of a rule: the job's clock (lslo.rehearsal.measured_job)."""
+    return {"clock": clock_path(job)} if REHEARSAL else {}
+
+
+def demo_pretrain_steps():
+    steps = config["demo"]["pretrain_steps"]
+    return min(steps, REHEARSAL.updates) if REHEARSAL else steps
+
+
+def rehearsal_plans():
+    """{the clock of every job of the rehearsal: what the full run does in that job} (lslo.rehearsal.projected_row):
+    the full run's training options of each training job, its sentences and length cap of each decode job."""
+    measured = {"kind": "measured"}
+    rehearsed, full = stage_options(), stage_options(full_run=True)
+    dev_default = TrainOptions.dev_sentences
+
+    def training(stage, trains=True):
+        return {
+            "kind": "train",
+            "trains": trains,
+            "options": full[stage],
+            "dev_sentences": full[stage].get("dev_sentences", dev_default),
+            "rehearsed_dev_sentences": rehearsed[stage].get("dev_sentences", dev_default),
+        }
+
+    jobs = {}
+    if DEMO:
+        jobs["demo_benchmark"] = measured
+        jobs["demo_pretrain"] = {"kind": "pretrain", "updates": config["demo"]["pretrain_steps"]}
+    else:
+        jobs.update({f"input_identity/{kind}-{identity[:16]}": measured for kind, identity in STAMPS.items()})
+    jobs["data"] = jobs["test_set"] = measured
+    jobs.update({f"dev_set/{Path(path).stem}": measured for path in map(dev_file, rehearsed.values()) if path})
+    jobs["weight_learning"] = training("weight_learning")
+    jobs.update({f"subspace/{mode}": training("subspace") for mode in ISE_MODES})
+    jobs.update({f"ranks/{variant}": measured for variant in lslo_variants()})
+    decoding = {
+        "kind": "decode",
+        "sentences": config["eval"]["max_sentences"],
+        "rehearsed_sentences": EVAL["max_sentences"],
+        "max_len_a": config["eval"]["max_len_a"],
+        "max_len_b": config["eval"]["max_len_b"],
+    }
+    for variant in VARIANTS:
+        jobs[f"finetune/{variant}"] = training(variant, METHODS[VARIANTS[variant]["method"]].trains)
+        jobs[f"decoding_options/{variant}"] = jobs[f"score/{variant}"] = measured
+        jobs.update({f"decode/{variant}/{shard}": decoding for shard in range(config["eval"]["shards"])})
+    jobs["figure1"] = jobs["figure3"] = measured
+    jobs.update({f"score_figure/{figure}": measured for figure in SCORE_FIGURES})
+    jobs.update({f"table/{table}": measured for table in config["tables"]})
+    jobs.update({f"score_table/{table}": measured for table in SCORE_TABLES})
+    if config.get("summary"):
+        jobs["summary"] = measured
+    return {clock_path(job): canonical(plan) for job, plan in jobs.items()}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -361,7 +468,7 @@ def finetune_artifacts(variant):
 def artifact_output(method, variant="{variant}"):
     """{variant.json field: path} of what a method's finetune job writes (rules/finetune.smk declares it)."""
     spec = METHODS[method]
-    return {spec.artifact: f"results/finetune/{variant}/{spec.artifact_path}"} if spec.artifact else {}
+    return {spec.artifact: result_path(f"finetune/{variant}/{spec.artifact_path}")} if spec.artifact else {}
 
 
 def stage_files():
@@ -370,22 +477,24 @@ def stage_files():
     as inputs of `all`, a deleted adapter file (or plan, rank file, hyps shard, ...) is seen by `snakemake -n` and
     reruns its job and the jobs after it."""
     files = [
-        "results/data/train.tsv",
-        "results/data/devtest.tsv",
-        "results/data/test.tsv",
+        result_path("data/train.tsv"),
+        result_path("data/devtest.tsv"),
+        result_path("data/test.tsv"),
         *sorted({path for path in map(dev_file, stage_options().values()) if path}),
-        "results/weight_learning/weights.tsv",
-        "results/weight_learning/plan.json",
-        *expand("results/subspace/{mode}/scores.tsv", mode=ISE_MODES),
-        *expand("results/ranks/{variant}.json", variant=lslo_variants()),
+        result_path("weight_learning/weights.tsv"),
+        result_path("weight_learning/plan.json"),
+        *expand(result_path("subspace/{mode}/scores.tsv"), mode=ISE_MODES),
+        *expand(result_path("ranks/{variant}.json"), variant=lslo_variants()),
         *expand(
-            "results/finetune/{variant}/{name}",
+            result_path("finetune/{variant}/{name}"),
             variant=VARIANTS,
             name=["variant.json", "metrics.tsv", "decoding.json"],
         ),
-        *expand("results/evaluate/{variant}/hyps/{shard}.tsv", variant=VARIANTS, shard=range(config["eval"]["shards"])),
         *expand(
-            "results/evaluate/{variant}/{name}",
+            result_path("evaluate/{variant}/hyps/{shard}.tsv"), variant=VARIANTS, shard=range(config["eval"]["shards"])
+        ),
+        *expand(
+            result_path("evaluate/{variant}/{name}"),
             variant=VARIANTS,
             name=["directions.tsv", "groups.signature.json", "sentence_stats.npz"],
         ),
@@ -394,10 +503,10 @@ def stage_files():
         files += finetune_artifacts(variant).values()
     if DEMO:
         files += [
-            "results/demo/benchmark",
-            "results/demo/languages.tsv",
-            "results/demo/model",
-            "results/demo/spm.model",
+            result_path("demo/benchmark"),
+            result_path("demo/languages.tsv"),
+            result_path("demo/model"),
+            result_path("demo/spm.model"),
         ]
     else:  # a missing stamp (another model, FLORES or spm) is written, and what read the input reruns after it
         files += [FLORES_STAMP, MODEL_STAMP, SPM_STAMP]
@@ -406,9 +515,10 @@ def stage_files():
 
 def all_targets():
     return [
-        *expand("results/figures/{figure}.png", figure=FIGURES),
-        *expand("results/tables/{table}.{ext}", table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
+        *expand(result_path("figures/{figure}.png"), figure=FIGURES),
+        *expand(result_path("tables/{table}.{ext}"), table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
         *groups_of(VARIANTS),
         *stage_files(),
-        *(["results/summary.md"] if config.get("summary") else []),
+        *([result_path("summary.md")] if config.get("summary") else []),
+        *([result_path("report.md")] if REHEARSAL else []),
     ]

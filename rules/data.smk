@@ -4,28 +4,32 @@
 
 rule demo_benchmark:
     output:
-        benchmark=directory("results/demo/benchmark"),
-        table="results/demo/languages.tsv",
+        **rehearsal_clock("demo_benchmark"),
+        benchmark=directory(result_path("demo/benchmark")),
+        table=result_path("demo/languages.tsv"),
     params:
+        **rehearsal_params("demo_benchmark"),
         n_languages=config["demo"]["n_languages"],
         seed=config["demo"]["seed"],
         code=CODE["demo_benchmark"],
     log:
-        "logs/demo_benchmark.log",
+        log_path("demo_benchmark.log"),
     localrule: True
     script:
-        "../workflow/scripts/demo_benchmark.py"
+        stage_script("demo_benchmark")
 
 
 rule demo_pretrain:
     input:
-        benchmark="results/demo/benchmark",
+        benchmark=result_path("demo/benchmark"),
     output:
-        model=directory("results/demo/model"),
-        spm="results/demo/spm.model",
+        **rehearsal_clock("demo_pretrain"),
+        model=directory(result_path("demo/model")),
+        spm=result_path("demo/spm.model"),
     params:
+        **rehearsal_params("demo_pretrain", timed=True),
         seed=config["demo"]["seed"],
-        max_steps=config["demo"]["pretrain_steps"],
+        max_steps=demo_pretrain_steps(),
         model={key: config["demo"][key] for key in ("d_model", "layers", "ffn_dim")},
         max_tokens=config["demo"]["pretrain_tokens"],
         lr=config["demo"]["pretrain_lr"],
@@ -33,22 +37,24 @@ rule demo_pretrain:
         temperature=config["demo"]["pretrain_temperature"],
         code=CODE["demo_pretrain"],
     log:
-        "logs/demo_pretrain.log",
+        log_path("demo_pretrain.log"),
     benchmark:
-        "results/benchmarks/demo_pretrain.tsv"
+        result_path("benchmarks/demo_pretrain.tsv")
     threads: 4
     resources:
         gpu=1,
         runtime=60,
         mem_mb=8000,
     script:
-        "../workflow/scripts/demo_pretrain.py"
+        stage_script("demo_pretrain")
 
 
 rule input_identity:
     output:
-        stamp="results/inputs/{kind}-{identity}.json",
+        **rehearsal_clock("input_identity/{kind}-{identity}"),
+        stamp=result_path("inputs/{kind}-{identity}.json"),
     params:
+        **rehearsal_params("input_identity"),
         path=lambda wildcards: {"flores": get_flores_root, "model": get_model, "spm": get_spm}[wildcards.kind](),
         identity=lambda wildcards: STAMPS[wildcards.kind],
         code=CODE["input_identity"],
@@ -56,10 +62,10 @@ rule input_identity:
         kind="flores|model|spm",
         identity="[0-9a-f]{16}",
     log:
-        "logs/input_identity/{kind}-{identity}.log",
+        log_path("input_identity/{kind}-{identity}.log"),
     localrule: True
     script:
-        "../workflow/scripts/input_identity.py"
+        stage_script("input_identity")
 
 
 rule data:
@@ -68,9 +74,11 @@ rule data:
         flores_stamp=FLORES_STAMP,
         table=table_input(),
     output:
-        train="results/data/train.tsv",
-        devtest="results/data/devtest.tsv",  # every devtest sentence; test.tsv and the dev subsets are cut from it
+        **rehearsal_clock("data"),
+        train=result_path("data/train.tsv"),
+        devtest=result_path("data/devtest.tsv"),  # every devtest sentence; test.tsv and the dev subsets are cut from it
     params:
+        **rehearsal_params("data"),
         flores_root=path_of(get_flores_root),
         flores=FLORES_IDENTITY,  # the files' content (an edit that keeps the mtime reruns too)
         layout=config["data"]["layout"],
@@ -78,10 +86,10 @@ rule data:
         languages=table_rows("data"),
         code=CODE["data"],
     log:
-        "logs/data.log",
+        log_path("data.log"),
     localrule: True
     script:
-        "../workflow/scripts/data.py"
+        stage_script("data")
 
 
 # The test table and each training stage's dev subset are rules of their own, each reading only the sentences it
@@ -90,33 +98,37 @@ rule data:
 
 rule test_set:
     input:
-        devtest="results/data/devtest.tsv",
+        devtest=result_path("data/devtest.tsv"),
     output:
-        rows="results/data/test.tsv",
+        **rehearsal_clock("test_set"),
+        rows=result_path("data/test.tsv"),
     params:
-        n=config["eval"]["max_sentences"],  # the first N devtest sentences (null: all)
+        **rehearsal_params("first_sentences"),
+        n=EVAL["max_sentences"],  # the first N devtest sentences (null: all)
         key="eval.max_sentences",
         code=CODE["first_sentences"],
     log:
-        "logs/test_set.log",
+        log_path("test_set.log"),
     localrule: True
     script:
-        "../workflow/scripts/first_sentences.py"
+        stage_script("first_sentences")
 
 
 rule dev_set:
     input:
-        devtest="results/data/devtest.tsv",
+        devtest=result_path("data/devtest.tsv"),
     output:
-        rows="results/data/dev/{n}.tsv",
+        **rehearsal_clock("dev_set/{n}"),
+        rows=result_path("data/dev/{n}.tsv"),
     params:
+        **rehearsal_params("first_sentences"),
         n=lambda wildcards: None if wildcards.n == "all" else int(wildcards.n),  # all: dev_sentences null
         key="dev_sentences (train options)",
         code=CODE["first_sentences"],
     wildcard_constraints:
         n=r"[1-9]\d*|all",
     log:
-        "logs/dev_set/{n}.log",
+        log_path("dev_set/{n}.log"),
     localrule: True
     script:
-        "../workflow/scripts/first_sentences.py"
+        stage_script("first_sentences")

@@ -6,28 +6,30 @@
 
 rule decoding_options:
     output:
-        options="results/finetune/{variant}/decoding.json",
+        **rehearsal_clock("decoding_options/{variant}"),
+        options=result_path("finetune/{variant}/decoding.json"),
     params:
-        options={
-            key: config["eval"][key] for key in ("beam", "max_len_a", "max_len_b", "max_tokens", "search", "dtype")
-        },
+        **rehearsal_params("decoding_options"),
+        options={key: EVAL[key] for key in ("beam", "max_len_a", "max_len_b", "max_tokens", "search", "dtype")},
         code=CODE["decoding_options"],
     log:
-        "logs/decoding_options/{variant}.log",
+        log_path("decoding_options/{variant}.log"),
     localrule: True
     script:
-        "../workflow/scripts/decoding_options.py"
+        stage_script("decoding_options")
 
 
 rule decode:
     input:
         unpack(get_decode_input),
-        decoding="results/finetune/{variant}/decoding.json",
-        test="results/data/test.tsv",
+        decoding=result_path("finetune/{variant}/decoding.json"),
+        test=result_path("data/test.tsv"),
         table=table_input(),
     output:
-        hyps="results/evaluate/{variant}/hyps/{shard}.tsv",
+        **rehearsal_clock("decode/{variant}/{shard}"),
+        hyps=result_path("evaluate/{variant}/hyps/{shard}.tsv"),
     params:
+        **rehearsal_params("decode", timed=True),
         model_identity=MODEL_IDENTITY,
         table=path_of(get_language_table),
         languages=table_rows("decode"),
@@ -35,41 +37,43 @@ rule decode:
         n_shards=config["eval"]["shards"],
         code=CODE["decode"],
     log:
-        "logs/decode/{variant}/{shard}.log",
+        log_path("decode/{variant}/{shard}.log"),
     benchmark:
-        "results/benchmarks/decode/{variant}/{shard}.tsv"
+        result_path("benchmarks/decode/{variant}/{shard}.tsv")
     threads: 4
     resources:
         gpu=1,
         runtime=240,
         mem_mb=16000,
     script:
-        "../workflow/scripts/decode.py"
+        stage_script("decode")
 
 
 rule score:
     input:
         hyps=get_hyps,
-        test="results/data/test.tsv",
+        test=result_path("data/test.tsv"),
         table=table_input(),
         spm=get_spm(),
         spm_stamp=SPM_STAMP,
     output:
-        directions="results/evaluate/{variant}/directions.tsv",
-        groups="results/evaluate/{variant}/groups.tsv",
-        signature="results/evaluate/{variant}/groups.signature.json",
-        stats="results/evaluate/{variant}/sentence_stats.npz",
+        **rehearsal_clock("score/{variant}"),
+        directions=result_path("evaluate/{variant}/directions.tsv"),
+        groups=result_path("evaluate/{variant}/groups.tsv"),
+        signature=result_path("evaluate/{variant}/groups.signature.json"),
+        stats=result_path("evaluate/{variant}/sentence_stats.npz"),
     params:
+        **rehearsal_params("score"),
         label=variant_param("label"),
         spm_identity=SPM_IDENTITY,  # the spm's content: a replaced file that kept its mtime rescores
         table=path_of(get_language_table),
         languages=table_rows("score"),
         code=CODE["score"],
     log:
-        "logs/score/{variant}.log",
+        log_path("score/{variant}.log"),
     threads: 1
     resources:  # a CPU job on the cluster: about 0.7 s per 1,012-sentence direction, 10 min for lang30
         runtime=60,
         mem_mb=4000,
     script:
-        "../workflow/scripts/score.py"
+        stage_script("score")

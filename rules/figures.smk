@@ -33,53 +33,59 @@ SPM_NOTE = (
 
 rule figure1:
     input:
-        weights="results/weight_learning/weights.tsv",
+        weights=result_path("weight_learning/weights.tsv"),
     output:
-        png=report("results/figures/figure1.png", caption="../workflow/report/figure1.rst", category="Figures"),
+        **rehearsal_clock("figure1"),
+        png=report(result_path("figures/figure1.png"), caption="../workflow/report/figure1.rst", category="Figures"),
     params:
+        **rehearsal_params("figure1"),
         code=CODE["figure1"],
     log:
-        "logs/figure1.log",
+        log_path("figure1.log"),
     localrule: True
     script:
-        "../workflow/scripts/figure1.py"
+        stage_script("figure1")
 
 
 rule score_figure:
     input:
-        scores=lambda wildcards: f"results/subspace/{SCORE_FIGURES[wildcards.figure][0]}/scores.tsv",
+        scores=lambda wildcards: result_path(f"subspace/{SCORE_FIGURES[wildcards.figure][0]}/scores.tsv"),
     output:
+        **rehearsal_clock("score_figure/{figure}"),
         png=report(
-            "results/figures/{figure}.png",
+            result_path("figures/{figure}.png"),
             caption="../workflow/report/score_figure.rst",
             category="Figures",
         ),
     params:
+        **rehearsal_params("score_figure"),
         function=lambda wildcards: SCORE_FIGURES[wildcards.figure][1],
         code=CODE["score_figure"],
     wildcard_constraints:
         figure="|".join(SCORE_FIGURES),
     log:
-        "logs/score_figure/{figure}.log",
+        log_path("score_figure/{figure}.log"),
     localrule: True
     script:
-        "../workflow/scripts/score_figure.py"
+        stage_script("score_figure")
 
 
 rule figure3:
     input:
         metrics=metrics_of(config["figure3"]),
     output:
-        png=report("results/figures/figure3.png", caption="../workflow/report/figure3.rst", category="Figures"),
+        **rehearsal_clock("figure3"),
+        png=report(result_path("figures/figure3.png"), caption="../workflow/report/figure3.rst", category="Figures"),
     params:
+        **rehearsal_params("figure3"),
         labels=table_labels(config["figure3"]),
         baselines=[not METHODS[VARIANTS[v]["method"]].trains for v in config["figure3"]],  # a dashed line
         code=CODE["figure3"],
     log:
-        "logs/figure3.log",
+        log_path("figure3.log"),
     localrule: True
     script:
-        "../workflow/scripts/figure3.py"
+        stage_script("figure3")
 
 
 rule table:
@@ -89,10 +95,12 @@ rule table:
         stats=lambda wildcards: stats_of(config["tables"][wildcards.table]),
         plan=lambda wildcards: learned_plan_of(wildcards.table),
     output:
-        tsv=report("results/tables/{table}.tsv", caption="../workflow/report/tables.rst", category="Tables"),
-        md="results/tables/{table}.md",
-        intervals="results/tables/{table}.intervals.tsv",
+        **rehearsal_clock("table/{table}"),
+        tsv=report(result_path("tables/{table}.tsv"), caption="../workflow/report/tables.rst", category="Tables"),
+        md=result_path("tables/{table}.md"),
+        intervals=result_path("tables/{table}.intervals.tsv"),
     params:
+        **rehearsal_params("table"),
         labels=lambda wildcards: table_labels(config["tables"][wildcards.table]),
         trained=lambda wildcards: [METHODS[VARIANTS[v]["method"]].trains for v in config["tables"][wildcards.table]],
         methods=lambda wildcards: [VARIANTS[v]["method"] for v in config["tables"][wildcards.table]],
@@ -102,24 +110,26 @@ rule table:
     wildcard_constraints:
         table="table[12348]",
     log:
-        "logs/table/{table}.log",
+        log_path("table/{table}.log"),
     localrule: True
     script:
-        "../workflow/scripts/table.py"
+        stage_script("table")
 
 
 rule score_table:
     input:
-        scores="results/subspace/ise/scores.tsv",
+        scores=result_path("subspace/ise/scores.tsv"),
         table=table_input(),
     output:
+        **rehearsal_clock("score_table/{table}"),
         tsv=report(
-            "results/tables/{table}.tsv",
+            result_path("tables/{table}.tsv"),
             caption="../workflow/report/score_tables.rst",
             category="Tables",
         ),
-        md="results/tables/{table}.md",
+        md=result_path("tables/{table}.md"),
     params:
+        **rehearsal_params("score_table"),
         side=lambda wildcards: {"table9": "enc", "table10": "dec"}[wildcards.table],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
         table=path_of(get_language_table),
@@ -128,27 +138,29 @@ rule score_table:
     wildcard_constraints:
         table="table9|table10",
     log:
-        "logs/score_table/{table}.log",
+        log_path("score_table/{table}.log"),
     localrule: True
     script:
-        "../workflow/scripts/score_table.py"
+        stage_script("score_table")
 
 
 rule summary:
     input:
         stats=lambda wildcards: stats_of([config["summary"][role] for role in SUMMARY_ROLES]),
-        weights="results/weight_learning/weights.tsv",
-        plan="results/weight_learning/plan.json",
-        table9="results/tables/table9.tsv",
-        table_mds=["results/tables/table1.md", "results/tables/table9.md"],
-        figures=expand("results/figures/figure{i}.png", i=[1, 2, 3]),
+        weights=result_path("weight_learning/weights.tsv"),
+        plan=result_path("weight_learning/plan.json"),
+        table9=result_path("tables/table9.tsv"),
+        table_mds=[result_path("tables/table1.md"), result_path("tables/table9.md")],
+        figures=expand(result_path("figures/figure{i}.png"), i=[1, 2, 3]),
     output:
-        md=report("results/summary.md", caption="../workflow/report/summary.rst", category="Summary"),
+        **rehearsal_clock("summary"),
+        md=report(result_path("summary.md"), caption="../workflow/report/summary.rst", category="Summary"),
     params:
+        **rehearsal_params("summary"),
         labels={role: VARIANTS[v]["label"] for role, v in (config.get("summary") or {}).items()},
         code=CODE["summary"],
     log:
-        "logs/summary.log",
+        log_path("summary.log"),
     localrule: True
     script:
-        "../workflow/scripts/summary.py"
+        stage_script("summary")

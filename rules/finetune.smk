@@ -13,9 +13,11 @@ rule finetune:
         unpack(get_finetune_input),
     output:
         **artifact_output("lslo"),
-        variant="results/finetune/{variant}/variant.json",
-        metrics="results/finetune/{variant}/metrics.tsv",
+        **rehearsal_clock("finetune/{variant}"),
+        variant=result_path("finetune/{variant}/variant.json"),
+        metrics=result_path("finetune/{variant}/metrics.tsv"),
     params:
+        **rehearsal_params("finetune", timed=True),
         method=variant_param("method"),
         model_identity=MODEL_IDENTITY,
         table=path_of(get_language_table),
@@ -23,37 +25,39 @@ rule finetune:
         index=variant_param("index"),
         modules=variant_param("modules"),
         options=lambda wildcards: finetune_options(wildcards.variant),  # pretrain: its dev options only
-        out_dir="results/finetune/{variant}",
-        checkpoint_dir="results/checkpoints/finetune/{variant}",
+        out_dir=result_path("finetune/{variant}"),
+        checkpoint_dir=result_path("checkpoints/finetune/{variant}"),
         code=CODE["finetune"],
     wildcard_constraints:
         variant=variants_pattern("lslo"),
     log:
-        "logs/finetune/{variant}.log",
+        log_path("finetune/{variant}.log"),
     benchmark:
-        "results/benchmarks/finetune/{variant}.tsv"
+        result_path("benchmarks/finetune/{variant}.tsv")
     threads: 4
     resources:
         gpu=1,
         runtime=1440,
         mem_mb=32000,
     script:
-        "../workflow/scripts/finetune.py"
+        stage_script("finetune")
 
 
 use rule finetune as finetune_full with:
     output:
         **{key: directory(path) for key, path in artifact_output("full").items()},
-        variant="results/finetune/{variant}/variant.json",
-        metrics="results/finetune/{variant}/metrics.tsv",
+        **rehearsal_clock("finetune/{variant}"),
+        variant=result_path("finetune/{variant}/variant.json"),
+        metrics=result_path("finetune/{variant}/metrics.tsv"),
     wildcard_constraints:
         variant=variants_pattern("full"),
 
 
 use rule finetune as finetune_pretrain with:
     output:
-        variant="results/finetune/{variant}/variant.json",
-        metrics="results/finetune/{variant}/metrics.tsv",
+        **rehearsal_clock("finetune/{variant}"),
+        variant=result_path("finetune/{variant}/variant.json"),
+        metrics=result_path("finetune/{variant}/metrics.tsv"),
     wildcard_constraints:
         variant=variants_pattern("pretrain"),
     threads: 4

@@ -7,8 +7,10 @@ rule ranks:
         table=table_input(),
         scores=get_rank_scores,
     output:
-        plan="results/ranks/{variant}.json",
+        **rehearsal_clock("ranks/{variant}"),
+        plan=result_path("ranks/{variant}.json"),
     params:
+        **rehearsal_params("ranks"),
         policy=variant_param("rank_policy"),
         table=path_of(get_language_table),
         languages=table_rows("ranks"),
@@ -18,7 +20,7 @@ rule ranks:
         epochs=lambda wildcards: variant_options(wildcards)["epochs"],
         code=CODE["ranks"],
     log:
-        "logs/ranks/{variant}.log",
+        log_path("ranks/{variant}.log"),
     localrule: True
     script:
-        "../workflow/scripts/ranks.py"
+        stage_script("ranks")

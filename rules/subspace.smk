@@ -7,13 +7,15 @@ rule subspace:
     input:
         model=get_model(),
         model_stamp=MODEL_STAMP,
-        train="results/data/train.tsv",
+        train=result_path("data/train.tsv"),
         dev=dev_file(stage_options()["subspace"]),
         table=table_input(),
-        plan="results/weight_learning/plan.json",
+        plan=result_path("weight_learning/plan.json"),
     output:
-        scores="results/subspace/{mode}/scores.tsv",
+        **rehearsal_clock("subspace/{mode}"),
+        scores=result_path("subspace/{mode}/scores.tsv"),
     params:
+        **rehearsal_params("subspace", timed=True),
         model_identity=MODEL_IDENTITY,
         table=path_of(get_language_table),
         languages=table_rows("train"),
@@ -21,16 +23,16 @@ rule subspace:
         target_ratio=lambda wildcards: config["subspace"][f"P_{wildcards.mode}"],
         gps=canonical(config["subspace"]["gps"]),
         options=train_options(config["subspace"]["train"]),
-        checkpoint_dir="results/checkpoints/subspace/{mode}",  # outside outputs: a rerun resumes
+        checkpoint_dir=result_path("checkpoints/subspace/{mode}"),  # outside outputs: a rerun resumes
         code=CODE["subspace"],
     log:
-        "logs/subspace/{mode}.log",
+        log_path("subspace/{mode}.log"),
     benchmark:
-        "results/benchmarks/subspace/{mode}.tsv"
+        result_path("benchmarks/subspace/{mode}.tsv")
     threads: 4
     resources:
         gpu=1,
         runtime=720,
         mem_mb=32000,
     script:
-        "../workflow/scripts/subspace.py"
+        stage_script("subspace")

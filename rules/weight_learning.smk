@@ -6,29 +6,31 @@ rule weight_learning:
     input:
         model=get_model(),
         model_stamp=MODEL_STAMP,
-        train="results/data/train.tsv",
+        train=result_path("data/train.tsv"),
         dev=dev_file(stage_options()["weight_learning"]),
         table=table_input(),
     output:
-        weights="results/weight_learning/weights.tsv",
-        plan="results/weight_learning/plan.json",
+        **rehearsal_clock("weight_learning"),
+        weights=result_path("weight_learning/weights.tsv"),
+        plan=result_path("weight_learning/plan.json"),
     params:
+        **rehearsal_params("weight_learning", timed=True),
         model_identity=MODEL_IDENTITY,
         table=path_of(get_language_table),
         languages=table_rows("train"),
         modules=config["weight_learning"]["modules"],
         rank=config["weight_learning"]["rank"],
         options=train_options(config["weight_learning"]["train"]),
-        checkpoint_dir="results/checkpoints/weight_learning/wl",  # outside outputs: a rerun resumes
+        checkpoint_dir=result_path("checkpoints/weight_learning/wl"),  # outside outputs: a rerun resumes
         code=CODE["weight_learning"],
     log:
-        "logs/weight_learning.log",
+        log_path("weight_learning.log"),
     benchmark:
-        "results/benchmarks/weight_learning.tsv"
+        result_path("benchmarks/weight_learning.tsv")
     threads: 4
     resources:
         gpu=1,
         runtime=720,
         mem_mb=32000,
     script:
-        "../workflow/scripts/weight_learning.py"
+        stage_script("weight_learning")
