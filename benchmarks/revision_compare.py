@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -251,6 +252,7 @@ def time_both(workers: dict, names: list, warmup: int, steps: int, failed: dict)
     sides = list(workers)
     times = {(side, name): [] for side in sides for name in names}
     for rep in range(warmup + steps):
+        started = time.perf_counter()
         order = names[rep % len(names):] + names[:rep % len(names)] if names else []
         for i, name in enumerate(order):
             if name in failed:
@@ -263,7 +265,8 @@ def time_both(workers: dict, names: list, warmup: int, steps: int, failed: dict)
                 if rep >= warmup:
                     times[side, name].append(reply["seconds"])
         done = [n for n in names if n not in failed and times["new", n]]
-        print(f"  repetition {rep + 1}/{warmup + steps}" + ("" if rep < warmup else ": " + ", ".join(
+        print(f"  repetition {rep + 1}/{warmup + steps} ({time.perf_counter() - started:.0f} s)" + (
+            "" if rep < warmup else ", new/old: " + ", ".join(
             f"{n} {times['new', n][-1] / times['old', n][-1]:.2f}" for n in done)), file=sys.stderr, flush=True)
     return times
 
@@ -307,13 +310,8 @@ def table(rows: list, decode: bool) -> list:
     return lines
 
 
-def compare(bench, args, argv: list) -> str:
-    """Run the comparison that ``bench.py --against REV`` asks for; -> the markdown report."""
-    repo = bench.REPO
-    commit = resolve_commit(repo, args.against)
-    if args.shape == "auto":
-        args.shape = "cpu"
-    checkout = describe_checkout(repo)
+def _run_both(bench, args, repo: Path, commit: str) -> tuple:
+    """-> ((training rows, notes), (decoding rows, notes)), workers' info: the two workers, REV in its worktree."""
     with tempfile.TemporaryDirectory(prefix="lslo-against-logs-") as logs, \
             temporary_worktree(repo, commit) as old_tree:
         workers = {}
@@ -322,12 +320,28 @@ def compare(bench, args, argv: list) -> str:
             workers["old"] = Worker("old", old_tree, Path(bench.__file__), args, Path(logs))
             info = {side: w.ask(op="info") for side, w in workers.items()}
             print(f"[against {args.against}] training ...", file=sys.stderr, flush=True)
-            train_rows, train_notes = compare_kind(workers, "train", args.warmup, args.steps)
+            train = compare_kind(workers, "train", args.warmup, args.steps)
             print(f"[against {args.against}] decoding ...", file=sys.stderr, flush=True)
-            decode_rows, decode_notes = compare_kind(workers, "decode", min(args.warmup, 1), args.decode_steps)
+            decode = compare_kind(workers, "decode", min(args.warmup, 1), args.decode_steps)
         finally:
             for worker in workers.values():
                 worker.close()
+    return (train, decode), info
+
+
+def compare(bench, args, argv: list) -> str:
+    """Run the comparison that ``bench.py --against REV`` asks for; -> the markdown report."""
+    repo = bench.REPO
+    commit = resolve_commit(repo, args.against)
+    if args.shape == "auto":
+        args.shape = "cpu"
+    checkout = describe_checkout(repo)
+    # A terminated run still closes its workers and removes its worktree (the finally blocks of _run_both run).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        ((train_rows, train_notes), (decode_rows, decode_notes)), info = _run_both(bench, args, repo, commit)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     shape = bench.SHAPES[args.shape]
     machine = bench.machine_info(__import__("torch").device(info["new"]["device"]))
     lines = ["# lslo benchmark: this checkout against another revision", "",
