@@ -111,8 +111,11 @@ def temporary_worktree(repo: Path, commit: str):
     here) are removed on exit, nothing else."""
     parent = Path(tempfile.mkdtemp(prefix="lslo-against-"))
     tree = parent / "tree"
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(tree), commit],
-                   check=True, capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(tree), commit],
+                         capture_output=True, text=True)
+    if out.returncode:
+        parent.rmdir()
+        raise SystemExit(f"bench.py --against: git worktree add {commit[:12]} failed: {out.stderr.strip()}")
     try:
         yield tree
     finally:
@@ -336,14 +339,18 @@ def compare(bench, args, argv: list) -> str:
     if args.shape == "auto":
         args.shape = "cpu"
     checkout = describe_checkout(repo)
+    load_before = os.getloadavg()[0]
     # A terminated run still closes its workers and removes its worktree (the finally blocks of _run_both run).
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         ((train_rows, train_notes), (decode_rows, decode_notes)), info = _run_both(bench, args, repo, commit)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    import torch
+
     shape = bench.SHAPES[args.shape]
-    machine = bench.machine_info(__import__("torch").device(info["new"]["device"]))
+    machine = bench.machine_info(torch.device(info["new"]["device"]))
+    machine["load average (1 min) before / after"] = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
     lines = ["# lslo benchmark: this checkout against another revision", "",
              "Written by `python benchmarks/bench.py " + " ".join(argv) + "`.", "",
              f"new: the checkout, {checkout} (lslo from {info['new']['lslo']}); old: {args.against} = "
