@@ -18,6 +18,7 @@ reported. ``--quick`` runs a tiny shape for 2 steps in seconds (no memory subpro
 
     python benchmarks/bench.py                 # CPU shape (and the m2m124-615m shape too when CUDA is present)
     python benchmarks/bench.py --quick
+    python benchmarks/bench.py --against REV   # this checkout and git revision REV in one run (revision_compare.py)
 """
 
 from __future__ import annotations
