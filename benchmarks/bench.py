@@ -735,7 +735,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS.md; none with --quick)")
     p.add_argument("--against", default=None, metavar="REV",
                    help="time the training steps and decodings of this checkout and of git revision REV in one run, "
-                        "interleaved, and report new/old ratios with 99%% intervals (benchmarks/revision_compare.py)")
+                        "interleaved, and report new/old ratios with 99.5%% intervals (benchmarks/revision_compare.py)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: kind:name
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: --against's worker, lslo's tree
     args = p.parse_args(argv)
