@@ -18,6 +18,7 @@ reported. ``--quick`` runs a tiny shape for 2 steps in seconds (no memory subpro
 
     python benchmarks/bench.py                 # CPU shape (and the m2m124-615m shape too when CUDA is present)
     python benchmarks/bench.py --quick
+    python benchmarks/bench.py --against REV   # this checkout and git revision REV in one run (revision_compare.py)
 """
 
 from __future__ import annotations
@@ -124,13 +125,26 @@ def make_batch(shape: Shape, languages: list, n_sentences: int, length: int, dev
     return {k: v.to(device) for k, v in batch.items()}
 
 
+ADAPTED = []  # what lslo_spec left out for an older lslo (bench.py --against REV imports lslo from REV's tree)
+
+
 def lslo_spec(languages: list, groups: dict, n_layers: int):
-    from lslo.model import LSLoSpec, paper_index_plan
+    from lslo import model as lslo_model
 
     # The paper's index plan (the top quarter of the encoder target-indexed); fc1/fc2 LoRAs on the whole matrix,
     # the sites PEFT's LoRA covers in the same table.
-    return LSLoSpec(languages=languages, ranks={c: GROUP_RANKS[groups[c]] for c in languages},
-                    modules="all", index_plan=paper_index_plan(n_layers, n_layers), fc_lora="full", init="peft")
+    if hasattr(lslo_model, "paper_index_plan"):
+        plan = lslo_model.paper_index_plan(n_layers, n_layers)
+    else:  # its rule, as bench.py wrote it before lslo.model had it
+        ADAPTED.append("lslo.model has no paper_index_plan: the plan written out (top quarter of the encoder tgt)")
+        n_tgt = n_layers // 4
+        plan = {"enc": ["src"] * (n_layers - n_tgt) + ["tgt"] * n_tgt, "dec": ["tgt"] * n_layers}
+    options = {"fc_lora": "full", "init": "peft"}
+    fields = {f.name for f in dataclasses.fields(lslo_model.LSLoSpec)}
+    for name in [name for name in options if name not in fields]:
+        ADAPTED.append(f"LSLoSpec has no {name} field ({options.pop(name)!r} asked): the revision's built-in choice")
+    return lslo_model.LSLoSpec(languages=languages, ranks={c: GROUP_RANKS[groups[c]] for c in languages},
+                               modules="all", index_plan=plan, **options)
 
 
 def build_lslo(shape, languages, groups, device):
@@ -719,14 +733,18 @@ def parse_args(argv=None):
     p.add_argument("--no-directions", action="store_true", help="skip the 12 vs 30 languages decoding sweep")
     p.add_argument("--quick", action="store_true", help="tiny shape, 2 steps, no memory, no RESULTS.md")
     p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS.md; none with --quick)")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="time the training steps and decodings of this checkout and of git revision REV in one run, "
+                        "interleaved, and report new/old ratios with 99.5%% intervals (benchmarks/revision_compare.py)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: kind:name
+    p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: --against's worker, lslo's tree
     args = p.parse_args(argv)
     if args.quick:
         args.shape, args.steps, args.decode_steps, args.warmup = "tiny", 2, 1, 1
         args.new_tokens, args.direction_tokens, args.sentences_per_direction, args.no_memory = 4, 3, 2, True
         args.direction_max_tokens = 64
         args.batch_tokens, args.decode_sentences, args.no_sweep = 512, 4, True
-    if args.out is None and not args.quick:
+    if args.out is None and not args.quick and not args.against:
         args.out = str(REPO / "benchmarks" / "RESULTS.md")
     return args
 
@@ -777,6 +795,12 @@ def main(argv=None) -> str:
         batch = make_batch(shape, list(LANG12), n, SENTENCE_LEN, device)
         print(json.dumps(measure_memory(kind, name, shape, list(LANG12), LANG12, batch, args, device)))
         return ""
+    if args.worker_of:
+        revision_compare().serve(sys.modules[__name__], args.worker_of, args)
+        return ""
+    if args.against:
+        report = revision_compare().compare(sys.modules[__name__], args, argv if argv is not None else sys.argv[1:])
+        return write_report(report, args.out)
     names = [args.shape] if args.shape != "auto" else (["cpu", "m2m124-615m"] if device.type == "cuda" else ["cpu"])
     info = machine_info(device)
     lines = ["# lslo benchmark results", "", "Written by `python benchmarks/bench.py "
@@ -789,14 +813,27 @@ def main(argv=None) -> str:
     if not args.no_directions:
         print("directions sweep ...", file=sys.stderr, flush=True)
         lines += directions_report(bench_directions(args, device), args)
-    report = "\n".join(lines + [DEFINITIONS])
+    return write_report("\n".join(lines + [DEFINITIONS]), args.out)
+
+
+def write_report(report: str, out) -> str:
     print(report)
-    if args.out:
+    if out:
         from lslo.io import atomic_write
 
-        with atomic_write(args.out) as tmp:
+        with atomic_write(out) as tmp:
             tmp.write_text(report, encoding="utf-8")
     return report
+
+
+def revision_compare():
+    """benchmarks/revision_compare.py (beside this file; bench.py also runs as a module loaded by path)."""
+    import importlib
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.append(here)
+    return importlib.import_module("revision_compare")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,39 @@ def test_auto_choices_report_lists_each_measured_choice(bench, monkeypatch):
     key = (torch.device("cuda"), torch.bfloat16, 1024, 4096, (2, 2, 8, 8), 8192, True, ("gathered", "grouped"))
     monkeypatch.setattr(KERNEL_TIMER, "choices", {key: "grouped"})
     assert "| 1024 | 4096 | 4 (max 8) | 8192 | True | grouped |" in bench.auto_choices_report()
+
+
+def test_lslo_spec_adapts_to_an_older_lslo(bench, monkeypatch):
+    """bench.py --against runs this file against an older lslo (6c9756c: no fc_lora, no init, no paper_index_plan):
+    the spec is built with what that LSLoSpec has, the plan written out, and each omission is noted."""
+    import dataclasses
+    import types
+
+    import lslo
+
+    @dataclasses.dataclass
+    class OldSpec:  # 6c9756c's fields
+        languages: list
+        ranks: dict
+        modules: object = "all"
+        layers: dict | None = None
+        index_plan: object = None
+        alpha: float | None = None
+        dropout: float = 0.0
+
+    monkeypatch.setitem(sys.modules, "lslo.model", types.SimpleNamespace(LSLoSpec=OldSpec))
+    monkeypatch.setattr(lslo, "model", sys.modules["lslo.model"], raising=False)
+    monkeypatch.setattr(bench, "ADAPTED", [])
+    spec = bench.lslo_spec(["en", "wo"], {"en": "H", "wo": "V"}, 8)
+    assert spec.index_plan == {"enc": ["src"] * 6 + ["tgt"] * 2, "dec": ["tgt"] * 8}
+    assert spec.ranks == {"en": 2, "wo": 8}
+    assert len(bench.ADAPTED) == 3 and any("fc_lora" in a for a in bench.ADAPTED)
+
+
+def test_lslo_spec_of_this_checkout_is_the_paper_plan_on_full_fc(bench, monkeypatch):
+    from lslo.model import paper_index_plan
+
+    monkeypatch.setattr(bench, "ADAPTED", [])
+    spec = bench.lslo_spec(["en", "wo"], {"en": "H", "wo": "V"}, 8)
+    assert (spec.index_plan, spec.fc_lora, spec.init) == (paper_index_plan(8, 8), "full", "peft")
+    assert bench.ADAPTED == []
