@@ -16,6 +16,11 @@ which every kernel computes (tests hold each against ``LoRABank.per_sample_delta
 A bank's ``mixed_path`` (one of MIXED_PATHS) names its kernel; "auto" chooses by a cost model (GATHER_COST) and,
 on CUDA where grouped GEMMs are native, by timing (``KernelTimer``).
 
+A LoRA on a block of W (the slice fc layout: fc1's output units, fc2's input units) trains through
+``add_into_block`` (the delta added into the frozen layer's output in place) and ``frozen_linear_and_input_block``
+(the input block's gradient added into the frozen layer's input gradient in place), so the block costs no
+full-width copy or zero-filled gradient; without autograd the kernels add into the block's strided view in place.
+
 ``Routing`` holds the batch's languages for every layer of a model and computes each ``Grouping`` (the
 single-language fast path, or a stable sort permutation, its inverse and the (lang, start, end) segments) once
 per batch and per (index, batch size), with one host sync per batch, never per layer.

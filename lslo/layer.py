@@ -20,7 +20,8 @@ Structure (other modules rely on these names):
 - ``LoRABank.lora`` is eq. 3 for inputs of one language; ``LoRABank.per_sample_delta`` applies it sample by
   sample (the reference); ``LSLoLinear`` adds the LoRA of each sample's language through
   ``lslo.kernels.add_delta``, whose mixed-batch kernels (``LoRABank.mixed_path``) all compute that reference.
-  Without autograd a one-language batch runs as a merged layer W + s_l B_l A_l (``LSLoLinear._merged_inference``).
+  Without autograd a one-language batch runs as a merged layer W + s_l B_l A_l (``LSLoLinear._merged_inference``);
+  under autograd a LoRA on a block of W runs ``LSLoLinear._block_forward`` (no full-width copies for the block).
 - ``lslo.kernels.Routing``: the per-batch language routing shared by every layer (one grouping per batch and
   index, one host sync per batch).
 
