@@ -16,6 +16,11 @@ which every kernel computes (tests hold each against ``LoRABank.per_sample_delta
 A bank's ``mixed_path`` (one of MIXED_PATHS) names its kernel; "auto" chooses by a cost model (GATHER_COST) and,
 on CUDA where grouped GEMMs are native, by timing (``KernelTimer``).
 
+A LoRA on a block of W (the slice fc layout: fc1's output units, fc2's input units) trains through
+``add_into_block`` (the delta added into the frozen layer's output in place) and ``frozen_linear_and_input_block``
+(the input block's gradient added into the frozen layer's input gradient in place), so the block costs no
+full-width copy or zero-filled gradient; without autograd the kernels add into the block's strided view in place.
+
 ``Routing`` holds the batch's languages for every layer of a model and computes each ``Grouping`` (the
 single-language fast path, or a stable sort permutation, its inverse and the (lang, start, end) segments) once
 per batch and per (index, batch size), with one host sync per batch, never per layer.
@@ -45,19 +50,22 @@ MIXED_PATHS = ("auto", "gathered", "stacked", "segments", "grouped")
 GATHER_COST = 64
 
 
-def add_delta(bank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None) -> torch.Tensor:
-    """out + weight · s_l B_l A_l x, each sample with its own language l (dim 0 of x is the batch).
+def add_delta(bank, out: torch.Tensor | None, x: torch.Tensor, g: Grouping, weight=None) -> torch.Tensor:
+    """out + weight · s_l B_l A_l x, each sample with its own language l (dim 0 of x is the batch); with ``out``
+    None, the delta weight · s_l B_l A_l x alone (what ``add_into_block`` adds into a block of a wider output).
 
     The last matmul adds into ``out`` (addmm, with s_l as its alpha), so the LoRA costs no separate
-    scaling or addition pass over the [rows, out] activations."""
-    if weight is None and _add_decode_step(bank, out, x, g):
+    scaling or addition pass over the [rows, out] activations. ``out`` may be a block of a wider output (a view
+    whose rows are strided), which decoding adds into in place."""
+    if out is not None and weight is None and _add_decode_step(bank, out, x, g):
         return out
     if x.dtype != _weight_dtype(bank) and not torch.is_autocast_enabled(x.device.type):
         x = x.to(_weight_dtype(bank))
     kernel = "single" if g.single is not None else choose_kernel(bank, g, x)
     if kernel in ("segments", "grouped"):
         delta = _delta_segments(bank, x, g) if kernel == "segments" else _delta_grouped(bank, x, g)
-        return out + (delta if weight is None else delta * weight).to(out.dtype)
+        delta = delta if weight is None else delta * weight
+        return delta if out is None else out + delta.to(out.dtype)
     if kernel == "single":
         h = F.linear(bank.dropout(x), bank.effective_A(g.single))
         b, scale = bank.effective_B(g.single), bank.scaling[g.single]
@@ -66,26 +74,72 @@ def add_delta(bank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None
         scale = 1.0
     if weight is not None:  # eq. 5's layer-shared weight, applied on the small [rows, r] side
         h = h * weight
+    if out is None:
+        return _product(h, b, scale, per_sample=kernel == "gathered")
     return _add_product(out, h, b, scale, per_sample=kernel == "gathered")
+
+
+def _product(h: torch.Tensor, b: torch.Tensor, scale: float, per_sample: bool) -> torch.Tensor:
+    """scale · h B^T, with B one matrix [out, r] or, ``per_sample``, one per sample [B, r, out]."""
+    if per_sample:
+        return torch.bmm(h, b)
+    delta = F.linear(h, b)
+    return delta if scale == 1 else delta * scale
 
 
 def _add_product(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, per_sample: bool):
     """out + scale · h B^T, with B one matrix [out, r] or, ``per_sample``, one per sample [B, r, out]; in place
-    where no autograd needs ``out`` (decoding: the frozen layer's fresh output)."""
+    where no autograd needs ``out`` (decoding: the frozen layer's fresh output, or a block of it)."""
     if not torch.is_autocast_enabled(out.device.type):
         h, b = h.to(out.dtype), b.to(out.dtype)
-    in_place = not torch.is_grad_enabled() and out.is_contiguous() and h.dtype == b.dtype == out.dtype
+    in_place = not torch.is_grad_enabled() and h.dtype == b.dtype == out.dtype
     if per_sample:
-        rows = out.view(h.shape[0], -1, out.shape[-1])
-        if in_place:
+        rows = _view_or_none(out, h.shape[0], -1, out.shape[-1]) if in_place else None
+        if rows is not None:
             rows.baddbmm_(h, b)
             return out
-        return torch.baddbmm(rows, h, b).view(out.shape)
-    if in_place:
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+        return torch.baddbmm(out.reshape(h.shape[0], -1, out.shape[-1]), h, b).view(out.shape)
+    rows = _view_or_none(out, -1, out.shape[-1]) if in_place else None
+    if rows is not None:
+        rows.addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
         return out
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
     return flat.view(out.shape)
+
+
+def _view_or_none(t: torch.Tensor, *shape) -> torch.Tensor | None:
+    """``t.view(*shape)`` sharing t's memory (a block of a wider tensor: strided rows, unit column stride), or None
+    where no such view exists."""
+    if t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(*shape)
+    except RuntimeError:
+        return None
+
+
+def add_into_block(out: torch.Tensor, delta: torch.Tensor, start: int) -> torch.Tensor:
+    """out[:, start:start + width] += delta, in place, under autograd too: ``out`` a [rows, out] tensor that is no
+    view and that no autograd node saved (the frozen layer's fresh output), ``delta`` [rows, width]."""
+    return _AddIntoBlock.apply(out, delta, start)
+
+
+class _AddIntoBlock(torch.autograd.Function):
+    """The backward hands out's gradient through as it is and gives delta its block (a view): no [rows, out] copy
+    or zero fill, which a torch.cat of the block with the rest (a full copy forward, one zero-filled gradient per
+    slice backward) or an in-place add into a view (autograd copies the base's gradient) would cost."""
+
+    @staticmethod
+    def forward(ctx, out, delta, start):
+        ctx.block = (start, delta.shape[1])
+        out.narrow(1, start, delta.shape[1]).add_(delta)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, width = ctx.block
+        return grad, grad.narrow(1, start, width), None
 
 
 def choose_kernel(bank, g: Grouping, x: torch.Tensor) -> str:
@@ -109,20 +163,49 @@ def _rank_scaling(bank, g: Grouping) -> list:
     return [(bank.ranks[lang], bank.scaling[lang]) for lang in g.languages]
 
 
+def frozen_linear_and_input_block(x: torch.Tensor, weight: torch.Tensor, bias, start: int, end: int) -> tuple:
+    """(W x + b as [rows, out], x[..., start:end]) for a frozen W and b: the frozen layer and the input block its
+    LoRA reads (fc2's slice). The backward adds the block's gradient into the frozen layer's fresh input gradient
+    in place, where autograd would zero-fill a [rows, in] gradient for the slice and then add the two."""
+    return _FrozenLinearAndInputBlock.apply(x, weight, bias, start, end)
+
+
+class _FrozenLinearAndInputBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, start, end):
+        ctx.save_for_backward(weight)
+        ctx.block, ctx.x_dtype = (start, end), x.dtype
+        out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # [rows, out]: no view, so adds into it in place
+        return out, x[..., start:end]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_block):
+        (weight,) = ctx.saved_tensors
+        start, end = ctx.block
+        # fresh, so the block's gradient adds into it in place; in x's dtype, as autocast's cast back would give it
+        grad_x = grad_out.mm(weight.to(grad_out.dtype)).to(ctx.x_dtype)
+        grad_x = grad_x.view(*grad_block.shape[:-1], grad_x.shape[-1])
+        grad_x[..., start:end].add_(grad_block)
+        return grad_x, None, None, None, None
+
+
 # ---- stacked, and one-token decoding steps -----------------------------------------------------------------
 def _add_decode_step(bank, out: torch.Tensor, x: torch.Tensor, g: Grouping) -> bool:
     """A beam-search step of a mixed batch (eval mode, no autograd, one token per sample, stacked kernel):
     out += routed stacked LoRA, in place, with the stacked A^T, B^T and routing scale built once per batch.
     False, with ``out`` untouched, where the general path applies."""
-    if (g.single is not None or torch.is_grad_enabled() or bank.training or not out.is_contiguous()
+    if (g.single is not None or torch.is_grad_enabled() or bank.training
             or math.prod(x.shape[1:-1]) != 1 or torch.is_autocast_enabled(x.device.type)):
+        return False
+    rows = _view_or_none(out, -1, bank.out_features)  # out may be a block of a wider output: strided rows
+    if rows is None:
         return False
     step = g.batch_cached(bank, ("decode step", x.dtype, out.dtype), lambda: _decode_step_weights(bank, g, x, out))
     if step is None:
         return False
     a_t, route, b_t = step
     h = torch.mm(x.reshape(-1, bank.in_features), a_t).mul_(route)
-    out.view(-1, bank.out_features).addmm_(h, b_t)
+    rows.addmm_(h, b_t)
     return True
 
 

@@ -20,7 +20,8 @@ Structure (other modules rely on these names):
 - ``LoRABank.lora`` is eq. 3 for inputs of one language; ``LoRABank.per_sample_delta`` applies it sample by
   sample (the reference); ``LSLoLinear`` adds the LoRA of each sample's language through
   ``lslo.kernels.add_delta``, whose mixed-batch kernels (``LoRABank.mixed_path``) all compute that reference.
-  Without autograd a one-language batch runs as a merged layer W + s_l B_l A_l (``LSLoLinear._merged_inference``).
+  Without autograd a one-language batch runs as a merged layer W + s_l B_l A_l (``LSLoLinear._merged_inference``);
+  under autograd a LoRA on a block of W runs ``LSLoLinear._block_forward`` (no full-width copies for the block).
 - ``lslo.kernels.Routing``: the per-batch language routing shared by every layer (one grouping per batch and
   index, one host sync per batch).
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lslo.errors import LsloError
-from lslo.kernels import Grouping, Routing, add_delta
+from lslo.kernels import Grouping, Routing, add_delta, add_into_block, frozen_linear_and_input_block
 
 INDEXES = ("src", "tgt")
 
@@ -220,6 +221,8 @@ class LSLoLinear(nn.Module):
             if g.single is not None:
                 return self._merged_inference(x, g)
             return self._add_delta(self.banks[self.index], F.linear(x, self.base.weight, self.base.bias), x, g)
+        if (self.in_slice is not None or self.out_slice is not None) and torch.is_grad_enabled():
+            return self._block_forward(x)
         out = self.base(x)
         batch_size = x.shape[0]
         for index, w in self.bank_weights().items():
@@ -229,20 +232,42 @@ class LSLoLinear(nn.Module):
         return out
 
     def _add_delta(self, bank: LoRABank, out: torch.Tensor, x: torch.Tensor, g: Grouping, weight=None):
-        """``kernels.add_delta`` on the block the LoRA covers: reads x[..., in_slice], adds to out[..., out_slice]."""
-        if self.in_slice is not None:
-            x = x[..., self.in_slice[0]:self.in_slice[1]]
+        """``kernels.add_delta`` on the block the LoRA covers: reads x[..., in_slice], adds to out[..., out_slice]
+        (a block only without autograd: under autograd, forward takes ``_block_forward``)."""
+        x = self._lora_input(x)
         if self.out_slice is None:
             return add_delta(bank, out, x, g, weight)
-        start, end = self.out_slice
-        part = out[..., start:end]
+        part = out[..., self.out_slice[0]:self.out_slice[1]]
         added = add_delta(bank, part, x, g, weight)
-        if added is part:  # added in place into the view (decoding without autograd)
-            return out
-        if torch.is_grad_enabled():
-            return torch.cat([out[..., :start], added, out[..., end:]], dim=-1)
-        part.copy_(added)
+        if added is not part:  # not added in place into the view (the segments and grouped kernels)
+            part.copy_(added)
         return out
+
+    def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward under autograd of a LoRA on a block of W (the slice fc layout). W x + b is computed as
+        [rows, out] (no view), so a LoRA on an output block (fc1) adds into it in place (kernels.add_into_block); a
+        LoRA reading an input block (fc2) takes the block and W x + b from kernels.frozen_linear_and_input_block,
+        whose backward adds the block's gradient into W's input gradient in place. Through plain slices each block
+        costs a zero-filled full-width gradient per slice backward, and the output block a full copy (torch.cat)."""
+        weight, bias = self.base.weight, self.base.bias
+        frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+        if self.in_slice is not None and frozen and x.requires_grad:
+            out, lora_x = frozen_linear_and_input_block(x, weight, bias, *self.in_slice)
+        else:
+            out, lora_x = F.linear(x.reshape(-1, x.shape[-1]), weight, bias), self._lora_input(x)
+        rows = out.shape[0]
+        for index, w in self.bank_weights().items():
+            grouping = self.routing.grouping(index, x.shape[0], x.device)
+            w = w if self.index == "learn" else None
+            if self.out_slice is None:
+                out = add_delta(self.banks[index], out.view(*x.shape[:-1], -1), lora_x, grouping, w).view(rows, -1)
+            else:
+                delta = add_delta(self.banks[index], None, lora_x, grouping, w)
+                out = add_into_block(out, delta.reshape(rows, -1).to(out.dtype), self.out_slice[0])
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.in_slice is None else x[..., self.in_slice[0]:self.in_slice[1]]
 
     def delta_weight(self, index: str, lang: str) -> torch.Tensor:
         """Dense s_l · B_l A_l of bank ``index`` as a [out, in] update of the whole W (zero outside the block)."""

@@ -289,6 +289,167 @@ def test_block_lora_equals_formula_in_training_and_decoding(mixed_path, in_slice
             torch.testing.assert_close(layer(x), single, atol=1e-5, rtol=1e-5)
 
 
+def make_block_layer(index, in_slice, out_slice, mixed_path):
+    torch.manual_seed(0)
+    routing = Routing(LANGS)
+    linear = nn.Linear(8, 6).requires_grad_(False)
+    lora_in = 8 if in_slice is None else in_slice[1] - in_slice[0]
+    lora_out = 6 if out_slice is None else out_slice[1] - out_slice[0]
+    indexes = ("src", "tgt") if index == "learn" else (index,)
+    banks = {ix: LoRABank(LANGS, RANKS, lora_in, lora_out, alpha=3) for ix in indexes}
+    for bank in banks.values():
+        bank.mixed_path = mixed_path
+        for lang in LANGS:
+            nn.init.normal_(bank.B[lang])
+    weights = IndexWeights() if index == "learn" else None
+    if weights is not None:
+        nn.init.normal_(weights.logits)
+    layer = LSLoLinear(linear, "enc.0.fc1", index, banks, routing, weights, in_slice=in_slice, out_slice=out_slice)
+    return layer, routing
+
+
+def block_formula(layer, x, langs_of):
+    """W x + b + pad(Σ_index w_index · s_l B_l A_l x[in_slice]) to the whole output, sample by sample, plain torch."""
+    i0, i1 = layer.in_slice or (0, layer.in_features)
+    o0, o1 = layer.out_slice or (0, layer.out_features)
+    rows = []
+    for b in range(x.shape[0]):
+        delta = 0
+        for index, w in layer.bank_weights().items():
+            bank, lang = layer.banks[index], langs_of[index][b]
+            a, bb = bank.effective_A(lang), bank.effective_B(lang)
+            delta = delta + w * bank.scaling[lang] * (x[b, :, i0:i1] @ a.T @ bb.T)
+        rows.append(x[b] @ layer.base.weight.T + layer.base.bias
+                    + torch.nn.functional.pad(delta, (o0, layer.out_features - o1)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("x_grad, frozen", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("mixed_path", KERNELS)
+@pytest.mark.parametrize("index", ["src", "learn"])
+@pytest.mark.parametrize("src", [["fr", "en", "fr", "oc", "de"], ["oc"] * 5])
+@pytest.mark.parametrize("in_slice, out_slice", [(None, (2, 5)), ((1, 6), (0, 4)), ((3, 7), None)])
+def test_block_lora_gradients_equal_formula(in_slice, out_slice, src, index, mixed_path, x_grad, frozen):
+    """Training on a block of W (the slice fc layout): the output and the gradients of x, of every A and B and of
+    eq. 5's index weights equal autograd through the plain-torch formula, one language or mixed, with or without
+    a gradient for x (a first layer's input has none), W frozen or trained."""
+    layer, routing = make_block_layer(index, in_slice, out_slice, mixed_path)
+    layer.base.requires_grad_(not frozen)
+    tgt = ["de", "oc", "en", "en", "fr"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.tensor([LANGS.index(c) for c in tgt]))
+    x = torch.randn(5, 3, 8, requires_grad=x_grad)
+    upstream = torch.randn(5, 3, 6)
+    params = [p for p in layer.parameters() if p.requires_grad] + ([x] if x_grad else [])
+    got_out = layer(x)
+    got = torch.autograd.grad((got_out * upstream).sum(), params, allow_unused=True)
+    expected_out = block_formula(layer, x, {"src": src, "tgt": tgt})
+    expected = torch.autograd.grad((expected_out * upstream).sum(), params, allow_unused=True)
+    torch.testing.assert_close(got_out, expected_out, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected):
+        if e is None:  # a language absent from the batch
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_slice, out_slice", [(None, (0, 4)), ((2, 6), None), ((1, 6), (0, 4))])
+def test_block_training_step_copies_no_full_width_tensor(in_slice, out_slice):
+    """Under autograd a LoRA on a block of W (fc1's output slice, fc2's input slice) adds into the frozen layer's
+    fresh output in place and its input gradient into the frozen layer's fresh input gradient: no slice backward
+    (each zero-fills a full-width gradient) and no more torch.cat (a full copy) than the LoRA on all of W runs."""
+    def ops_of(layer, routing, src):
+        routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.zeros(5, dtype=torch.long))
+        x = torch.randn(5, 3, 8, requires_grad=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            layer(x).sum().backward()
+        return [event.name for event in prof.events()]
+
+    for mixed_path in KERNELS:
+        for src in (["fr"] * 5, ["fr", "en", "fr", "oc", "de"]):
+            block = ops_of(*make_block_layer("src", in_slice, out_slice, mixed_path), src)
+            whole = ops_of(*make_block_layer("src", None, None, mixed_path), src)
+            assert "aten::slice_backward" not in block, (mixed_path, src)
+            assert block.count("aten::cat") <= whole.count("aten::cat"), (mixed_path, src)
+
+
+@pytest.mark.parametrize("src", [["fr", "en", "fr", "oc", "de"], ["oc"] * 5])
+@pytest.mark.parametrize("in_slice, out_slice", [(None, (2, 5)), ((3, 7), None)])
+def test_block_training_under_autocast_matches_float32(in_slice, out_slice, src):
+    """Training on a block of W under autocast (bf16 on CPU here, as lslo.train on GPUs): output and gradients
+    keep their dtypes (x's gradient in x's dtype) and match float32 within bf16's precision."""
+    layer, routing = make_block_layer("src", in_slice, out_slice, "gathered")
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.zeros(5, dtype=torch.long))
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected.sum(), params, allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    grads = torch.autograd.grad(low.float().sum(), params, allow_unused=True)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, atol=1e-1, rtol=5e-2)
+    for g, e, p in zip(grads, expected_grads, params):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert g.dtype == p.dtype
+            torch.testing.assert_close(g, e, atol=2e-1, rtol=5e-2)
+
+
+def test_add_into_block_gradient():
+    """add_into_block: out[:, start:start + width] += delta, with its gradients (finite differences, float64)."""
+    from lslo.kernels import add_into_block
+
+    out = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    expected = out.detach().clone()
+    expected[:, 2:5] += delta.detach()
+    torch.testing.assert_close(add_into_block(out.detach().clone(), delta.detach(), 2), expected, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda o, d: add_into_block(o.clone(), d, 2), (out, delta))
+
+
+@pytest.mark.parametrize("mixed_path", KERNELS)
+def test_add_delta_without_out_is_the_per_sample_delta(mixed_path):
+    """add_delta(bank, None, ...): the delta alone, as the reference (eq. 3 one sample at a time), gradients too."""
+    layer, routing = make_layer("src", alpha=3, mixed_path=mixed_path)
+    bank = layer.banks["src"]
+    src = ["oc", "en", "oc", "fr", "de"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.zeros(5, dtype=torch.long))
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    params = [x, *bank.parameters()]
+    delta = add_delta(bank, None, x, routing.grouping("src", 5, x.device))
+    expected = bank.per_sample_delta(x, src)
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad((delta * upstream).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((expected * upstream).sum(), params, allow_unused=True)
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("mixed_path", ["stacked", "gathered"])
+def test_decoding_adds_into_a_block_in_place(mixed_path, tokens):
+    """Without autograd a mixed batch adds into the block of the frozen layer's output in place (a view with strided
+    rows: the one-token decoding step and the addmm/baddbmm kernels), the rest of the output untouched."""
+    layer, routing = make_layer("src", mixed_path=mixed_path)
+    layer.eval()
+    bank = layer.banks["src"]
+    src = ["fr", "en", "oc", "de"]
+    routing.set(torch.tensor([LANGS.index(c) for c in src]), torch.zeros(4, dtype=torch.long))
+    x = torch.randn(4, tokens, 8)
+    wide = torch.randn(4, tokens, 10)
+    block = wide[..., 3:9]
+    before = wide.clone()
+    with torch.no_grad():
+        added = add_delta(bank, block, x, routing.grouping("src", 4, x.device))
+    assert added is block
+    torch.testing.assert_close(wide[..., 3:9], before[..., 3:9] + bank.per_sample_delta(x, src).detach(),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(wide[..., :3], before[..., :3]) and torch.equal(wide[..., 9:], before[..., 9:])
+
+
 def test_block_must_fit_the_layer_and_the_bank():
     routing, linear = Routing(LANGS), nn.Linear(8, 6)
     with pytest.raises(LsloError, match=r"output block \[4:8\] does not fit the layer's 6 output units"):
