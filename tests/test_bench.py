@@ -82,13 +82,14 @@ def test_lslo_spec_adapts_to_an_older_lslo(bench, monkeypatch):
     spec = bench.lslo_spec(["en", "wo"], {"en": "H", "wo": "V"}, 8)
     assert spec.index_plan == {"enc": ["src"] * 6 + ["tgt"] * 2, "dec": ["tgt"] * 8}
     assert spec.ranks == {"en": 2, "wo": 8}
-    assert len(bench.ADAPTED) == 3 and any("fc_lora" in a for a in bench.ADAPTED)
+    assert len(bench.ADAPTED) == 2 and any("fc_lora" in a for a in bench.ADAPTED)
 
 
-def test_lslo_spec_of_this_checkout_is_the_paper_plan_on_full_fc(bench, monkeypatch):
-    from lslo.model import paper_index_plan
+def test_lslo_spec_of_this_checkout_is_the_paper_plan_in_the_default_slice_layout(bench, monkeypatch):
+    from lslo.model import LSLoSpec, paper_index_plan
 
     monkeypatch.setattr(bench, "ADAPTED", [])
     spec = bench.lslo_spec(["en", "wo"], {"en": "H", "wo": "V"}, 8)
-    assert (spec.index_plan, spec.fc_lora, spec.init) == (paper_index_plan(8, 8), "full", "peft")
+    default = LSLoSpec(languages=["en", "wo"], ranks={"en": 2, "wo": 8})
+    assert (spec.index_plan, spec.fc_lora, spec.init) == (paper_index_plan(8, 8), "slice", default.init)
     assert bench.ADAPTED == []
