@@ -486,10 +486,19 @@ def set_dropout(model, p: float, attention: float | None = None, activation: flo
 
 
 def trainable_state(model) -> dict:
-    """State-dict entries that training can change: trainable parameters and every buffer (pruning masks)."""
+    """State-dict entries that training can change: trainable parameters and every buffer (pruning masks), each
+    tensor once. M2M100 ties its embedding to the encoder's and decoder's embed_tokens and to lm_head: the state dict
+    names it four times, named_parameters() once, so a frozen tied embedding is known by all its names here, and a
+    trained one is saved under its first name only (loading it sets the others, which are the same parameter)."""
     model = unwrap(model)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in frozen or id(value) in seen:
+            continue
+        seen.add(id(value))
+        state[key] = value.detach().cpu().clone()
+    return state
 
 
 def load_trainable_state(model, state: dict) -> None:

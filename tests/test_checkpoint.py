@@ -349,3 +349,30 @@ def test_adapters_refuse_a_base_of_another_identity(world, tmp_path):
     variant.write_text(json.dumps({"method": "lslo", "base_model": str(model_dir), "adapters": str(path),
                                    "model": None, "languages": LANGUAGES}))
     assert load_variant(variant, device="cpu").languages == LANGUAGES
+
+
+def test_a_tied_embedding_is_saved_once_when_trained_and_never_when_frozen():
+    """M2M100's embedding is one parameter under four state-dict names (shared, encoder and decoder embed_tokens,
+    lm_head): an epoch checkpoint holds it once for Ft-all and not at all for LSLo, whose base is frozen."""
+    from conftest import make_tiny_model
+    from lslo.train import load_trainable_state
+
+    full = make_tiny_model()
+    assert full.lm_head.weight is full.model.shared.weight  # tied, as in the released checkpoints
+    state = trainable_state(full)
+    unique = {id(p): p for p in full.parameters()}.values()
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in unique)
+    assert [k for k in state if k.endswith(("shared.weight", "embed_tokens.weight", "lm_head.weight"))] == [
+        "model.shared.weight"]
+    fresh = make_tiny_model(seed=1)
+    load_trainable_state(fresh, state)
+    for key, value in full.state_dict().items():  # every alias, lm_head included, took the saved values
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    from lslo.model import LSLoSpec, inject_lslo
+
+    lslo = inject_lslo(make_tiny_model(), LSLoSpec(languages=LANGUAGES, ranks={c: 2 for c in LANGUAGES}))
+    frozen = {n for n, p in lslo.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    saved = trainable_state(lslo)
+    assert any(n.endswith("lm_head.weight") for n in frozen) and not set(saved) & frozen
+    assert {n for n, p in lslo.named_parameters() if p.requires_grad} <= set(saved)
