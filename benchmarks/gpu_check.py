@@ -192,7 +192,7 @@ def loss_memory(args, timeout: float) -> Step:
     import json
 
     step = Step("loss memory")
-    start, results, absent = time.perf_counter(), {}, []
+    start, results, absent, rows = time.perf_counter(), {}, [], {}
     for loss in LOSSES:
         cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), *loss_step_args(args, loss)]
         code, out, _ = run(cmd, timeout - (time.perf_counter() - start))
@@ -200,18 +200,19 @@ def loss_memory(args, timeout: float) -> Step:
             results[loss] = json.loads(out.strip().splitlines()[-1])
         elif code is not None and "has no `loss` option" in out:
             absent.append(loss)
-            step.rows.append((f"train update, {loss} loss", "ABSENT", "train.loss is not an option of lslo.train "
-                              "in this checkout"))
+            rows[loss] = (f"train update, {loss} loss", "ABSENT", "train.loss is not an option of lslo.train in "
+                          "this checkout")
         else:
             step.status = "TIMEOUT" if code is None else "FAIL"
-            step.rows.append((f"train update, {loss} loss", step.status, "no result"))
+            rows[loss] = (f"train update, {loss} loss", step.status, "no result")
             step.report += f"```\n{' '.join(cmd)}\n{tail(out)}\n```\n"
     step.seconds = time.perf_counter() - start
     for loss, r in results.items():
-        step.rows.append((f"train update, {loss} loss ({'tiny' if args.cpu_smoke else 'm2m124-615m'}, "
-                          f"{r['target_tokens']} target tokens, {r['amp']})", f"{r['median_s'] * 1000:.0f} ms",
-                          f"peak {r['peak_mb']:.0f} MiB ({r['how']}), {r['step_peak_mb']:.0f} MiB above the "
-                          f"model and Adam state; {r['sentences']} sentences"))
+        rows[loss] = (f"train update, {loss} loss ({'tiny' if args.cpu_smoke else 'm2m124-615m'}, "
+                      f"{r['target_tokens']} target tokens, {r['amp']})", f"{r['median_s'] * 1000:.0f} ms",
+                      f"peak {r['peak_mb']:.0f} MiB ({r['how']}), {r['step_peak_mb']:.0f} MiB above the model "
+                      f"and Adam state; {r['sentences']} sentences")
+    step.rows += [rows[loss] for loss in LOSSES if loss in rows]
     if set(results) == set(LOSSES):
         p, c = results["plain"], results["chunked"]
         for label, value, bound in (("peak memory", c["peak_mb"] / p["peak_mb"], LOSS_TARGETS["memory"]),
