@@ -549,18 +549,23 @@ def rehearsal_available() -> bool:
     return "rehearse" in load_yaml(REPO / "config" / "schema.yaml").get("properties", {})
 
 
-def run_rehearsal(config: Path, work: Path, timeout: float) -> dict:
-    """`snakemake --config rehearse=true` on the lang12 config in a copy of the workflow under work; returns the
-    table of its results/rehearsal/report.md (per-stage wall time, peak memory, disk, seconds per update and
+def run_rehearsal(config: Path, work: Path, timeout: float, settings: dict | None = None) -> dict:
+    """The workflow's rehearsal of `config` (a `rehearse` setting: `settings`, or the workflow's defaults) in a copy
+    of the workflow under work: snakemake with the config and a second config file that sets `rehearse`; returns
+    the table of its results/rehearsal/report.md (per-stage wall time, peak memory, disk, seconds per update and
     sentence, projected full-run cost)."""
+    import yaml
+
     run_dir = work / "workflow-run"
     for name in ("Snakefile", "rules", "workflow", "config", "profiles"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, run_dir / name)
+    rehearse = run_dir / "rehearse.yaml"
+    rehearse.write_text(yaml.safe_dump({"rehearse": settings or True}), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     snakemake = Path(sys.executable).with_name("snakemake")
-    cmd = [str(snakemake) if snakemake.exists() else "snakemake", "--configfile", str(config), "--config",
-           "rehearse=true", "--cores", "2", "--show-failed-logs", "results/rehearsal/report.md"]
+    cmd = [str(snakemake) if snakemake.exists() else "snakemake", "--configfile", str(config), str(rehearse),
+           "--cores", "2", "--show-failed-logs", "results/rehearsal/report.md"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout)
     report = run_dir / "results" / "rehearsal" / "report.md"
@@ -568,7 +573,8 @@ def run_rehearsal(config: Path, work: Path, timeout: float) -> dict:
         raise RuntimeError(f"rehearsal failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     lines = report.read_text(encoding="utf-8").splitlines()
     table = [line for line in lines if line.startswith("|")]
-    return {"s": time.perf_counter() - start, "table": table, "command": " ".join(cmd)}
+    return {"s": time.perf_counter() - start, "table": table, "command": " ".join(cmd[:5] + ["rehearse.yaml"]
+                                                                                    + cmd[5:])}
 
 
 # ---- subprocesses ------------------------------------------------------------------------------------------------
@@ -711,6 +717,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-rehearsal", action="store_true")
     p.add_argument("--skip-ft-all-save", action="store_true", help="compute the Ft-all checkpoint, do not save it")
     p.add_argument("--rehearsal-timeout", type=float, default=900)
+    p.add_argument("--rehearse", default="updates=1,sentences=1,max_new_tokens=4",
+                   help="the workflow's `rehearse` settings (key=value,...; empty: its defaults)")
     p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS-scale.md)")
     p.add_argument("--step-of", default=None, choices=LOSSES,
                    help="measure one training update with this loss in this process and print it as JSON: the "
@@ -807,7 +815,9 @@ def run(argv=None) -> tuple[dict, str]:
             r["rehearsal"] = {"note": "not run: this checkout's workflow has no rehearsal mode (no `rehearse` key "
                                       "in config/schema.yaml)."}
         else:
-            r["rehearsal"] = run_rehearsal(configs["lang12"], work, args.rehearsal_timeout)
+            settings = dict(item.split("=") for item in args.rehearse.split(",") if item)
+            r["rehearsal"] = run_rehearsal(configs["lang12"], work, args.rehearsal_timeout,
+                                           {k: int(v) for k, v in settings.items()})
     finally:
         if not args.keep:
             for path in created:
