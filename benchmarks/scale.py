@@ -432,6 +432,10 @@ def save_ft_all(work: Path, save: bool) -> dict:
     from lslo.train import load_base, make_trainer, trainable_state
 
     torch.set_num_threads(2)
+    if not save:
+        from transformers import M2M100Config
+
+        return ft_all_from_config(M2M100Config.from_pretrained(work / MODEL_DIR))
     table = read_language_table(LANGUAGE_TABLE)
     codes = select(table, "lang12")
     options = ft_all_options()
@@ -462,6 +466,28 @@ def save_ft_all(work: Path, save: bool) -> dict:
         assert path == checkpoint_path(directory, 1)
         shutil.rmtree(directory)
     return result
+
+
+def ft_all_from_config(config) -> dict:
+    """The Ft-all checkpoint's tensor bytes from the checkpoint's config alone (a model on the meta device, no
+    memory): trainable_state holds every state-dict entry (each a copy), Adam a float32 exp_avg and exp_avg_sq per
+    parameter and a float32 step per parameter tensor."""
+    import torch
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.checkpoint import KEEP_CHECKPOINTS
+
+    with torch.device("meta"):
+        model = M2M100ForConditionalGeneration(config)
+    state = model.state_dict()
+    params = list(model.parameters())
+    weights = sum(v.numel() * v.element_size() for v in state.values())
+    adam = sum(2 * p.numel() * 4 + 4 for p in params)
+    shared = model.model.shared.weight.shape
+    return {"parameters": sum(p.numel() for p in params), "state_entries": len(state), "state_bytes": weights,
+            "adam_bytes": adam, "computed_bytes": weights + adam, "keep": KEEP_CHECKPOINTS,
+            "embedding_copies": sum(1 for v in state.values() if v.shape == shared),
+            "peak_rss_mb": status_mb("VmHWM")}
 
 
 def ft_all_options():

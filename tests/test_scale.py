@@ -64,6 +64,9 @@ def test_ft_all_checkpoint_bytes_match_the_state_the_trainer_saves(tiny_run, sca
         n_tensors = len(list(M2M100ForConditionalGeneration(scale.model_config(scale.SHAPES["tiny"])).parameters()))
     assert ft["adam_bytes"] == 2 * 4 * params + 4 * n_tensors
     assert ft["saved_tensor_bytes"] == ft["computed_bytes"] + torch.get_rng_state().numel()
+    from_shapes = scale.ft_all_from_config(scale.model_config(scale.SHAPES["tiny"]))  # what a run without the save
+    assert {k: from_shapes[k] for k in ("state_bytes", "adam_bytes", "computed_bytes", "embedding_copies")} == {
+        k: ft[k] for k in ("state_bytes", "adam_bytes", "computed_bytes", "embedding_copies")}  # reports
     assert ft["computed_bytes"] < ft["file_bytes"] < ft["computed_bytes"] + 2**20  # the rest is pickled metadata
 
 
