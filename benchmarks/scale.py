@@ -538,7 +538,9 @@ def save_lslo_lang30(work: Path) -> dict:
     result = {"languages": len(codes), "trainable": counted["trainable"], "formula": formula["trainable"],
               "by_group": {g: v["trainable"] for g, v in formula["by_group"].items()},
               "adapter_bytes": adapters.stat().st_size, "checkpoint_bytes": path.stat().st_size,
-              "state_bytes": tensor_bytes(state), "adam_bytes": tensor_bytes(trainer.optimizer.state_dict())}
+              "state_bytes": tensor_bytes(state), "adam_bytes": tensor_bytes(trainer.optimizer.state_dict()),
+              "embedding_copies": sum(1 for v in state.values() if v.shape == hf_model.model.shared.weight.shape),
+              "embedding_bytes": hf_model.model.shared.weight.numel() * 4}
     shutil.rmtree(work / "lslo-lang30")
     return result
 
@@ -711,7 +713,13 @@ def report(r: dict, args) -> str:
                 "| by group | " + ", ".join(f"{g} {n:,}" for g, n in ls["by_group"].items()) + " |",
                 f"| adapters.safetensors | {mib(ls['adapter_bytes'])} |",
                 f"| epoch checkpoint | {mib(ls['checkpoint_bytes'])} (trainable_state {mib(ls['state_bytes'])}, "
-                f"Adam {mib(ls['adam_bytes'])}) |", ""]
+                f"Adam {mib(ls['adam_bytes'])}) |",
+                f"| of which copies of the frozen tied embedding | {ls['embedding_copies']} x "
+                f"{mib(ls['embedding_bytes'])} |", ""]
+        if ls["embedding_copies"]:
+            out += ["`trainable_state` leaves out the frozen parameters by their names in `named_parameters()`, "
+                    "which names the tied embedding once (`model.shared`); its other state-dict names (the "
+                    "encoder's and decoder's embed_tokens, lm_head) are saved, each as a copy.", ""]
     if r.get("retention"):
         out += ["## Disk under the retention policy", "",
                 "| config | Ft-all-style variants | LSLo training runs | epoch files kept per run | Ft-all at rest "

@@ -41,7 +41,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_table(tmp_path):
     check, result, detail = losses["plain loss"]
     assert "(tiny, " in check and re.fullmatch(r"\d+ ms", result)
     peak, rise = (float(x) for x in re.match(r"peak ([\d.]+) MiB .*, ([\d.]+) MiB above", detail).groups())
-    assert 0 < rise < peak  # the update's own memory is part of the process's peak
+    assert 0 <= rise < peak  # the update's own memory is part of the process's peak
     assert re.fullmatch(r"ABSENT|\d+ ms", losses["chunked loss"][1])  # ABSENT: train.loss not in this checkout
     tests = dict((c.split(":")[0], (r, d)) for c, r, d in by_step["cuda tests"])
     if not torch_cuda():
