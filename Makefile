@@ -23,8 +23,9 @@ demo: install
 report: demo
 	$(BIN)/snakemake --profile profiles/local --cores 1 --report results/report.html
 
+# One pytest worker per core; a test file stays on one worker, so its module-scoped workflow runs are built once.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # All three checks run and report before the target fails, so one run lists every finding.
 lint: install

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sacrebleu.significance import _compute_p_value
+from scipy.stats import t as student_t
 
 from lslo.errors import LsloError
 from lslo.io import atomic_write
@@ -184,3 +185,93 @@ def compare_systems(systems: dict[str, SentenceStats], baselines: dict[str, str]
             rows.append(row)
     return pd.DataFrame(rows)
 
+
+
+# Seeds. Fine-tuning the same variant with another seed moves spBLEU too (optimizer instability, Clark et al. 2011,
+# "Better Hypothesis Testing for Statistical Machine Translation: Controlling for Optimizer Instability"). With
+# several seeds per system, a cell's score is the mean over seeds, and its variance has two parts:
+# - seeds: the sample variance of the per-seed cell scores over k seeds, / k (on the fixed test set, this is all the
+#   run-to-run variation, including each run's own sentence-level idiosyncrasies);
+# - test sentences: what a new test set would move, which is what the runs share. The sentence bootstrap of one run
+#   also moves that run's idiosyncrasies, which the seed part already counts, so the shared part is estimated from
+#   the covariance of the replicates of two different runs: the bootstrap covariance matrix C over all runs, with
+#   each diagonal entry replaced by the mean covariance of that run with the other runs of its own system (with one
+#   run, its own variance: nothing else estimates it).
+# The statistic (difference of seed means) / sqrt(seed part + sentence part) is referred to Student's t with the
+# Welch-Satterthwaite degrees of freedom of the seed part (the sentence part, from 1000 resamples, counts as known).
+# A system with one run (Pretrain: not fine-tuned) has no seed part.
+
+
+@dataclass
+class SeedCell:
+    """One cell of one system over its runs (one per seed)."""
+
+    scores: np.ndarray  # (k,) the cell of each run
+    replicates: np.ndarray  # (k, B) the cell of each run on each shared sentence resample
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean())
+
+    def spread(self) -> tuple[float, float, float]:
+        """(sample sd, min, max) of the per-seed scores; sd is NaN for one run."""
+        sd = float(self.scores.std(ddof=1)) if len(self.scores) > 1 else float("nan")
+        return sd, float(self.scores.min()), float(self.scores.max())
+
+    def seed_variance(self) -> float:
+        """Variance of the seed mean from the seeds: s^2 / k (0 for one run)."""
+        k = len(self.scores)
+        return float(self.scores.var(ddof=1) / k) if k > 1 else 0.0
+
+
+def shared_covariance(cells: list[SeedCell]) -> np.ndarray:
+    """The runs' bootstrap covariance matrix with every diagonal entry replaced by the run's shared part (the mean
+    covariance with the other runs of its own system; its own variance when it is the only one)."""
+    runs = np.concatenate([c.replicates for c in cells])
+    cov = np.atleast_2d(np.cov(runs))
+    start = 0
+    for cell in cells:
+        k = len(cell.scores)
+        block = cov[start : start + k, start : start + k]
+        if k > 1:
+            shared = (block.sum() - np.trace(block)) / (k * (k - 1))
+            cov[np.arange(start, start + k), np.arange(start, start + k)] = shared
+        start += k
+    return cov
+
+
+def seed_aware_test(x: SeedCell, y: SeedCell) -> tuple[float, float, float]:
+    """(difference of seed means, its standard error, two-sided p) of systems x and y on one cell (see above)."""
+    weights = np.concatenate([np.full(len(x.scores), 1 / len(x.scores)), np.full(len(y.scores), -1 / len(y.scores))])
+    sentence_part = max(float(weights @ shared_covariance([x, y]) @ weights), 0.0)
+    seed_parts = [c.seed_variance() for c in (x, y)]
+    variance = sum(seed_parts) + sentence_part
+    difference = x.mean - y.mean
+    if variance == 0:
+        return difference, 0.0, 1.0 if difference == 0 else 0.0
+    dof_terms = sum(v**2 / (len(c.scores) - 1) for v, c in zip(seed_parts, (x, y)) if len(c.scores) > 1)
+    dof = variance**2 / dof_terms if dof_terms > 0 else np.inf
+    se = variance**0.5
+    return difference, se, float(2 * student_t.sf(abs(difference) / se, dof))
+
+
+def seed_interval(cell: SeedCell, level: float = 1 - ALPHA) -> tuple[float, float]:
+    """Interval of a system's seed mean on one cell: mean -+ t * se, with the variance and degrees of freedom of
+    seed_aware_test. With one run it is the percentile interval of compare_systems."""
+    if len(cell.scores) == 1:
+        low, high = np.percentile(cell.replicates[0], [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+        return float(low), float(high)
+    k = len(cell.scores)
+    seed_part = cell.seed_variance()
+    variance = seed_part + max(float(shared_covariance([cell]).mean()), 0.0)  # weights 1/k: the mean of C / 1
+    dof = variance**2 / (seed_part**2 / (k - 1)) if seed_part > 0 else np.inf
+    half = float(student_t.ppf((1 + level) / 2, dof)) * variance**0.5
+    return cell.mean - half, cell.mean + half
+
+
+def seed_cells(runs: list[SentenceStats], counts: np.ndarray) -> dict[str, SeedCell]:
+    """Cell name -> SeedCell of one system's runs (all on the same test set), on the shared resamples `counts`."""
+    per_run = [cell_replicates(run, counts) for run in runs]
+    return {cell: SeedCell(np.array([observed[cell] for observed, _ in per_run]),
+                           np.stack([replicates[cell] for _, replicates in per_run]))
+            for cell in per_run[0][0]}

@@ -123,13 +123,14 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
     sampler = TemperatureSampler(corpus.sizes(), temperature=temperature, seed=seed)
     source = BatchSource(corpus, tokenizer, languages,
                          lambda epoch: make_batches(sampler.epoch(), corpus, max_tokens, rng=sampler.rng))
-    start, step, epoch, losses = time.monotonic(), 0, 0, []
+    start, step, epoch, losses, stopped = time.monotonic(), 0, 0, [], None
     for done in training_epochs(trainer, source, itertools.count(1), log_every=LOG_EVERY):
-        step, epoch = done.step, done.epoch
+        step, epoch, stopped = done.step, done.epoch, done.stopped
         losses += [{"step": s, "loss": round(loss / n_tokens, 4)} for s, loss, n_tokens in done.updates
                    if s == 1 or s % LOG_EVERY == 0]
     model.eval()
-    return {"steps": step, "epochs": epoch, "minutes": round((time.monotonic() - start) / 60, 3), "loss": losses}
+    return {"steps": step, "epochs": epoch, "stopped": stopped,  # "max_updates": the demo's way to end
+            "minutes": round((time.monotonic() - start) / 60, 3), "loss": losses}
 
 
 def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: int, label_smoothing: float,
@@ -143,7 +144,7 @@ def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: i
                         label_smoothing=label_smoothing * (vocab - 1) / vocab, dropout=config.dropout,
                         attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,
                         layerdrop=config.encoder_layerdrop, clip_norm=1.0, amp=False, mixed_directions=True,
-                        dev_sentences=0, max_steps=max_steps)
+                        dev_sentences=0, max_updates=max_steps)
 
 
 def fast_tokenize(texts: list[str], tokenizer) -> list[list[int]]:

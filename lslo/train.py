@@ -10,12 +10,14 @@ running temperature sampler. As in the paper's fairseq setup:
 - Adam (betas 0.9, 0.98) over the trainable parameters only; fairseq's inverse_sqrt schedule (`get_lr`);
 - label-smoothed cross entropy, fairseq's definition (`label_smoothed_nll_loss`), summed over target tokens and
   divided by the number of target tokens of the whole update, so `update_freq` micro-batches give exactly the
-  gradient of one big batch;
+  gradient of one big batch; by default (train.loss: chunked) computed from the decoder's hidden states block by
+  block (lslo.lean_loss), so the target tokens x vocabulary logits never exist at once;
+- train.max_updates (fairseq's --max-update) ends any run after that many updates, with its usual outputs;
 - token-budget batches (lslo.data.make_batches), mixed directions by default, temperature-sampled directions;
 - AMP only on CUDA (`amp_setup`, `update_step`). train.amp_dtype fp16 (the paper's, the default) is fairseq's
   `--amp`: float16 autocast and a GradScaler at init scale 2**7; an update whose gradients overflow skips Adam's
   step, halves the scale and tries the same batch again (at most 2 times, fairseq's amp_batch_retries), then skips
-  the batch; an update that overflowed on every try is not counted, so neither the step (get_lr, max_steps) nor the
+  the batch; an update that overflowed on every try is not counted, so neither the step (get_lr, max_updates) nor the
   schedule advances; a scale at or below fairseq's min_loss_scale 1e-4 stops training. bf16 is lslo's option:
   bfloat16 autocast, no scaler, every update counted; a GPU without bfloat16 is refused;
 - DDP under torchrun (WORLD_SIZE > 1): each rank takes every WORLD_SIZE-th batch of the same epoch plan, only rank 0
@@ -58,6 +60,7 @@ from lslo.inference import SEARCHES, DecodingOptions, Translator, translate_many
 from lslo.io import write_tsv
 from lslo.languages import groups, nllb_codes, read_language_table, select
 from lslo.layer import LORA_INITS, BufferDict
+from lslo.lean_loss import DEFAULT_CHUNK_ELEMENTS, chunked_label_smoothed_nll_loss
 from lslo.metrics import sentence_stats, spm_pieces
 from lslo.model import FC_LAYOUTS, check_model_dir
 from lslo.params import count_params
@@ -67,6 +70,7 @@ from lslo.tokenizer import load_tokenizer, require_languages
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # train.amp_dtype
+LOSSES = ("chunked", "plain")  # train.loss
 # fairseq's --amp, as its source sets it (fairseq/optim/amp_optimizer.py AMPOptimizer, fairseq/trainer.py train_step,
 # defaults of fairseq/dataclass/configs.py CommonConfig):
 FAIRSEQ_AMP_INIT_SCALE = 2.0**7  # AMPOptimizer's init_scale is common.fp16_init_scale (2**7)
@@ -79,7 +83,7 @@ DEV_CELLS = ["dev_H2H", "dev_V2V"]
 # directions)
 DEV_COLUMNS = [f"{cell}{suffix}" for cell in DEV_CELLS for suffix in ("", "_low", "_high")]
 METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
-                   "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high"]
+                   "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high", "stopped"]
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -101,6 +105,10 @@ class TrainOptions:
     temperature: float = 5.0  # direction sampling temperature
     seed: int = 1
     label_smoothing: float = 0.2
+    # chunked: the loss from the decoder's hidden states block by block, without the N x V logits (lslo.lean_loss);
+    # plain: the full logits, then label_smoothed_nll_loss. Both compute the same loss (tests/test_lean_loss.py).
+    loss: str = "chunked"
+    loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS  # logits elements of one chunked block (tokens x V)
     dropout: float = 0.1  # the HF config's `dropout` (residual/FFN output dropout)
     # The authors' architecture (models/transformer_lora.py, m2m100_lora_base) sets attention_dropout 0.1 and
     # leaves activation_dropout at 0.0; their command sets --encoder-layerdrop 0 --decoder-layerdrop 0.
@@ -125,12 +133,14 @@ class TrainOptions:
     dev_beam: int = 1
     dev_search: str = "fairseq"  # the dev decoding's beam search (lslo.inference.SEARCHES); the workflow sets it
     # from config eval.search (rules/common.smk train_options), so dev scores decode as the evaluate stage does
-    max_steps: int | None = None  # stop after this many updates (smoke runs)
+    # fairseq's --max-update: stop after this many optimizer updates, write the run's outputs as at its end, and
+    # mark the metrics row of the last epoch `stopped: max_updates` (smoke runs, the rehearsal, demo pretraining)
+    max_updates: int | None = None
     max_epoch_examples: int | None = None  # None: one pass = n_sentences * n_directions examples
 
     # The allowed values of every option, in JSON Schema keywords (an option without an entry takes any value of its
-    # type; lora_init, fc_lora, amp_dtype and dev_search take the names in lslo.layer.LORA_INITS,
-    # lslo.model.FC_LAYOUTS, AMP_DTYPES and lslo.inference.SEARCHES). validate() enforces exactly these, and
+    # type; lora_init, fc_lora, amp_dtype, dev_search and loss take the names in lslo.layer.LORA_INITS,
+    # lslo.model.FC_LAYOUTS, AMP_DTYPES, lslo.inference.SEARCHES and LOSSES). validate() enforces exactly these, and
     # config/schema.yaml's `$defs.train` states the same types, bounds and defaults: tests/test_options.py compares
     # the two field by field, so a change here must be made there too.
     LIMITS = {
@@ -154,7 +164,8 @@ class TrainOptions:
         "clip_norm": {"minimum": 0},
         "dev_sentences": {"minimum": 0},
         "dev_beam": {"minimum": 1},
-        "max_steps": {"minimum": 1},
+        "max_updates": {"minimum": 1},
+        "loss_chunk_elements": {"minimum": 1},
         "max_epoch_examples": {"minimum": 1},
     }
 
@@ -181,7 +192,7 @@ class TrainOptions:
         types = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
                  "int | None": {"type": ["integer", "null"]}, "list": {"type": "array"}}
         enums = {"lora_init": list(LORA_INITS), "fc_lora": list(FC_LAYOUTS), "amp_dtype": list(AMP_DTYPES),
-                 "dev_search": list(SEARCHES)}
+                 "dev_search": list(SEARCHES), "loss": list(LOSSES)}
         schema = {}
         for f in fields(cls):
             limits = dict(cls.LIMITS.get(f.name, {}))
@@ -225,7 +236,7 @@ class TrainOptions:
             kind = ("a number" if json_type == "number" else "a whole number" if json_type == "integer"
                     else "null or a whole number")
             raise LsloError(f"{path}.{key} is {value!r}, expected {self._expected(limits, kind)}")
-        for key in ("lora_init", "fc_lora", "amp_dtype", "dev_search"):
+        for key in ("lora_init", "fc_lora", "amp_dtype", "dev_search", "loss"):
             if getattr(self, key) not in schema[key]["enum"]:
                 raise LsloError(f"{path}.{key} is {getattr(self, key)!r}, expected one of "
                                 f"{', '.join(schema[key]['enum'])}")
@@ -325,8 +336,9 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
-    """Summed label-smoothed loss of one collated batch (lslo.data.collate)."""
+def forward_loss(model, batch: dict, epsilon: float, device, loss: str = "chunked",
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Summed label-smoothed loss of one collated batch (lslo.data.collate); loss: train.loss (LOSSES)."""
     config = hf_config(model)
     labels = batch["labels"].to(device)
     kwargs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -335,8 +347,42 @@ def forward_loss(model, batch: dict, epsilon: float, device) -> torch.Tensor:
         # host lists: the routing groups rows on the host, and a device tensor (DDP moves tensor arguments to
         # the GPU) would cost a device-to-host sync in every forward
         kwargs.update(src_lang=batch["src_lang"].tolist(), tgt_lang=batch["tgt_lang"].tolist())
-    logits = model(**kwargs).logits
-    return label_smoothed_nll_loss(logits, labels, epsilon)[0]
+    if loss == "plain":
+        logits = model(**kwargs).logits
+        return label_smoothed_nll_loss(logits, labels, epsilon)[0]
+    with loss_as_head(model, labels, epsilon, chunk_elements):
+        return model(**kwargs).logits
+
+
+class _LossHead(torch.nn.Module):
+    """Stands in for the output projection during one forward: returns the chunked loss of the decoder's hidden
+    states (lslo.lean_loss) instead of their logits."""
+
+    def __init__(self, projection: torch.nn.Linear, labels: torch.Tensor, epsilon: float, chunk_elements: int):
+        super().__init__()
+        self.projection = projection
+        self.labels, self.epsilon, self.chunk_elements = labels, epsilon, chunk_elements
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return chunked_label_smoothed_nll_loss(hidden, self.projection.weight, self.labels, self.epsilon,
+                                               chunk_elements=self.chunk_elements)[0]
+
+
+@contextlib.contextmanager
+def loss_as_head(model, labels: torch.Tensor, epsilon: float, chunk_elements: int):
+    """While open, `model(...)`'s `logits` is the summed chunked loss: the HF model's lm_head is swapped for
+    _LossHead. The loss is computed inside the model's own forward, so an LSLo model routes languages as usual, the
+    projection weight is used inside the forward that DDP watches (Ft-all trains it), and autocast applies."""
+    hf = unwrap(model).base if is_lslo(model) else unwrap(model)
+    projection = hf.lm_head
+    if not isinstance(projection, torch.nn.Linear) or projection.bias is not None:
+        raise LsloError(f"train.loss chunked: the model's output projection is {projection!r}, expected a Linear "
+                        "without bias (M2M100's lm_head); set train.loss: plain")
+    hf.lm_head = _LossHead(projection, labels, epsilon, chunk_elements)
+    try:
+        yield
+    finally:
+        hf.lm_head = projection
 
 
 def make_adam(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -376,7 +422,8 @@ def train_update(model, optimizer, micro_batches: list[dict], options: TrainOpti
         sync = model.no_sync() if (world_size > 1 and not last) else contextlib.nullcontext()
         with sync:
             with autocast():
-                loss = forward_loss(model, batch, options.label_smoothing, device)
+                loss = forward_loss(model, batch, options.label_smoothing, device, options.loss,
+                                    options.loss_chunk_elements)
             # DDP averages gradients over ranks; scale by world_size so the result is a sum over the update.
             scaled = loss * (world_size / n_tokens_global)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -625,6 +672,9 @@ class EpochResult:
     epoch: int
     step: int
     updates: list[tuple[int, float, int]]
+    # "max_updates" when training ends here because options.max_updates was reached while batches or epochs were
+    # left; None otherwise
+    stopped: str | None = None
 
     @property
     def loss_sum(self) -> float:
@@ -664,10 +714,15 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
                     checkpoint_dir=None, log_every: int | None = None) -> Iterator[EpochResult]:
     """The one training loop, of every stage and of demo pretraining: for each epoch, epoch_hook(epoch) (GPS
     pruning), then its updates; yields each finished epoch to the caller (the stages score and checkpoint it).
-    Ends after `epochs`, once options.max_steps updates are done, or once stop() is true (both checked before each
-    update and each epoch). An fp16 update that overflowed on every try (update_step) consumed its batches but is
-    not counted: `step`, and with it the lr and max_steps, stay where they were."""
-    for epoch in epochs:
+    Ends after `epochs`, once options.max_updates updates are done (the last epoch it yields then says
+    stopped="max_updates" if batches or epochs were left), or once stop() is true (both checked before each update
+    and each epoch). An fp16 update that overflowed on every try (update_step) consumed its batches but is not
+    counted: `step`, and with it the lr and max_updates, stay where they were."""
+    max_updates = trainer.options.max_updates
+    epochs = iter(epochs)
+    epoch = next(epochs, None)
+    while epoch is not None:
+        following = next(epochs, None)  # known before the epoch ends: is stopping at max_updates early?
         if finished(trainer.options, step, stop):
             return
         if epoch_hook is not None:
@@ -675,9 +730,9 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
         trainer.model.train()
         batches = shard(source.of_epoch(epoch), trainer.rank, trainer.world_size)
         updates = [batches[i:i + trainer.update_freq] for i in range(0, len(batches), trainer.update_freq)]
-        done = []
+        done, stopped = [], None
         bar = tqdm(updates, desc=f"epoch {epoch}", disable=None if trainer.rank == 0 else True, leave=False)
-        for group in bar:
+        for number, group in enumerate(bar):
             if finished(trainer.options, step, stop):
                 break
             counted = update_step(trainer, source, group, step + 1)
@@ -691,11 +746,17 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
             bar.set_postfix(loss=f"{loss / max(n_tokens, 1):.3f}")
             if log_every and (step == 1 or step % log_every == 0):
                 log.info("update %d, epoch %d: loss %.3f", step, epoch, loss / max(n_tokens, 1))
-        yield EpochResult(epoch, step, done)
+            if max_updates is not None and step >= max_updates and (number + 1 < len(updates) or following is not None):
+                stopped = "max_updates"
+                log.info("stopped early in epoch %d after %d updates: train.max_updates is %d", epoch, step,
+                         max_updates)
+                break
+        yield EpochResult(epoch, step, done, stopped)
+        epoch = following
 
 
 def finished(options: TrainOptions, step: int, stop: Callable[[], bool] | None) -> bool:
-    return (options.max_steps is not None and step >= options.max_steps) or (stop is not None and stop())
+    return (options.max_updates is not None and step >= options.max_updates) or (stop is not None and stop())
 
 
 def update_step(trainer: Trainer, source: BatchSource, group: list[list], step: int) -> tuple[float, int] | None:
@@ -770,7 +831,7 @@ def train(model, tokenizer, train_table: pd.DataFrame, languages: list[str], opt
             reapply_masks(unwrap(model))  # Adam moves masked raw entries; keep saved weights clean
         metrics.append(epoch_metrics(model, tokenizer, dev_table, languages, groups, options, trainer.device,
                                      done.epoch, done.step, done.loss_sum, done.token_sum, trainer.world_size,
-                                     trainer.rank))
+                                     trainer.rank, done.stopped))
         if trainer.rank == 0:
             save_checkpoint(checkpoint_dir, done.epoch, done.step, identity, trainable_state(model),
                             trainer.optimizer, trainer.scaler, metrics)
@@ -832,8 +893,9 @@ def resume(state: dict, model, optimizer, scaler) -> None:
 
 
 def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, device, epoch, step, loss_sum,
-                  token_sum, world_size, rank) -> dict:
-    """One metrics TSV row: mean label-smoothed loss per target token (nats) over the epoch, counts, dev spBLEU."""
+                  token_sum, world_size, rank, stopped: str | None = None) -> dict:
+    """One metrics TSV row: mean label-smoothed loss per target token (nats) over the epoch, counts, dev spBLEU,
+    and `stopped` (EpochResult.stopped: "max_updates" on the last row of a run cut short by it, else empty)."""
     if world_size > 1:
         totals = torch.tensor([loss_sum, token_sum], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
@@ -842,7 +904,7 @@ def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, devic
     dev = dev_scores(model, tokenizer, dev_table, languages, groups, options, device) if rank == 0 else {}
     return {"epoch": epoch, "step": step, "loss": loss_sum / token_sum if token_sum else float("nan"),
             "pruning_ratio": ratio, "trainable_params": trainable, "effective_params": effective,
-            **{column: dev.get(column, float("nan")) for column in DEV_COLUMNS}}
+            **{column: dev.get(column, float("nan")) for column in DEV_COLUMNS}, "stopped": stopped or ""}
 
 
 # ---------------------------------------------------------------------------------------------- stage inputs

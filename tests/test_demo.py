@@ -185,6 +185,8 @@ def test_short_pretraining_gives_a_loadable_checkpoint_that_generates(tmp_path, 
     probs = sampler.probs
     assert probs[("h1", "v1")] / probs[("h1", "h2")] == pytest.approx((4 / 400) ** 0.5)
     assert read_json(out / "pretrain.json")["settings"]["temperature"] == 2.0
+    assert read_json(out / "pretrain.json")["steps"] == 2  # train.max_updates, the demo's pretrain_steps
+    assert read_json(out / "pretrain.json")["stopped"] == "max_updates"
     model = M2M100ForConditionalGeneration.from_pretrained(out).eval()
     tokenizer = load_tokenizer(out)
     assert tokenizer.languages == read_language_table(bench / "languages.tsv")["code"].tolist()

@@ -201,7 +201,7 @@ def test_finetune_pretrain_and_full(stage_world):
     assert pd.read_csv(root / "pre" / "m.tsv", sep="\t")["epoch"].tolist() == [0]
 
     run_finetune(method="full", **common, index_plan="learned", plan_json=None, ranks_json=None, modules="all",
-                 options=dict(OPTIONS, epochs=1, max_steps=2), out_dir=root / "full",
+                 options=dict(OPTIONS, epochs=1, max_updates=2), out_dir=root / "full",
                  out_metrics=root / "full" / "m.tsv", checkpoint_dir=root / "full" / "ckpt")
     assert json.loads((root / "full" / "variant.json").read_text())["model"] == "model"
     variant = read_variant(root / "full" / "variant.json")

@@ -161,8 +161,8 @@ def test_options_unknown_key_and_wrong_type_name_the_key():
         TrainOptions.from_dict({"amp": 1})
     with pytest.raises(LsloError, match=r"options\.dropout"):
         TrainOptions.from_dict({"dropout": 1.5})
-    opts = TrainOptions.from_dict({"lr": 1, "adam_betas": [0.9, 0.98], "max_steps": None})
-    assert opts.lr == 1.0 and isinstance(opts.lr, float) and opts.max_steps is None
+    opts = TrainOptions.from_dict({"lr": 1, "adam_betas": [0.9, 0.98], "max_updates": None})
+    assert opts.lr == 1.0 and isinstance(opts.lr, float) and opts.max_updates is None
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -178,7 +178,7 @@ def test_train_writes_metrics_and_checkpoints(world, tmp_path):
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert list(metrics.columns) == ["epoch", "step", "loss", "pruning_ratio", "trainable_params",
                                      "effective_params", "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high",
-                                     "dev_V2V_low", "dev_V2V_high"]
+                                     "dev_V2V_low", "dev_V2V_high", "stopped"]
     assert (metrics["dev_V2V_low"] <= metrics["dev_V2V"]).all()
     assert (metrics["dev_V2V"] <= metrics["dev_V2V_high"]).all()
     assert metrics["epoch"].tolist() == [1, 2] and hooks == [1, 2]
@@ -294,3 +294,58 @@ def test_tokens_per_update_refuses_an_uneven_split_and_a_second_update_freq():
     with pytest.raises(LsloError, match="not both"):
         TrainOptions.from_dict({"tokens_per_update": 16000, "update_freq": 2})
     assert TrainOptions.from_dict({"update_freq": 3}).update_freq_for(4) == 3
+
+
+# ---------------------------------------------------------------------------------------------- max_updates
+
+def test_max_updates_stops_after_exactly_that_many_updates_and_writes_the_outputs(world, tmp_path, monkeypatch):
+    """train.max_updates = 2 in a run of 3 epochs: two optimizer updates, the weights of epoch 1's first two batches
+    applied by hand with train_update, the checkpoint, the metrics TSV (one row, `stopped: max_updates`) and the
+    `complete` mark written as at the end of a run."""
+    import lslo.train as T
+    from lslo.data import Corpus, collate
+    from lslo.tokenizer import load_tokenizer
+
+    model_dir, table, _ = world
+    tokenizer = load_tokenizer(model_dir)
+    opts = small_options(dropout=0.0, attention_dropout=0.0, dev_sentences=0, epochs=3, max_updates=2)
+    steps = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    model = lslo_model(model_dir)
+    T.train(model, tokenizer, table, LANGUAGES, opts, tmp_path / "ckpt", tmp_path / "metrics.tsv")
+    assert len(steps) == 2
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics["epoch"].tolist() == [1] and metrics["step"].tolist() == [2]
+    assert metrics["stopped"].tolist() == ["max_updates"]
+    assert last_checkpoint(tmp_path / "ckpt") == checkpoint_path(tmp_path / "ckpt", 1)
+    assert (tmp_path / "ckpt" / "complete").read_text() == "1\n"
+
+    options = TrainOptions.from_dict(opts)
+    reference = lslo_model(model_dir)
+    trainer = T.make_trainer(reference, options, device=torch.device("cpu"))
+    corpus = Corpus.multiparallel(table, LANGUAGES, tokenizer)
+    batches = T.epoch_plan(corpus, options, 1)
+    assert len(batches) > 2  # the stop is early
+    for step, batch in enumerate(batches[:2], start=1):
+        T.train_update(reference, trainer.optimizer, [collate(batch, corpus, tokenizer, LANGUAGES)], options,
+                       get_lr(step, options.lr, options.warmup_updates), torch.device("cpu"))
+    want, got = T.trainable_state(reference), T.trainable_state(model)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_max_updates_reached_with_the_last_batch_is_not_an_early_stop(world, tmp_path):
+    from lslo.data import Corpus
+    from lslo.tokenizer import load_tokenizer
+    import lslo.train as T
+
+    model_dir, table, _ = world
+    tokenizer = load_tokenizer(model_dir)
+    base = small_options(dev_sentences=0, epochs=1)
+    n_batches = len(T.epoch_plan(Corpus.multiparallel(table, LANGUAGES, tokenizer), TrainOptions.from_dict(base), 1))
+    T.train(lslo_model(model_dir), tokenizer, table, LANGUAGES, dict(base, max_updates=n_batches), tmp_path / "ckpt",
+            tmp_path / "metrics.tsv")
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t", keep_default_na=False)
+    assert metrics["step"].tolist() == [n_batches] and metrics["stopped"].tolist() == [""]

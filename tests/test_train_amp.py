@@ -118,7 +118,7 @@ def run(world, monkeypatch, overflow: set[int], init_scale: float = 128.0, poiso
 def test_an_overflowed_try_keeps_the_weights_halves_the_scale_and_is_not_counted(world, monkeypatch, poison):
     """Update 2's first try overflows: weights and Adam moments stay (checked in Tries), the scale goes 128 -> 64,
     the step does not advance: the same batch is tried again at update 2's lr and counted as update 2."""
-    counted, tries, trainer = run(world, monkeypatch, overflow={1}, poison=poison, max_steps=4)
+    counted, tries, trainer = run(world, monkeypatch, overflow={1}, poison=poison, max_updates=4)
     lr = lambda step: get_lr(step, 1e-2, 3)  # noqa: E731
     assert tries.lrs == [lr(1), lr(2), lr(2), lr(3), lr(4)]  # the retry has the lr the overflowed try had
     assert counted == [1, 2, 3, 4]
@@ -127,13 +127,13 @@ def test_an_overflowed_try_keeps_the_weights_halves_the_scale_and_is_not_counted
     assert trainer.amp_retries == 1  # fairseq resets its count only when it skips a batch
 
 
-def test_a_batch_that_overflows_on_every_try_is_skipped_and_the_run_still_counts_max_steps(world, monkeypatch,
+def test_a_batch_that_overflows_on_every_try_is_skipped_and_the_run_still_counts_max_updates(world, monkeypatch,
                                                                                           caplog):
     """Update 2 overflows on its first try and both retries (fairseq's amp_batch_retries = 2): its batch is skipped
-    (scale 128 -> 16), the next batch is update 2 at update 2's lr, and the run ends after max_steps counted updates
+    (scale 128 -> 16), the next batch is update 2 at update 2's lr, and the run ends after max_updates counted updates
     with one batch more consumed."""
     with caplog.at_level(logging.INFO, logger="lslo.train"):
-        counted, tries, trainer = run(world, monkeypatch, overflow={1, 2, 3}, max_steps=4)
+        counted, tries, trainer = run(world, monkeypatch, overflow={1, 2, 3}, max_updates=4)
     lr = lambda step: get_lr(step, 1e-2, 3)  # noqa: E731
     assert tries.lrs == [lr(1), lr(2), lr(2), lr(2), lr(2), lr(3), lr(4)]
     assert counted == [1, 2, 3, 4]
@@ -149,7 +149,7 @@ def test_a_batch_that_overflows_on_every_try_is_skipped_and_the_run_still_counts
 def test_a_retry_that_succeeds_leaves_fairseqs_retry_count(world, monkeypatch):
     """fairseq's Trainer resets _amp_retries only when it skips a batch: after update 2's retry succeeded, update
     3's batch gets one retry, not two, and is skipped on its second overflow."""
-    counted, tries, _ = run(world, monkeypatch, overflow={1, 3, 4}, max_steps=4)
+    counted, tries, _ = run(world, monkeypatch, overflow={1, 3, 4}, max_updates=4)
     assert counted == [1, 2, 3, 4]
     assert tries.scales == [128.0, 64.0, 64.0, 32.0, 16.0, 16.0, 16.0]
     assert tries.batches[1] is tries.batches[2] and tries.batches[3] is tries.batches[4]
@@ -158,7 +158,7 @@ def test_a_retry_that_succeeds_leaves_fairseqs_retry_count(world, monkeypatch):
 
 
 def test_an_epoch_of_skipped_batches_counts_only_its_updates(world, monkeypatch):
-    """Without max_steps the epoch's batches run out: the skipped one is consumed and not counted."""
+    """Without max_updates the epoch's batches run out: the skipped one is consumed and not counted."""
     opts = options(epochs=1)
     n_batches = len(epoch_plan(world[2], opts, 1))
     counted, tries, _ = run(world, monkeypatch, overflow={0, 1, 2}, epochs=1)
@@ -170,7 +170,7 @@ def test_a_loss_scale_at_fairseqs_minimum_stops_training(world, monkeypatch):
     stop, naming the option to change."""
     with pytest.raises(LsloError, match=r"update 1: fp16 gradients overflow at every loss scale \(now 6.10352e-05, "
                                         r"at or below fairseq's minimum 0.0001\).*train\.amp_dtype: bf16"):
-        run(world, monkeypatch, overflow={0, 1, 2}, init_scale=2.0**-12, max_steps=2)
+        run(world, monkeypatch, overflow={0, 1, 2}, init_scale=2.0**-12, max_updates=2)
 
 
 def test_a_normal_scaled_update_equals_the_float32_update(world):
@@ -249,7 +249,7 @@ def test_no_amp_on_cpu_or_when_off():
 def test_fp16_amp_on_gpu_scales_from_128_and_skips_overflowed_updates(world, monkeypatch):
     """make_trainer on a GPU with amp_dtype fp16: float16 autocast, fairseq's scaler at 128; an injected overflow
     on every try of update 2 is skipped as on CPU; the counted updates leave finite weights that moved."""
-    opts = options(amp_dtype="fp16", max_steps=4)
+    opts = options(amp_dtype="fp16", max_updates=4)
     model = model_of(world[0])
     trainer = make_trainer(model, opts, device=torch.device("cuda"))
     assert trainer.scaler is not None and trainer.scaler.get_scale() == 128.0
@@ -292,7 +292,7 @@ def test_fp16_amp_update_on_gpu_is_close_to_float32():
 
 @cuda
 def test_bf16_amp_on_gpu_has_no_scaler_and_counts_every_update(world):
-    opts = options(amp_dtype="bf16", max_steps=4)
+    opts = options(amp_dtype="bf16", max_updates=4)
     model = model_of(world[0])
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         with pytest.raises(LsloError, match=r"train\.amp_dtype is bf16"):
