@@ -16,7 +16,14 @@ performance target is reported, not failed:
 2. DDP through the workflow's own launch path: the finetune rule of a tiny demo config (ft-all) run by
    Snakemake with ``--set-resources finetune_full:gpu=N`` (N = every GPU present); the world size is read from the
    job's log (``lslo.train`` logs it). --cpu-smoke: a dry run that checks the job is scheduled with gpu=N.
-3. ``benchmarks/bench.py`` at the m2m124-615m shape with random weights under bf16 autocast: training steps of
+3. The training loss's memory (``benchmarks/scale.py --step-of``): one lang12 LSLo update (ranks 2;2;8,
+   ``lslo.train.train_update``) of a random-weight model at the m2m124-615m shape (256,125 embedding rows) on
+   4000 target tokens (the paper's --max-tokens 4000) under fp16 AMP with fairseq's GradScaler, once per training
+   loss (``train.loss``: plain, the full logits; chunked, the memory-lean one), each in a fresh process:
+   torch.cuda.max_memory_allocated and the median update time; the chunked / plain ratios against their targets
+   (<= 0.6 x memory, <= 1.1 x time) and whether the plain update fits a 24 GB GPU. --cpu-smoke: the tiny shape
+   on the CPU, 128 target tokens. A loss the checkout does not offer is reported, not failed.
+4. ``benchmarks/bench.py`` at the m2m124-615m shape with random weights under bf16 autocast: training steps of
    floor, PEFT, LSLo one-direction, LSLo mixed-12 (every kernel) and full fine-tuning (ms, tokens/s,
    torch.cuda.max_memory_allocated per system, ratios to PEFT, floor and full fine-tuning) and mixed beam-5
    decoding against PEFT ``adapter_names``, with the targets. --cpu-smoke: the tiny shape, one repetition.
@@ -47,7 +54,10 @@ WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
 DDP_VARIANT = "ft-all"  # the smoke config's full fine-tuning: the shortest training job of the workflow
 DDP_RULE = "finetune_full"  # the rule that trains a full fine-tuning variant
 BUDGET_S = {"gpu": 480, "cpu-smoke": 600}  # whole script; the issue allows 8 minutes on one GPU
-STEP_LIMIT_S = {"tests": 150, "ddp": 200}  # the benchmark, run last, gets what is left of the budget
+STEP_LIMIT_S = {"tests": 150, "ddp": 200, "loss": 150}  # the benchmark, run last, gets what is left of the budget
+LOSSES = ("plain", "chunked")  # train.loss, old and new
+LOSS_TARGETS = {"memory": 0.6, "time": 1.1}  # chunked / plain
+PAPER_GPU_BYTES = 24 * 10**9  # "24 GB": the paper's batch on a 24 GB GPU
 
 
 @dataclass
@@ -167,6 +177,58 @@ def benchmark(args, timeout: float) -> Step:
     return step
 
 
+# ---- the training loss's memory --------------------------------------------------------------------------------
+def loss_step_args(args, loss: str) -> list:
+    """scale.py's one-update measurement: the 615M shape, 4000 target tokens, fp16 AMP on the GPU; --cpu-smoke:
+    the tiny shape on the CPU (autocast is CUDA-only in lslo.train, so fp32 there)."""
+    if args.cpu_smoke:
+        return ["--step-of", loss, "--shape", "tiny", "--device", "cpu", "--target-tokens", "128", "--updates", "1",
+                "--threads", "1"]
+    return ["--step-of", loss, "--shape", "m2m124-615m", "--device", "cuda", "--amp", "fp16", "--target-tokens",
+            "4000", "--updates", "3"]
+
+
+def loss_memory(args, timeout: float) -> Step:
+    import json
+
+    step = Step("loss memory")
+    start, results, absent, rows = time.perf_counter(), {}, [], {}
+    for loss in LOSSES:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), *loss_step_args(args, loss)]
+        code, out, _ = run(cmd, timeout - (time.perf_counter() - start))
+        if code == 0:
+            results[loss] = json.loads(out.strip().splitlines()[-1])
+        elif code is not None and "has no `loss` option" in out:
+            absent.append(loss)
+            rows[loss] = (f"train update, {loss} loss", "ABSENT", "train.loss is not an option of lslo.train in "
+                          "this checkout")
+        else:
+            step.status = "TIMEOUT" if code is None else "FAIL"
+            rows[loss] = (f"train update, {loss} loss", step.status, "no result")
+            step.report += f"```\n{' '.join(cmd)}\n{tail(out)}\n```\n"
+    step.seconds = time.perf_counter() - start
+    for loss, r in results.items():
+        rows[loss] = (f"train update, {loss} loss ({'tiny' if args.cpu_smoke else 'm2m124-615m'}, "
+                      f"{r['target_tokens']} target tokens, {r['amp']})", f"{r['median_s'] * 1000:.0f} ms",
+                      f"peak {r['peak_mb']:.0f} MiB ({r['how']}), {r['step_peak_mb']:.0f} MiB above the model "
+                      f"and Adam state; {r['sentences']} sentences")
+    step.rows += [rows[loss] for loss in LOSSES if loss in rows]
+    if set(results) == set(LOSSES):
+        p, c = results["plain"], results["chunked"]
+        for label, value, bound in (("peak memory", c["peak_mb"] / p["peak_mb"], LOSS_TARGETS["memory"]),
+                                    ("update time", c["median_s"] / p["median_s"], LOSS_TARGETS["time"])):
+            verdict = "PASS" if value <= bound else "MISS"
+            step.rows.append((f"target: chunked / plain {label}", verdict, f"{value:.3f} <= {bound}"))
+    if "plain" in results and not args.cpu_smoke:
+        fits = results["plain"]["peak_mb"] * 2**20 <= PAPER_GPU_BYTES
+        step.rows.append(("the paper's batch (4000 tokens, plain loss) fits a 24 GB GPU", "yes" if fits else "no",
+                          f"peak {results['plain']['peak_mb'] * 2**20 / 1e9:.1f} GB"))
+    if step.status == "not run":
+        step.status = "RAN" if args.cpu_smoke or absent else (
+            "PASS" if all(r[1] == "PASS" for r in step.rows if r[0].startswith("target: ")) else "MISS")
+    return step
+
+
 # ---- 3. DDP through the workflow ----------------------------------------------------------------------------
 def gpu_count() -> int:
     import torch
@@ -247,7 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 480; smoke 600)")
     p.add_argument("--ddp-run", action="store_true",
                    help="with --cpu-smoke: run the DDP step for real (gloo on CPU; minutes) instead of a dry run")
-    p.add_argument("--skip", default="", help="comma-separated steps to leave out: tests, bench, ddp")
+    p.add_argument("--skip", default="", help="comma-separated steps to leave out: tests, loss, bench, ddp")
     args = p.parse_args(argv)
     if args.out is None and not args.cpu_smoke:
         args.out = str(REPO / "benchmarks" / "RESULTS-gpu.md")
@@ -267,6 +329,8 @@ def main(argv=None) -> int:
         steps.append(cuda_tests(args, min(STEP_LIMIT_S["tests"], left())))
     if "ddp" not in skip:
         steps.append(ddp(args, min(STEP_LIMIT_S["ddp"], left())))
+    if "loss" not in skip:
+        steps.append(loss_memory(args, min(STEP_LIMIT_S["loss"], left())))
     if "bench" not in skip:
         steps.append(benchmark(args, left()))
     table = summary_table(steps)

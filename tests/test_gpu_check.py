@@ -30,11 +30,19 @@ def test_cpu_smoke_runs_every_step_and_writes_the_table(tmp_path):
     report = out.read_text(encoding="utf-8")
     table = proc.stdout.strip()
     assert table in report  # the printed table is the written one
-    rows = re.findall(r"^\| (cuda tests|benchmark|ddp) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|$", table, re.M)
+    rows = re.findall(r"^\| (cuda tests|loss memory|benchmark|ddp) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|$", table,
+                      re.M)
     by_step = {}
     for step, check, result, detail in rows:
         by_step.setdefault(step, []).append((check.strip(), result.strip(), detail.strip()))
-    assert set(by_step) == {"cuda tests", "benchmark", "ddp"}
+    assert set(by_step) == {"cuda tests", "loss memory", "benchmark", "ddp"}
+    losses = {c.split(",")[1].split("(")[0].strip(): (c, r, d) for c, r, d in by_step["loss memory"]
+              if c.startswith("train update, ")}
+    check, result, detail = losses["plain loss"]
+    assert "(tiny, " in check and re.fullmatch(r"\d+ ms", result)
+    peak, rise = (float(x) for x in re.match(r"peak ([\d.]+) MiB .*, ([\d.]+) MiB above", detail).groups())
+    assert 0 <= rise < peak  # the update's own memory is part of the process's peak
+    assert re.fullmatch(r"ABSENT|\d+ ms", losses["chunked loss"][1])  # ABSENT: train.loss not in this checkout
     tests = dict((c.split(":")[0], (r, d)) for c, r, d in by_step["cuda tests"])
     if not torch_cuda():
         assert tests["pytest -m cuda"][0] == "SKIP" and re.fullmatch(r"0 passed, 0 failed, \d+ skipped",

@@ -1,0 +1,89 @@
+"""benchmarks/scale.py end to end at the tiny shape (the rehearsal left out): the checkpoint passes lslo's model
+checks, every table has its rows, and the sizes it reports agree with formulas computed here another way."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scale"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(scale, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    out = tmp / "RESULTS-scale.md"
+    results, text = scale.run(["--shape", "tiny", "--skip-rehearsal", "--updates", "1", "--target-tokens", "128",
+                               "--threads", "1", "--workdir", str(tmp / "work"), "--out", str(out)])
+    return results, text, out, tmp / "work"
+
+
+def test_tiny_run_writes_every_table(tiny_run, scale):
+    results, text, out, work = tiny_run
+    assert out.read_text(encoding="utf-8") == text
+    rows = scale.SHAPES["tiny"].rows
+    assert rows == 4 + 2_996 + 124  # specials + dict.txt lines + M2M-124's language tokens
+    for row in (f"| embedding rows | {rows:,} |", "| language tokens (M2M-124's) | 124 |",
+                "| lslo.check_model (lang30) |", "| machine | |", "| git |",
+                "| plain | ", "| computed checkpoint (sum of numel x element_size) |",
+                "| saved file (lslo.checkpoint.save_checkpoint) |", "| adapters.safetensors |",
+                "| lang12 | 1 | ", "| lang30 | 1 | ", "## Rehearsal of the lang12 config"):
+        assert row in text, row
+    assert not work.exists()  # everything the run created is gone (no --keep)
+    step = results["steps"]["plain"]
+    assert step["target_tokens"] >= 128 and step["peak_mb"] >= step["before_mb"] > 0  # VmHWM >= VmRSS
+    assert results["checkpoint"]["vocab_json"] == 4 + 2_996 and results["checkpoint"]["rows"] == rows
+
+
+def test_ft_all_checkpoint_bytes_match_the_state_the_trainer_saves(tiny_run, scale):
+    """The saved file's tensors are exactly trainable_state (every state-dict entry, the tied embedding 4 times:
+    model.shared, encoder and decoder embed_tokens, lm_head) + Adam's two fp32 moments and a float32 step per
+    parameter tensor + the torch RNG state; the counts come from lslo.params.base_param_count."""
+    from lslo.params import base_param_count
+
+    ft = tiny_run[0]["ft_all"]
+    config = scale.model_config(scale.SHAPES["tiny"]).to_dict()
+    params = base_param_count(config)
+    embedding = config["vocab_size"] * config["d_model"]
+    assert ft["parameters"] == params
+    # trainable_state copies each state-dict entry: the tied embedding once per name that it saves
+    assert ft["embedding_copies"] in (1, 4)
+    assert ft["state_bytes"] == 4 * (params + (ft["embedding_copies"] - 1) * embedding)
+    from transformers import M2M100ForConditionalGeneration
+
+    with torch.device("meta"):  # parameter tensors (the tied embedding once): one Adam step counter each
+        n_tensors = len(list(M2M100ForConditionalGeneration(scale.model_config(scale.SHAPES["tiny"])).parameters()))
+    assert ft["adam_bytes"] == 2 * 4 * params + 4 * n_tensors
+    assert ft["saved_tensor_bytes"] == ft["computed_bytes"] + torch.get_rng_state().numel()
+    from_shapes = scale.ft_all_from_config(scale.model_config(scale.SHAPES["tiny"]))  # what a run without the save
+    assert {k: from_shapes[k] for k in ("state_bytes", "adam_bytes", "computed_bytes", "embedding_copies")} == {
+        k: ft[k] for k in ("state_bytes", "adam_bytes", "computed_bytes", "embedding_copies")}  # reports
+    assert ft["computed_bytes"] < ft["file_bytes"] < ft["computed_bytes"] + 2**20  # the rest is pickled metadata
+
+
+def test_lslo_lang30_count_matches_the_rank_formula(tiny_run, scale):
+    """Every LoRA of the tiny model is d_model x d_model (the slice fc layout at d 64, ffn 128): r (d + d) entries
+    per language and site; 2 encoder layers x 5 modules + 2 decoder layers x 8 modules = 26 sites."""
+    from lslo.languages import groups, read_language_table, select
+
+    ls = tiny_run[0]["lslo30"]
+    table = read_language_table(REPO / "config" / "languages.tsv")
+    codes = select(table, "lang30")
+    rank_sum = sum(scale.GROUP_RANKS[g] for g in groups(table, codes).values())
+    assert ls["trainable"] == ls["formula"] == 26 * 2 * 64 * rank_sum
+    assert ls["adapter_bytes"] >= 4 * ls["trainable"]
+    # the checkpoint's state: the LoRA entries in float32, and the copies of the frozen tied embedding it holds
+    assert ls["embedding_bytes"] == 4 * 3_124 * 64
+    assert ls["state_bytes"] == 4 * ls["trainable"] + ls["embedding_copies"] * ls["embedding_bytes"]
+    assert ls["checkpoint_bytes"] > ls["state_bytes"] + ls["adam_bytes"]
