@@ -472,8 +472,8 @@ def save_ft_all(work: Path, save: bool) -> dict:
 
 def ft_all_from_config(config) -> dict:
     """The Ft-all checkpoint's tensor bytes from the checkpoint's config alone (a model on the meta device, no
-    memory): trainable_state holds every state-dict entry (each a copy), Adam a float32 exp_avg and exp_avg_sq per
-    parameter and a float32 step per parameter tensor."""
+    memory): trainable_state holds every state-dict tensor once (the tied embedding under its first name), Adam a
+    float32 exp_avg and exp_avg_sq per parameter and a float32 step per parameter tensor."""
     import torch
     from transformers import M2M100ForConditionalGeneration
 
@@ -481,14 +481,14 @@ def ft_all_from_config(config) -> dict:
 
     with torch.device("meta"):
         model = M2M100ForConditionalGeneration(config)
-    state = model.state_dict()
+    state = list({id(v): v for v in model.state_dict(keep_vars=True).values()}.values())  # each tensor once
     params = list(model.parameters())
-    weights = sum(v.numel() * v.element_size() for v in state.values())
+    weights = sum(v.numel() * v.element_size() for v in state)
     adam = sum(2 * p.numel() * 4 + 4 for p in params)
     shared = model.model.shared.weight.shape
     return {"parameters": sum(p.numel() for p in params), "state_entries": len(state), "state_bytes": weights,
             "adam_bytes": adam, "computed_bytes": weights + adam, "keep": KEEP_CHECKPOINTS,
-            "embedding_copies": sum(1 for v in state.values() if v.shape == shared),
+            "embedding_copies": sum(1 for v in state if v.shape == shared),
             "peak_rss_mb": status_mb("VmHWM")}
 
 
