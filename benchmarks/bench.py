@@ -737,7 +737,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS.md; none with --quick)")
     p.add_argument("--against", default=None, metavar="REV",
                    help="time the training steps and decodings of this checkout and of git revision REV in one run, "
-                        "interleaved, and report new/old ratios with 99.5%% intervals (benchmarks/revision_compare.py)")
+                        "interleaved, and report new/old ratios with 99.5%% intervals "
+                        "(benchmarks/revision_compare.py), after the full report (with --quick, alone)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: kind:name
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: --against's worker, lslo's tree
     args = p.parse_args(argv)
@@ -800,9 +801,11 @@ def main(argv=None) -> str:
     if args.worker_of:
         revision_compare().serve(sys.modules[__name__], args.worker_of, args)
         return ""
-    if args.against:
-        report = revision_compare().compare(sys.modules[__name__], args, argv if argv is not None else sys.argv[1:])
-        return write_report(report, args.out)
+    comparison = None
+    if args.against:  # first, while nothing else holds memory; the full report follows unless --quick
+        comparison = revision_compare().compare(sys.modules[__name__], args, argv if argv is not None else sys.argv[1:])
+        if args.quick:
+            return write_report(comparison, args.out)
     names = [args.shape] if args.shape != "auto" else (["cpu", "m2m124-615m"] if device.type == "cuda" else ["cpu"])
     info = machine_info(device)
     lines = ["# lslo benchmark results", "", "Written by `python benchmarks/bench.py "
@@ -815,7 +818,7 @@ def main(argv=None) -> str:
     if not args.no_directions:
         print("directions sweep ...", file=sys.stderr, flush=True)
         lines += directions_report(bench_directions(args, device), args)
-    return write_report("\n".join(lines + [DEFINITIONS]), args.out)
+    return write_report("\n".join(lines + [DEFINITIONS] + ([comparison] if comparison else [])), args.out)
 
 
 def write_report(report: str, out) -> str:
