@@ -587,6 +587,9 @@ def run_rehearsal(config: Path, work: Path, timeout: float, settings: dict | Non
     import yaml
 
     run_dir = work / "workflow-run"
+    if run_dir.exists():  # an earlier rehearsal's results would be reported as this one's
+        raise RuntimeError(f"{run_dir} exists (an earlier rehearsal): remove it or give another --workdir")
+    run_dir.mkdir(parents=True)
     for name in ("Snakefile", "rules", "workflow", "config", "profiles"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, run_dir / name)

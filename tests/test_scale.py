@@ -86,3 +86,30 @@ def test_lslo_lang30_count_matches_the_rank_formula(tiny_run, scale):
     assert ls["embedding_bytes"] == 4 * 3_124 * 64
     assert ls["state_bytes"] == 4 * ls["trainable"] + ls["embedding_copies"] * ls["embedding_bytes"]
     assert ls["checkpoint_bytes"] > ls["state_bytes"] + ls["adam_bytes"]
+
+
+def test_the_rehearsal_runs_in_a_fresh_copy_of_the_workflow(scale, tmp_path, monkeypatch):
+    """run_rehearsal copies the workflow into work/workflow-run and runs snakemake there; an earlier rehearsal's
+    directory is refused (its finished jobs would be reported as this run's)."""
+    calls = []
+
+    def fake_snakemake(cmd, cwd, **kwargs):
+        calls.append((cmd, Path(cwd)))
+        report = Path(cwd) / "results" / "rehearsal" / "report.md"
+        report.parent.mkdir(parents=True)
+        report.write_text("# report\n\n| job | wall |\n|---|---|\n| finetune | 1 s |\n", encoding="utf-8")
+        return scale.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(scale.subprocess, "run", fake_snakemake)
+    config = tmp_path / "lang12.yaml"
+    config.write_text("data: {}\n", encoding="utf-8")
+    result = scale.run_rehearsal(config, tmp_path, timeout=10, settings={"updates": 1})
+    (cmd, cwd), = calls
+    assert cwd == tmp_path / "workflow-run"
+    for name in ("Snakefile", "rules/finetune.smk", "workflow/scripts/rehearsed.py", "config/schema.yaml"):
+        assert (cwd / name).read_bytes() == (REPO / name).read_bytes(), name
+    assert (cwd / "rehearse.yaml").read_text(encoding="utf-8") == "rehearse:\n  updates: 1\n"
+    assert cmd[cmd.index("--configfile") + 1:][:2] == [str(config), str(cwd / "rehearse.yaml")]
+    assert result["table"] == ["| job | wall |", "|---|---|", "| finetune | 1 s |"]
+    with pytest.raises(RuntimeError, match="workflow-run exists"):
+        scale.run_rehearsal(config, tmp_path, timeout=10)
