@@ -16,8 +16,9 @@ What it does, in one run (each heavy part in its own subprocess, one at a time):
 4. saves one Ft-all epoch checkpoint as the trainer does (lslo.checkpoint.save_checkpoint of
    lslo.train.trainable_state and Adam's state), and the adapters and a checkpoint of LSLo lang30 2;2;8;8, and
    gives the disk the retention policy (lslo.checkpoint.KEEP_CHECKPOINTS per run) takes for lang12 and lang30;
-5. runs the workflow's rehearsal of the lang12 config on this world (snakemake, `rehearse` setting) and copies
-   its report table;
+5. runs the workflow's rehearsal of the lang12 config, cut to one variant of each method and 2,000-token updates so
+   that it fits 2 cores (snakemake, `rehearse` setting), copies its report table, and projects the full lang12
+   and lang30 runs on this machine from its measured jobs;
 6. writes everything as tables to benchmarks/RESULTS-scale.md.
 
     python benchmarks/scale.py                          # the 615M shape (~25 min on 2 cores, ~14 GB disk)
@@ -231,6 +232,119 @@ def write_configs(work: Path) -> dict:
         paths[name] = work / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return paths
+
+
+def rehearsal_config(work: Path, variants: list[str], batch_tokens: int | None) -> Path:
+    """lang12.yaml cut so that its rehearsal fits 2 CPU cores: only `variants` (one of each kind of training job:
+    the others of the paper's lang12 differ in ranks, index plan, modules or GPS schedule, not in the work of an
+    update), in Table 1 and Figure 3 only, decoded in one shard, and (batch_tokens) `batch_tokens` tokens per
+    update instead of the paper's 4000 x 4. Everything else is lang12.yaml's."""
+    from lslo.config import load_yaml
+
+    import yaml
+
+    config = load_yaml(work / "lang12.yaml")
+    unknown = sorted(set(variants) - set(config["variants"]))
+    if unknown:
+        raise SystemExit(f"--rehearsal-variants: {unknown} not variants of config/lang12.yaml")
+    config["variants"] = {name: config["variants"][name] for name in variants}
+    config["tables"] = {"table1": list(variants)}
+    config["figure3"] = list(variants)
+    config["eval"]["shards"] = 1
+    if batch_tokens:
+        config["train"].update(max_tokens=batch_tokens, tokens_per_update=batch_tokens)
+    path = work / "lang12-rehearsal.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def stage_of(config: dict, variant: str | None) -> tuple[str, dict]:
+    """(the rehearsed job a full-config job is projected from, that job's train options as rules/common.smk
+    composes them: the `train` block, then the stage's or variant's own)."""
+    base = {"dev_search": config["eval"]["search"], **config["train"]}
+    if variant is None:
+        return "", base
+    spec = config["variants"][variant]
+    return spec["method"], {**base, **(spec.get("train") or {})}
+
+
+METHOD_NAMES = {"full": "Ft-all", "lslo": "LSLo", "pretrain": "Pretrain"}
+
+
+def project_full_runs(work: Path, clocks: Path, representatives: dict, batch_tokens: int | None) -> list[dict]:
+    """The full lang12 and lang30 runs on this machine, projected from the rehearsal's measured jobs: every
+    training job from the rehearsed job of its kind (weight learning, subspace ISE / LSP, Ft-all, LSLo, Pretrain's
+    dev scores) with lslo.rehearsal.project_training, at that config's own updates and epochs (the trainer's epoch
+    plan on that config's languages, at the rehearsed batch), dev sentences and directions; every variant's
+    decoding from the rehearsed decoding of its method with lslo.rehearsal.project_decoding, scaled to all test
+    sentences of that config's directions. representatives: {method: rehearsed variant}. Rows: config, job kind,
+    jobs, work per job, hours per job, hours."""
+    cache = {}  # epoch plans shared by stages whose batches agree
+    return [row for name in ("lang12", "lang30")
+            for row in project_config(work, name, clocks, representatives, batch_tokens, cache)]
+
+
+def project_config(work: Path, name: str, clocks: Path, representatives: dict, batch_tokens: int | None,
+                   cache: dict) -> list[dict]:
+    from lslo.config import load_yaml
+    from lslo.data import Corpus, prepare_data, read_parallel
+    from lslo.languages import nllb_codes, read_language_table, select
+    from lslo.rehearsal import planned_updates, project_decoding, project_training
+    from lslo.tokenizer import load_tokenizer
+    from lslo.train import TrainOptions
+
+    def clock(job: str) -> dict:
+        return json.loads((clocks / f"{job}.json").read_text(encoding="utf-8"))
+
+    table = read_language_table(LANGUAGE_TABLE)
+    config = load_yaml(work / f"{name}.yaml")
+    codes = select(table, config["data"]["languages"])
+    directions = len(codes) * (len(codes) - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tsv, test_tsv = Path(tmp) / "train.tsv", Path(tmp) / "devtest.tsv"
+        prepare_data(flores_root=work / FLORES_DIR, layout="flores101", language_table_path=LANGUAGE_TABLE,
+                     languages=codes, out_train=train_tsv, out_test=test_tsv)
+        train, test_rows = read_parallel(train_tsv, codes), len(read_parallel(test_tsv, codes))
+    corpus = Corpus.multiparallel(train, codes, load_tokenizer(work / MODEL_DIR, nllb_codes(table, codes)))
+    batch = {"max_tokens": batch_tokens, "tokens_per_update": batch_tokens} if batch_tokens else {}
+    base = {"dev_search": config["eval"]["search"], **config["train"]}  # as rules/common.smk's train_options
+    rows = []
+
+    def training(kind: str, job: str, options: dict, count: int, trains: bool = True) -> None:
+        options = {**options, **batch}
+        updates, epochs = (planned_updates(corpus, TrainOptions.from_dict(options, "train"), batches_cache=cache)
+                           if trains else (0, 0))
+        measured = clock(job)
+        dev = options.get("dev_sentences", TrainOptions.dev_sentences)
+        rehearsed_dev = statistics.mean(measured["dev_sentences"]) if measured["dev_sentences"] else 1
+        dev_scale = (test_rows if dev is None else min(dev, test_rows)) * directions / max(rehearsed_dev, 1)
+        hours = project_training(measured, updates, epochs, dev_scale) / 3600
+        rows.append({"config": name, "kind": kind, "jobs": count, "hours_each": hours, "hours": hours * count,
+                     "work": f"{updates:,} updates, {epochs} epochs" if trains else "dev scores only"})
+
+    training("weight learning", "weight_learning", {**base, **(config["weight_learning"].get("train") or {})}, 1)
+    for mode in ("ise", "lsp"):
+        training(f"subspace {mode.upper()}", f"subspace/{mode}", {**base, **(config["subspace"].get("train") or {})},
+                 1)
+    groups = {}  # variants whose training options agree train alike: (method, options) -> variants
+    for variant, spec in config["variants"].items():
+        options = {**base, **(spec.get("train") or {})}
+        groups.setdefault((spec["method"], json.dumps(options, sort_keys=True)), []).append(variant)
+    for (method, options), variants in groups.items():
+        options = json.loads(options)
+        every_dev = "dev_sentences" in options and options["dev_sentences"] is None
+        training(METHOD_NAMES[method] + (" (every dev sentence, each epoch)" if every_dev else ""),
+                 f"finetune/{representatives[method]}", options, len(variants), trains=method != "pretrain")
+    for method, label in METHOD_NAMES.items():
+        count = sum(spec["method"] == method for spec in config["variants"].values())
+        measured = clock(f"decode/{representatives[method]}/0")
+        rehearsed = sum(b["sentences"] for b in measured["decode_batches"])
+        sentences = min(config["eval"].get("max_sentences") or test_rows, test_rows) * directions
+        hours = project_decoding(measured, sentences / rehearsed, config["eval"]["max_len_a"],
+                                 config["eval"]["max_len_b"]) / 3600
+        rows.append({"config": name, "kind": f"decode, {label}", "jobs": count, "hours_each": hours,
+                     "hours": hours * count, "work": f"{sentences:,} sentences"})
+    return rows
 
 
 # ---- 3. one LSLo training update per loss ------------------------------------------------------------------------
@@ -610,6 +724,12 @@ def run_rehearsal(config: Path, work: Path, timeout: float, settings: dict | Non
                                                                                     + cmd[5:])}
 
 
+def load_yaml_file(path: Path) -> dict:
+    from lslo.config import load_yaml
+
+    return load_yaml(path)
+
+
 # ---- subprocesses ------------------------------------------------------------------------------------------------
 def in_subprocess(args: list, timeout: float | None = None) -> dict:
     """Run this script with `args` in a fresh process; its last stdout line is a JSON result."""
@@ -741,9 +861,32 @@ def report(r: dict, args) -> str:
     rh = r.get("rehearsal")
     out += ["## Rehearsal of the lang12 config", ""]
     if rh and rh.get("table"):
-        out += [f"`{rh['command']}` in {rh['s']:.0f} s:", ""] + rh["table"]
+        if rh.get("variants"):
+            out += [f"lang12.yaml cut so that it fits these cores (`lang12-rehearsal.yaml`): the variants "
+                    f"{', '.join(rh['variants'])} (one of each method), Table 1 and Figure 3 of them, one decoding "
+                    "shard" + (f", {rh['batch']:,} tokens per update (the paper's: 4,000 x 4)" if rh["batch"]
+                               else "") + ".", ""]
+        out += [f"`{rh['command']}` in {rh['s']:.0f} s:", ""] + rh["table"] + [""]
     else:
-        out += [rh.get("note", "not run") if rh else "not run (--skip-rehearsal)"]
+        out += [rh.get("note", "not run") if rh else "not run (--skip-rehearsal)", ""]
+    if r.get("projection"):
+        out += ["## The full lang12 and lang30 runs on this machine, projected from the rehearsal", "",
+                "Each job of the full config from the rehearsed job of its kind (lslo.rehearsal.project_training /"
+                " project_decoding): its updates and epochs from the trainer's own epoch plan on that config's "
+                "languages" + (f" at {r['rehearsal']['batch']:,} tokens per update (the same tokens per epoch as "
+                               "the paper's 16,000-token updates, in 8 times as many updates)"
+                               if r["rehearsal"].get("batch") else "")
+                + ", its dev scores at its own dev sentences and directions, its decoding at every test sentence of "
+                "every direction. Every LSLo variant is projected from the rehearsed one (ranks, modules and GPS "
+                "change an update's work little next to the frozen 615M model's).", "",
+                "| config | job | jobs | work per job | hours per job | hours |", "|---|---|---:|---|---:|---:|"]
+        for row in r["projection"]:
+            out.append(f"| {row['config']} | {row['kind']} | {row['jobs']} | {row['work']} | "
+                       f"{row['hours_each']:,.1f} | {row['hours']:,.1f} |")
+        for name in ("lang12", "lang30"):
+            total = sum(row["hours"] for row in r["projection"] if row["config"] == name)
+            out.append(f"| {name} | **total** | | | | **{total:,.0f}** ({total / 24:,.1f} days) |")
+        out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -759,7 +902,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-rehearsal", action="store_true")
     p.add_argument("--skip-ft-all-save", action="store_true", help="compute the Ft-all checkpoint, do not save it")
-    p.add_argument("--rehearsal-timeout", type=float, default=900)
+    p.add_argument("--rehearsal-timeout", type=float, default=1800)
+    p.add_argument("--rehearsal-variants", default="pretrain,ft-all,lslo-2-2-8-wl-gps0.9",
+                   help="lang12 variants rehearsed, one per method; the full lang12 and lang30 runs are projected "
+                        "from them ('' rehearses every variant of lang12.yaml, hours on CPU)")
+    p.add_argument("--rehearsal-batch", type=int, default=2000,
+                   help="tokens per update in the rehearsal and the projection (0: the config's, 16,000)")
     p.add_argument("--rehearse", default="updates=1,sentences=1,max_new_tokens=4",
                    help="the workflow's `rehearse` settings (key=value,...; empty: its defaults)")
     p.add_argument("--out", default=None, help="markdown report (default benchmarks/RESULTS-scale.md)")
@@ -782,7 +930,7 @@ def work_directory(args) -> tuple[Path, list[Path]]:
         existed = work.exists()
         work.mkdir(parents=True, exist_ok=True)
         names = [MODEL_DIR, WORLD_DIR, FLORES_DIR, "spm.model", "lang12.yaml", "lang30.yaml", "checkpoints",
-                 "lslo-lang30", "workflow-run"]
+                 "lslo-lang30", "workflow-run", "lang12-rehearsal.yaml"]
         created = [] if existed and (work / MODEL_DIR / "scale.json").exists() else [work / n for n in names]
         return work, created if existed else [work]
     work = Path(tempfile.mkdtemp(prefix=".scale-work-", dir=REPO / "benchmarks"))
@@ -859,8 +1007,18 @@ def run(argv=None) -> tuple[dict, str]:
                                       "in config/schema.yaml)."}
         else:
             settings = dict(item.split("=") for item in args.rehearse.split(",") if item)
-            r["rehearsal"] = run_rehearsal(configs["lang12"], work, args.rehearsal_timeout,
+            variants = [v for v in args.rehearsal_variants.split(",") if v]
+            config = rehearsal_config(work, variants, args.rehearsal_batch) if variants else configs["lang12"]
+            r["rehearsal"] = run_rehearsal(config, work, args.rehearsal_timeout,
                                            {k: int(v) for k, v in settings.items()})
+            r["rehearsal"].update(variants=variants, batch=args.rehearsal_batch)
+            if variants:
+                methods = {load_yaml_file(config)["variants"][v]["method"]: v for v in variants}
+                missing = sorted({"pretrain", "full", "lslo"} - set(methods))
+                if missing:
+                    raise SystemExit(f"--rehearsal-variants: no variant of method(s) {missing} to project from")
+                r["projection"] = project_full_runs(work, work / "workflow-run" / "results" / "rehearsal" / "clocks",
+                                                    methods, args.rehearsal_batch)
     finally:
         if not args.keep:
             for path in created:
