@@ -347,12 +347,12 @@ def dev_file(options):
 
 
 def variant_param(key):
-    """A params function of a per-variant rule (ranks): the variant's config entry `key` (dicts canonical)."""
+    """A params function of the per-variant ranks rule, the variant's config entry `key` (dicts canonical)."""
     return lambda wildcards: canonical(VARIANTS[wildcards.variant].get(key))
 
 
 def run_param(key):
-    """A params function of a per-run rule (finetune, score): the run's variant entry `key` (dicts canonical)."""
+    """A params function of the per-run rules finetune and score, the run's variant entry `key` (dicts canonical)."""
     return lambda wildcards: canonical(RUNS[wildcards.variant].get(key))
 
 
