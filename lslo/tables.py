@@ -209,7 +209,7 @@ def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm
     shown = table[["method", "params", *extra, *columns]].copy()
     shown["params"] = [("-" if pd.isna(p) else f"{int(p):,}") for p in table["params"]]
     for field in (COST_FIELDS if cost is not None else []):
-        shown[field] = [_cost_text(v, field) for v in table[field]]
+        shown[field] = [cost_cell(v, field) for v in table[field]]
     for column in columns:
         shown[column] = [_cell_text(v, intervals.loc[(label, column)] if intervals is not None
                                     and (label, column) in intervals.index else None,
@@ -224,7 +224,7 @@ def make_table(groups_tsvs: dict, params: dict, out_tsv, out_md, title: str, spm
     elif intervals is not None:
         notes.append(_interval_note(intervals))
     if cost is not None:
-        notes.append(_cost_note())
+        notes.append(cost_note())
     if plan_note is not None:
         notes.append(plan_note)
     notes += _signature_notes([path for paths in groups_tsvs.values() for path in runs_of(paths, "")])
@@ -279,15 +279,16 @@ def _cost_tsv(value: float, field: str) -> str:
     return f"{value:.4f}" if field.endswith("hours") else f"{value:.1f}"
 
 
-def _cost_text(value: float, field: str) -> str:
-    if pd.isna(value):
+def cost_cell(value, field: str) -> str:
+    """A cost field (lslo.cost) as a Markdown cell: hours, or MiB; "–" where not measured."""
+    if value is None or pd.isna(value):
         return "–"
     if field.endswith("hours"):
         return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
     return f"{value:,.0f} MiB"
 
 
-def _cost_note() -> str:
+def cost_note() -> str:
     return ("Train h: wall-clock hours of the variant's training jobs (Snakemake benchmark `s`, summed over its "
             "jobs; the mean over seeds); GPU·h: each job's hours × its processes on GPUs; Peak RSS: the largest "
             "max_rss of those jobs; Peak GPU: the largest torch.cuda.max_memory_allocated of an epoch; – where "

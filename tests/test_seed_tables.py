@@ -190,3 +190,66 @@ def test_runs_that_do_not_match_stop_the_table(seeded, tmp_path):
         make_table({**groups, "Ft-all": [groups["Ft-all"][0], lacking]}, {}, tmp_path / "t.tsv", tmp_path / "t.md",
                    "Table 1", "spm")
     assert not any((tmp_path / f"t.{s}").exists() for s in ("tsv", "md", "intervals.tsv"))
+
+
+ROLE_NOISE = {"pretrain": [0.8], "ft_all": [0.5, 0.45], "full_rank": [0.1, 0.15], "low_rank": [0.3, 0.25],
+              "pruned": [0.3, 0.35]}
+
+
+@pytest.fixture(scope="module")
+def summary_inputs(refs, tmp_path_factory):
+    """{role: [npz per seed]}, {role: label}, {role: [SentenceStats]}, and the weights / Table 9 files."""
+    from lslo.io import write_json
+
+    root = tmp_path_factory.mktemp("summary")
+    refs_v2v = {**refs, ("v1", "v2"): corpus(40, 4, 0)}
+    stats, labels, runs = {}, {}, {}
+    for n, (role, noises) in enumerate(ROLE_NOISE.items()):
+        labels[role] = role.replace("_", "-")
+        runs[role] = [run_stats(refs_v2v, [*PAIRS, "V2V"], p, seed=1000 + 100 * n + 10 * k)
+                      for k, p in enumerate(noises)]
+        stats[role] = [write_run(r, root / f"{role}{k}")[1] for k, r in enumerate(runs[role])]
+    pd.DataFrame({"side": ["enc", "dec"], "layer": [1, 1], "w_src": [0.9, 0.4], "w_tgt": [0.1, 0.6]}).to_csv(
+        root / "w.tsv", sep="\t", index=False)
+    pd.DataFrame({"module": ["q", "AVG"], "r": [0.7, 0.7], "p_value": [0.01, 0.01], "n_languages": 11}).to_csv(
+        root / "t9.tsv", sep="\t", index=False)
+    write_json({"enc": ["src"], "dec": ["tgt"]}, root / "plan.json")
+    return root, stats, labels, runs
+
+
+def test_summary_with_two_seeds_uses_the_seed_aware_test(summary_inputs, tmp_path):
+    from lslo import summary
+
+    root, stats, labels, runs = summary_inputs
+    cost = {"full-rank": {"train_hours": 1.5, "gpu_hours": 6.0, "peak_rss_mb": 4096.0, "peak_gpu_mb": None}}
+    targets = summary.write_summary(stats, labels, root / "w.tsv", root / "t9.tsv", [], {}, tmp_path / "s.md",
+                                    plan_json=root / "plan.json", cost=cost).set_index("target")
+    counts = bootstrap.resample_counts(40)
+    cells = {role: bootstrap.seed_cells(r, counts) for role, r in runs.items()}
+    difference, _, p = bootstrap.seed_aware_test(cells["full_rank"]["V2V"], cells["pretrain"]["V2V"])
+    gain = cells["full_rank"]["V2V"].mean - cells["pretrain"]["V2V"].mean
+    assert difference == pytest.approx(gain, abs=1e-12)
+    significance = "significant" if p < 0.05 else "not significant"
+    assert targets.loc["full-rank V2V gain over Pretrain", "measured"] == (
+        f"{gain:+.2f} (p = {p:.3f}, {significance}; seed-aware, 2 vs 1 seeds)")
+    paired = bootstrap.compare_systems({r: runs[r][0] for r in ("full_rank", "pretrain")}, {"p": "pretrain"})
+    assert f"p = {paired.set_index(['method', 'pair']).loc[('full_rank', 'V2V'), 'p_p']:.3f}" != f"p = {p:.3f}"
+    _, _, p_low = bootstrap.seed_aware_test(cells["pruned"]["AVG"], cells["low_rank"]["AVG"])
+    assert f"p = {p_low:.3f}" in targets.loc["pruned vs low-rank, AVG", "measured"]
+    assert targets.loc["pruned vs low-rank, AVG", "measured"].endswith("; seed-aware, 2 seeds)")
+    text = (tmp_path / "s.md").read_text()
+    assert "Several seeds per variant (pretrain: 1, ft-all: 2," in text
+    assert "| Variant | Train h | GPU·h | Peak RSS | Peak GPU |\n|---|---|---|---|---|\n" \
+           "| full-rank | 1.50 | 6.00 | 4,096 MiB | – |" in text
+
+
+def test_summary_with_one_run_per_role_is_unchanged(summary_inputs, tmp_path):
+    from lslo import summary
+
+    root, stats, labels, _ = summary_inputs
+    first = {role: paths[0] for role, paths in stats.items()}
+    for name, given in (("path", first), ("list", {role: [path] for role, path in first.items()})):
+        summary.write_summary(given, labels, root / "w.tsv", root / "t9.tsv", [], {}, tmp_path / f"{name}.md",
+                              plan_json=root / "plan.json")
+    assert (tmp_path / "path.md").read_bytes() == (tmp_path / "list.md").read_bytes()
+    assert "seed-aware" not in (tmp_path / "list.md").read_text()
