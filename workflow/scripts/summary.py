@@ -13,7 +13,8 @@ with stage_job(snakemake.log[0]):
         stats[role] = paths[0] if count == 1 else paths[:count]
         paths = paths[count:]
     labels = dict(params.labels)
-    cost = {labels[role]: variant_cost(runs) for role, runs in dict(params.cost_runs).items() if runs is not None}
+    cost_runs = dict(params.cost_runs)  # None for a role that does not train (Pretrain): its row reads "-"
+    cost = {labels[role]: None if cost_runs[role] is None else variant_cost(cost_runs[role]) for role in ROLES}
     captions = ["Figure 1: learned weights per layer", "Figure 2: subspace demand per language (ISE)",
                 "Figure 3: dev spBLEU per epoch"]
     write_summary(stats=stats, labels=labels, weights_tsv=inp.weights,
