@@ -146,7 +146,7 @@ def test_removing_a_seed_deletes_nothing_and_trains_nothing(seeded, tmp_path):
     (lambda c: c["variants"][LSLO].update(train={"seed": 3}), f"config key 'variants.{LSLO}.train.seed'"),
     (lambda c: c["variants"].update({f"{LSLO}.seed2": {**c["variants"][LSLO], "label": "other"}}),
      f"seed 2 of variant '{LSLO}' is the run '{LSLO}.seed2', which is also a declared variant"),
-])
+], ids=["seed-twice", "variant-own-seed", "run-name-taken"])
 def test_a_bad_seeds_config_stops_with_one_line(tmp_path, change, message):
     workdir = copy_workflow(tmp_path)
     config = seeds_config([1, 2])
