@@ -39,7 +39,7 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    variant="|".join(re.escape(v) for v in VARIANTS),
+    variant="|".join(re.escape(v) for v in {**VARIANTS, **RUNS}),  # ranks: per variant; the rest: per run
     mode="|".join(ISE_MODES),
     shard=r"\d+",
 

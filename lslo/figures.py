@@ -44,7 +44,8 @@ CAPTIONS = {
                "averaged over layers; red = higher demand. Row labels coloured by resource group "
                "(H green, M blue, L orange, V red).",
     "figure3": "Dev spBLEU per epoch of H2H (left) and V2V (right) directions for each variant; dashed lines: "
-               "baselines without per-epoch training curves (pretrain).",
+               "baselines without per-epoch training curves (pretrain); a variant with several seeds: the mean over "
+               "seeds, shaded from the lowest to the highest seed.",
     "figure4": "Parameter space demand (−Score of eq. 6, language-specific pruning, §7.3) per layer and module, "
                "averaged over languages; red = higher demand.",
     "figure5": "Parameter space demand (−Score of eq. 6, intrinsic subspace estimation) per language and module, "
@@ -251,16 +252,42 @@ def error_bar_lengths(point: pd.Series, low: pd.Series, high: pd.Series) -> list
     return [np.clip(below, 0.0, None), np.clip(above, 0.0, None)]
 
 
+def seed_curve(metrics_tsvs: list, column: str) -> pd.DataFrame:
+    """Dev curve of one variant over its runs (one per seed): per epoch the `mean`, `min` and `max` of the runs'
+    last logged dev scores. Runs of one variant train the same epochs; runs that logged other epochs are an error
+    (a run cut short, or runs of different variants), not averaged over what they share."""
+    curves = [dev_curve(path, column) for path in metrics_tsvs]
+    for path, curve in zip(metrics_tsvs[1:], curves[1:]):
+        if list(curve.index) != list(curves[0].index):
+            raise LsloError(f"{path}: dev {column} logged at epochs {list(curve.index)}, {metrics_tsvs[0]} at "
+                            f"{list(curves[0].index)}; the runs of one variant must train the same epochs")
+    runs = pd.concat(curves, axis=1)
+    return pd.DataFrame({"mean": runs.mean(axis=1), "min": runs.min(axis=1), "max": runs.max(axis=1)})
+
+
 def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -> None:
     """Figure 3: dev spBLEU per epoch, H2H (a) and V2V (b), one line per variant label.
 
-    metrics_tsvs: {label: metrics.tsv}; baselines: {label: metrics.tsv} drawn as horizontal lines at their
-    last dev score (pretrain has no training curve).
+    metrics_tsvs: {label: metrics.tsv, or a list of them, one per seed run}; baselines: {label: metrics.tsv (or a
+    one-run list)} drawn as horizontal lines at their last dev score (pretrain has no training curve). A label
+    with several runs is drawn as the mean over seeds per epoch with a shaded band from the lowest to the highest
+    run (seed_curve); one run is drawn with its points' 95% bootstrap intervals when logged.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, pair in zip(axes, ("H2H", "V2V")):
         column = f"dev_{pair}"
-        for label, path in metrics_tsvs.items():
+        for label, paths in metrics_tsvs.items():
+            paths = paths if isinstance(paths, (list, tuple)) else [paths]
+            if not paths:
+                raise LsloError(f"figure3: no metrics tables given for '{label}'")
+            if len(paths) > 1:
+                curve = seed_curve(list(paths), column)
+                line, = ax.plot(curve.index, curve["mean"].to_numpy(), marker="o", markersize=3,
+                                label=f"{label} (mean of {len(paths)} seeds)")
+                ax.fill_between(curve.index, curve["min"].to_numpy(), curve["max"].to_numpy(),
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+                continue
+            path = paths[0]
             curve = dev_curve(path, column)
             low, high = dev_interval(path, column, curve.index)
             if low is None:
@@ -268,10 +295,11 @@ def figure3_dev_curves(metrics_tsvs: dict, out, baselines: dict | None = None) -
             else:  # 95% bootstrap interval of each point (lslo.train.dev_scores)
                 ax.errorbar(curve.index, curve.to_numpy(), yerr=error_bar_lengths(curve, low, high), marker="o",
                             markersize=3, capsize=2, label=label)
-        for label, path in (baselines or {}).items():
-            curve = dev_curve(path, column)
-            if len(curve):
-                ax.axhline(curve.iloc[-1], linestyle="--", color="gray", label=label)
+        for label, paths in (baselines or {}).items():
+            paths = paths if isinstance(paths, (list, tuple)) else [paths]
+            last = [curve.iloc[-1] for curve in (dev_curve(path, column) for path in paths) if len(curve)]
+            if last:
+                ax.axhline(float(np.mean(last)), linestyle="--", color="gray", label=label)
         ax.set_xlabel("Epoch")
         ax.set_ylabel("spBLEU")
         ax.set_title(f"({'ab'[pair == 'V2V']}) {pair} performance per epoch", fontsize=9)

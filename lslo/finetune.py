@@ -151,5 +151,5 @@ def _pretrain_metrics(hf_model, tokenizer, dev_table, codes, groups, options, ou
     hf_model.to(device)
     dev = dev_scores(hf_model, tokenizer, dev_table, codes, groups, options, device)
     row = {"epoch": 0, "step": 0, "loss": float("nan"), "pruning_ratio": 0.0, "trainable_params": 0,
-           "effective_params": 0, **dev}
+           "effective_params": 0, **dev, "gpus": 0}  # nothing trained: no training process on a GPU
     write_tsv(pd.DataFrame([row], columns=METRICS_COLUMNS), out_metrics)

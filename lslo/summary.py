@@ -7,6 +7,10 @@
 Roles name the Table 1 rows the findings are about (config `summary`): pretrain (zero-shot), ft_all (full
 fine-tuning), full_rank (8;8;8+WL), low_rank (2;2;8+WL), pruned (2;2;8+WL+GPS(0.9)). The thresholds are the demo's
 targets; the paper's own numbers (Table 1, Table 9) are quoted next to them.
+
+A role may have several runs (one per seed, config `seeds`): its scores are then the means over seeds, and the
+comparisons use the seed-aware test (lslo.bootstrap.seed_aware_test, via lslo.tables.seed_compare_systems) instead
+of the paired bootstrap of one run per system; the measured text says so.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from lslo.bootstrap import compare_systems, read_sentence_stats
+from lslo.cost import COST_FIELDS
 from lslo.errors import LsloError
 from lslo.index_plans import describe_plan, paper_reference, plan_comparison, read_index_plan
 from lslo.io import atomic_write, markdown_cell, read_tsv
+from lslo.tables import COST_HEADERS, cost_cell, cost_note, runs_of, seed_compare_systems
 
 ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
 PRETRAIN_H2H_MIN = 25.0  # a competent pretrained model on high-resource directions
@@ -42,22 +48,35 @@ def _significance(p: float) -> str:
 
 
 def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv, plan_json=None) -> pd.DataFrame:
-    """The targets, measured. stats: {role: sentence_stats.npz}; labels: {role: Table 1 label}; plan_json: the
-    weight-learning plan, reported against the paper's (lslo.index_plans)."""
+    """The targets, measured. stats: {role: sentence_stats.npz, or a list of them, one per seed run}; labels:
+    {role: Table 1 label}; plan_json: the weight-learning plan, reported against the paper's (lslo.index_plans)."""
 
     missing = [role for role in ROLES if role not in stats or role not in labels]
     if missing:
         raise LsloError(f"summary: no variant for role(s) {missing} (config summary: {', '.join(ROLES)})")
-    systems = {labels[role]: read_sentence_stats(stats[role]) for role in ROLES}
-    frame = compare_systems(systems, {role: labels[role] for role in ("pretrain", "ft_all", "low_rank")})
+    runs = {role: [read_sentence_stats(path) for path in runs_of(stats[role], role, "summary")] for role in ROLES}
+    baselines = {role: labels[role] for role in ("pretrain", "ft_all", "low_rank")}
+    seeded = any(len(r) > 1 for r in runs.values())
+    if seeded:
+        frame = seed_compare_systems({labels[role]: runs[role] for role in ROLES}, baselines)
+    else:
+        frame = compare_systems({labels[role]: runs[role][0] for role in ROLES}, baselines)
     cell = frame.set_index(["method", "pair"])
     for pair in ("H2H", "V2V", "AVG"):
         if (labels["pretrain"], pair) not in cell.index:
-            raise LsloError(f"summary: no {pair} directions in {stats['pretrain']}; "
+            raise LsloError(f"summary: no {pair} directions in {runs_of(stats['pretrain'], 'pretrain')[0]}; "
                             "the targets need H and V languages")
 
     def at(role, pair, column="spbleu"):
         return float(cell.loc[(labels[role], pair), column])
+
+    def test(role, versus, p):
+        """The comparison's p, and with several seeds which test gave it."""
+        if not seeded:
+            return _significance(p)
+        k, k_versus = len(runs[role]), len(runs[versus])
+        seeds = f"{k} seeds" if k == k_versus else f"{k} vs {k_versus} seeds"
+        return f"{_significance(p)}; seed-aware, {seeds}"
 
     rows = []
     h2h, v2v = at("pretrain", "H2H"), at("pretrain", "V2V")
@@ -67,7 +86,8 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv, plan_json=N
     rows.append(("Pretrain V2V / H2H", f"{v2v:.2f} / {h2h:.2f} = {v2v / h2h if h2h else np.nan:.2f}",
                  "<= 1/3", _result(v2v <= V2V_RATIO_MAX * h2h)))
     gain, p_gain = at("full_rank", "V2V") - v2v, at("full_rank", "V2V", "p_pretrain")
-    rows.append((f"{labels['full_rank']} V2V gain over Pretrain", f"{gain:+.2f} ({_significance(p_gain)})",
+    rows.append((f"{labels['full_rank']} V2V gain over Pretrain",
+                 f"{gain:+.2f} ({test('full_rank', 'pretrain', p_gain)})",
                  f">= +{V2V_GAIN_MIN:g}, significant", _result(gain >= V2V_GAIN_MIN and p_gain < ALPHA)))
     weights = read_tsv(weights_tsv, ["side", "layer", "w_src", "w_tgt"], "weight-learning table", allow_empty=False)
     for side, name in (("enc", "encoder"), ("dec", "decoder")):
@@ -93,7 +113,7 @@ def demo_targets(stats: dict, labels: dict, weights_tsv, table9_tsv, plan_json=N
     for versus in ("low_rank", "ft_all"):
         diff = at("pruned", "AVG") - at(versus, "AVG")
         p_diff = at("pruned", "AVG", f"p_{versus}")
-        rows.append((f"{labels['pruned']} vs {labels[versus]}, AVG", f"{diff:+.2f} ({_significance(p_diff)})",
+        rows.append((f"{labels['pruned']} vs {labels[versus]}, AVG", f"{diff:+.2f} ({test('pruned', versus, p_diff)})",
                      "report (paper: -0.06)" if versus == "low_rank" else "> 0 (paper: +0.69)",
                      "report" if versus == "low_rank" else _result(diff > 0)))
     return pd.DataFrame(rows, columns=["target", "measured", "needed", "result"])
@@ -112,16 +132,25 @@ def _demote_title(markdown: str) -> str:
 
 
 def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds: list, figures: dict,
-                  out_md, plan_json=None) -> pd.DataFrame:
+                  out_md, plan_json=None, cost: dict | None = None) -> pd.DataFrame:
     """results/summary.md: the targets with measured values, then the given tables and figures (paths relative
-    to the summary file's directory)."""
+    to the summary file's directory). stats: as demo_targets'; cost: {Table 1 label: lslo.cost.variant_cost},
+    shown as a small table after the targets."""
     targets = demo_targets(stats, labels, weights_tsv, table9_tsv, plan_json)
     out_md = Path(out_md)
     passed = (targets["result"] == "pass").sum()
     judged = targets["result"].isin(["pass", "miss"]).sum()
-    parts = ["### The paper's findings in this run", "",
-             f"{passed} of {judged} targets met. Intervals: 95% bootstrap over test sentences; p: paired bootstrap "
-             "test (lslo.bootstrap).", "", _markdown_table(targets), ""]
+    seeds = {role: len(runs_of(stats[role], role, "summary")) for role in ROLES}
+    if max(seeds.values()) > 1:
+        how = ("Several seeds per variant (" + ", ".join(f"{labels[role]}: {k}" for role, k in seeds.items())
+               + "): scores are means over seeds. Intervals: 95%, of the seed mean; p: seed-aware test over seeds "
+               "and test sentences (lslo.bootstrap.seed_aware_test).")
+    else:
+        how = "Intervals: 95% bootstrap over test sentences; p: paired bootstrap test (lslo.bootstrap)."
+    parts = ["### The paper's findings in this run", "", f"{passed} of {judged} targets met. {how}", "",
+             _markdown_table(targets), ""]
+    if cost is not None:
+        parts += ["#### Training cost", "", _markdown_table(_cost_table(cost)), "", f"- {cost_note()}", ""]
     for md in table_mds:
         parts += [_demote_title(Path(md).read_text(encoding="utf-8")), ""]
     for caption, path in figures.items():
@@ -130,6 +159,12 @@ def write_summary(stats: dict, labels: dict, weights_tsv, table9_tsv, table_mds:
     with atomic_write(out_md) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
     return targets
+
+
+def _cost_table(cost: dict) -> pd.DataFrame:
+    rows = [[label, *(cost_cell((fields or {}).get(field), field) for field in COST_FIELDS)]
+            for label, fields in cost.items()]
+    return pd.DataFrame(rows, columns=["Variant", *(COST_HEADERS[field] for field in COST_FIELDS)])
 
 
 def update_readme(summary_md, readme, assets_dir) -> list[Path]:

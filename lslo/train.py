@@ -83,7 +83,8 @@ DEV_CELLS = ["dev_H2H", "dev_V2V"]
 # directions)
 DEV_COLUMNS = [f"{cell}{suffix}" for cell in DEV_CELLS for suffix in ("", "_low", "_high")]
 METRICS_COLUMNS = ["epoch", "step", "loss", "pruning_ratio", "trainable_params", "effective_params",
-                   "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high", "stopped"]
+                   "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high", "dev_V2V_low", "dev_V2V_high", "stopped",
+                   "gpus", "peak_gpu_mib"]
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -734,6 +735,8 @@ def training_epochs(trainer: Trainer, source: BatchSource, epochs: Iterable[int]
         following = next(epochs, None)  # known before the epoch ends: is stopping at max_updates early?
         if finished(trainer.options, step, stop):
             return
+        if trainer.device.type == "cuda":  # the epoch's peak GPU memory (epoch_metrics' peak_gpu_mib)
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         if epoch_hook is not None:
             epoch_hook(epoch)
         trainer.model.train()
@@ -913,7 +916,20 @@ def epoch_metrics(model, tokenizer, dev_table, languages, groups, options, devic
     dev = dev_scores(model, tokenizer, dev_table, languages, groups, options, device) if rank == 0 else {}
     return {"epoch": epoch, "step": step, "loss": loss_sum / token_sum if token_sum else float("nan"),
             "pruning_ratio": ratio, "trainable_params": trainable, "effective_params": effective,
-            **{column: dev.get(column, float("nan")) for column in DEV_COLUMNS}, "stopped": stopped or ""}
+            **{column: dev.get(column, float("nan")) for column in DEV_COLUMNS}, "stopped": stopped or "",
+            **gpu_usage(device, world_size)}
+
+
+def gpu_usage(device, world_size: int) -> dict:
+    """The metrics row's `gpus` (processes training on CUDA; 0 on CPU) and `peak_gpu_mib`: the largest
+    torch.cuda.max_memory_allocated of the processes since the epoch began (dev scoring on rank 0 included), in
+    MiB; empty (NaN) on CPU, where nothing is measured. The training cost of lslo.cost reads both."""
+    if device.type != "cuda":
+        return {"gpus": 0, "peak_gpu_mib": float("nan")}
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20], dtype=torch.float64, device=device)
+    if world_size > 1:  # every rank reaches this after rank 0's dev scores (it waited at the next barrier before)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {"gpus": world_size, "peak_gpu_mib": float(peak[0])}
 
 
 # ---------------------------------------------------------------------------------------------- stage inputs

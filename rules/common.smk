@@ -42,7 +42,7 @@ def log_path(path):
 # checked-out but unchanged script reruns nothing.
 CODE = {path.stem: code_hash(path) for path in Path(workflow.basedir, "workflow/scripts").glob("*.py")}
 DEMO = config["data"]["mode"] == "demo"
-VARIANTS = config["variants"]
+VARIANTS = config["variants"]  # the declared variants: ranks and tables are per variant
 ISE_MODES = ["ise", "lsp"]  # intrinsic subspace estimation (§4.2) and language-specific pruning (§7.3)
 FIGURES = [f"figure{i}" for i in range(1, 7)]
 SCORE_TABLES = ["table9", "table10"]  # Pearson score vs bitext, encoder / decoder (appendix C)
@@ -105,6 +105,51 @@ def check_profile():
 
 check_config()
 check_profile()
+
+
+# ----------------------------------------------------------------------------- runs: a variant once per seed
+# config `seeds`: every variant that trains is fine-tuned, decoded and scored once per seed, each such run a
+# `variant` wildcard value of its own. The run with the variant's own train.seed keeps the variant's name, so a
+# one-seed run's paths and results stay what they are; seed s of variant v is the run "v.seed<s>". Adding a seed
+# adds that seed's jobs only; removing one removes its run from the targets and deletes nothing. Everything before
+# fine-tuning (data, weight learning, subspace, ranks) and the untrained Pretrain runs once.
+
+
+def variant_runs(variants, seeds):
+    """({run: spec}, {run: variant}, {run: seed}); stops with one line naming the variant on a conflict."""
+    files = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
+    runs, run_variant, run_seed = {}, {}, {}
+    for variant, spec in variants.items():
+        own = spec.get("train") or {}
+        if seeds is not None and "seed" in own:
+            sys.exit(
+                f"config key 'variants.{variant}.train.seed' ({files}): set with `seeds` {seeds}; a variant "
+                "trains once per seed of `seeds`: drop its train.seed, or set `seeds: null`"
+            )
+        seed = {**config["train"], **own}.get("seed", TrainOptions.seed)
+        if seeds is None or not METHODS[spec["method"]].trains:
+            runs[variant], run_variant[variant], run_seed[variant] = spec, variant, seed
+            continue
+        for s in seeds:
+            # the variant's own seed keeps its spec as it is: its options, and so its results, stay the one-seed run's
+            run = variant if s == seed else f"{variant}.seed{s}"
+            if run != variant and run in variants:
+                sys.exit(
+                    f"config key 'seeds' ({files}): seed {s} of variant '{variant}' is the run '{run}', which is "
+                    f"also a declared variant; rename variant '{run}'"
+                )
+            runs[run] = spec if run == variant else {**spec, "train": {**own, "seed": s}}
+            run_variant[run], run_seed[run] = variant, s
+    return runs, run_variant, run_seed
+
+
+SEEDS = None if config.get("seeds") is None else [int(seed) for seed in config["seeds"]]  # --config: strings
+RUNS, RUN_VARIANT, RUN_SEED = variant_runs(VARIANTS, SEEDS)
+
+
+def runs_of(variant):
+    """The runs of a declared variant, in seed order."""
+    return [run for run, of in RUN_VARIANT.items() if of == variant]
 
 
 # ----------------------------------------------------------------------------- inputs that depend on the mode
@@ -262,6 +307,7 @@ def train_options(*overrides, full_run=False):
 
 
 def variant_options(wildcards):
+    """The training options of a declared variant (the ranks rule: its epochs)."""
     return train_options(VARIANTS[wildcards.variant]["train"])
 
 
@@ -270,19 +316,19 @@ def variant_options(wildcards):
 PRETRAIN_OPTIONS = ["dev_sentences", "dev_beam", "dev_search"]
 
 
-def finetune_options(variant, full_run=False):
-    options = train_options(VARIANTS[variant]["train"], full_run=full_run)
-    if not METHODS[VARIANTS[variant]["method"]].trains:
+def finetune_options(run, full_run=False):
+    options = train_options(RUNS[run]["train"], full_run=full_run)
+    if not METHODS[RUNS[run]["method"]].trains:
         return {key: options[key] for key in PRETRAIN_OPTIONS if key in options}
     return options
 
 
 def stage_options(full_run=False):
-    """{stage: train options} of every training stage (weight learning, the two subspace modes, each variant)."""
+    """{stage: train options} of every training stage (weight learning, the two subspace modes, each run)."""
     return {
         "weight_learning": train_options(config["weight_learning"]["train"], full_run=full_run),
         "subspace": train_options(config["subspace"]["train"], full_run=full_run),
-        **{variant: finetune_options(variant, full_run) for variant in VARIANTS},
+        **{run: finetune_options(run, full_run) for run in RUNS},
     }
 
 
@@ -301,8 +347,13 @@ def dev_file(options):
 
 
 def variant_param(key):
-    """A params function: the variant's config entry `key` (dicts canonical)."""
+    """A params function of the per-variant ranks rule, the variant's config entry `key` (dicts canonical)."""
     return lambda wildcards: canonical(VARIANTS[wildcards.variant].get(key))
+
+
+def run_param(key):
+    """A params function of the per-run rules finetune and score, the run's variant entry `key` (dicts canonical)."""
+    return lambda wildcards: canonical(RUNS[wildcards.variant].get(key))
 
 
 def lslo_variants():
@@ -310,13 +361,13 @@ def lslo_variants():
 
 
 def variants_pattern(method):
-    """A wildcard constraint matching the variants of one method (a pattern that matches nothing if none)."""
-    names = [v for v, spec in VARIANTS.items() if spec["method"] == method]
+    """A wildcard constraint matching the runs of one method's variants (a pattern that matches nothing if none)."""
+    names = [run for run, spec in RUNS.items() if spec["method"] == method]
     return "|".join(re.escape(v) for v in names) if names else "(?!)"
 
 
 def get_finetune_input(wildcards):
-    spec = VARIANTS[wildcards.variant]
+    spec = RUNS[wildcards.variant]
     inputs = {
         "model": get_model(),
         "model_stamp": MODEL_STAMP,
@@ -325,7 +376,7 @@ def get_finetune_input(wildcards):
         "table": table_input(),
     }
     if spec["method"] == "lslo":
-        inputs["ranks"] = result_path(f"ranks/{wildcards.variant}.json")
+        inputs["ranks"] = result_path(f"ranks/{RUN_VARIANT[wildcards.variant]}.json")  # one per variant, all seeds
         if spec["index"] == "learned":
             inputs["plan"] = result_path("weight_learning/plan.json")
         elif spec["index"].endswith(".json"):  # another run's plan (lslo.finetune.resolve_index_plan)
@@ -358,16 +409,51 @@ def get_hyps(wildcards):
     )
 
 
-def groups_of(variants):
-    return expand(result_path("evaluate/{variant}/groups.tsv"), variant=variants)
+def groups_of(runs):
+    return expand(result_path("evaluate/{variant}/groups.tsv"), variant=runs)
 
 
-def stats_of(variants):
-    return expand(result_path("evaluate/{variant}/sentence_stats.npz"), variant=variants)
+def stats_of(runs):
+    return expand(result_path("evaluate/{variant}/sentence_stats.npz"), variant=runs)
 
 
-def metrics_of(variants):
-    return expand(result_path("finetune/{variant}/metrics.tsv"), variant=variants)
+def metrics_of(runs):
+    return expand(result_path("finetune/{variant}/metrics.tsv"), variant=runs)
+
+
+def rows_runs(variants):
+    """Every run of the rows `variants` of a table or figure, row after row (their scripts split them back by
+    run_counts)."""
+    return [run for variant in variants for run in runs_of(variant)]
+
+
+def run_counts(variants):
+    return [len(runs_of(variant)) for variant in variants]
+
+
+def variant_cost_runs(variant):
+    """What training one variant took, per run (lslo.cost.variant_cost): the `benchmark:` file and metrics.tsv of
+    each job that trained for it: its finetune, and the weight learning of a learned index plan and the ISE run of
+    the subspace rank policy, which every seed shares. None for a variant that does not train (Pretrain).
+    Read by path, not as inputs: a benchmark file is an output of its training job, so as an input a missing one
+    would retrain the variant; the table prints "-" instead."""
+    spec = VARIANTS[variant]
+    if not METHODS[spec["method"]].trains:
+        return None
+    shared_benchmarks, shared_metrics = [], []
+    if spec["method"] == "lslo" and spec["index"] == "learned":
+        shared_benchmarks.append(result_path("benchmarks/weight_learning.tsv"))
+        shared_metrics.append(result_path("checkpoints/weight_learning/wl/metrics.tsv"))
+    if spec["method"] == "lslo" and spec["rank_policy"] == "subspace":
+        shared_benchmarks.append(result_path("benchmarks/subspace/ise.tsv"))
+        shared_metrics.append(result_path("checkpoints/subspace/ise/metrics.tsv"))
+    return [
+        {
+            "benchmarks": [result_path(f"benchmarks/finetune/{run}.tsv"), *shared_benchmarks],
+            "metrics": [result_path(f"finetune/{run}/metrics.tsv"), *shared_metrics],
+        }
+        for run in runs_of(variant)
+    ]
 
 
 def learned_plan_of(table):
@@ -444,10 +530,10 @@ def rehearsal_plans():
         "max_len_a": config["eval"]["max_len_a"],
         "max_len_b": config["eval"]["max_len_b"],
     }
-    for variant in VARIANTS:
-        jobs[f"finetune/{variant}"] = training(variant, METHODS[VARIANTS[variant]["method"]].trains)
-        jobs[f"decoding_options/{variant}"] = jobs[f"score/{variant}"] = measured
-        jobs.update({f"decode/{variant}/{shard}": decoding for shard in range(config["eval"]["shards"])})
+    for run in RUNS:
+        jobs[f"finetune/{run}"] = training(run, METHODS[RUNS[run]["method"]].trains)
+        jobs[f"decoding_options/{run}"] = jobs[f"score/{run}"] = measured
+        jobs.update({f"decode/{run}/{shard}": decoding for shard in range(config["eval"]["shards"])})
     jobs["figure1"] = jobs["figure3"] = measured
     jobs.update({f"score_figure/{figure}": measured for figure in SCORE_FIGURES})
     jobs.update({f"table/{table}": measured for table in config["tables"]})
@@ -460,9 +546,9 @@ def rehearsal_plans():
 # ----------------------------------------------------------------------------- targets
 
 
-def finetune_artifacts(variant):
+def finetune_artifacts(run):
     """The file a finetune job writes besides variant.json and metrics.tsv, by method (lslo.variant.METHODS)."""
-    return artifact_output(VARIANTS[variant]["method"], variant)
+    return artifact_output(RUNS[run]["method"], run)
 
 
 def artifact_output(method, variant="{variant}"):
@@ -487,20 +573,20 @@ def stage_files():
         *expand(result_path("ranks/{variant}.json"), variant=lslo_variants()),
         *expand(
             result_path("finetune/{variant}/{name}"),
-            variant=VARIANTS,
+            variant=RUNS,
             name=["variant.json", "metrics.tsv", "decoding.json"],
         ),
         *expand(
-            result_path("evaluate/{variant}/hyps/{shard}.tsv"), variant=VARIANTS, shard=range(config["eval"]["shards"])
+            result_path("evaluate/{variant}/hyps/{shard}.tsv"), variant=RUNS, shard=range(config["eval"]["shards"])
         ),
         *expand(
             result_path("evaluate/{variant}/{name}"),
-            variant=VARIANTS,
+            variant=RUNS,
             name=["directions.tsv", "groups.signature.json", "sentence_stats.npz"],
         ),
     ]
-    for variant in VARIANTS:
-        files += finetune_artifacts(variant).values()
+    for run in RUNS:
+        files += finetune_artifacts(run).values()
     if DEMO:
         files += [
             result_path("demo/benchmark"),
@@ -517,7 +603,7 @@ def all_targets():
     return [
         *expand(result_path("figures/{figure}.png"), figure=FIGURES),
         *expand(result_path("tables/{table}.{ext}"), table=[*config["tables"], *SCORE_TABLES], ext=["tsv", "md"]),
-        *groups_of(VARIANTS),
+        *groups_of(RUNS),
         *stage_files(),
         *([result_path("summary.md")] if config.get("summary") else []),
         *([result_path("report.md")] if REHEARSAL else []),

@@ -1,5 +1,5 @@
 # Stage 6, evaluate (§5): beam decoding of every direction, split round-robin into `eval.shards` jobs per
-# variant (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG), a CPU
+# run (lslo.evaluate.shard_directions), then spBLEU / chrF++ per direction and per group pair (+ AVG), a CPU
 # job of its own. The decoding options are recorded next to each variant (decoding.json): the decode jobs read
 # them from there, and so does `lslo translate --variant results/finetune/<v>/variant.json`.
 
@@ -64,7 +64,7 @@ rule score:
         stats=result_path("evaluate/{variant}/sentence_stats.npz"),
     params:
         **rehearsal_params("score"),
-        label=variant_param("label"),
+        label=run_param("label"),
         spm_identity=SPM_IDENTITY,  # the spm's content: a replaced file that kept its mtime rescores
         table=path_of(get_language_table),
         languages=table_rows("score"),

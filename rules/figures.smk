@@ -72,13 +72,14 @@ rule score_figure:
 
 rule figure3:
     input:
-        metrics=metrics_of(config["figure3"]),
+        metrics=metrics_of(rows_runs(config["figure3"])),  # every run (seed) of each variant
     output:
         **rehearsal_clock("figure3"),
         png=report(result_path("figures/figure3.png"), caption="../workflow/report/figure3.rst", category="Figures"),
     params:
         **rehearsal_params("figure3"),
         labels=table_labels(config["figure3"]),
+        run_counts=run_counts(config["figure3"]),
         baselines=[not METHODS[VARIANTS[v]["method"]].trains for v in config["figure3"]],  # a dashed line
         code=CODE["figure3"],
     log:
@@ -90,9 +91,9 @@ rule figure3:
 
 rule table:
     input:
-        groups=lambda wildcards: groups_of(config["tables"][wildcards.table]),
-        metrics=lambda wildcards: metrics_of(config["tables"][wildcards.table]),
-        stats=lambda wildcards: stats_of(config["tables"][wildcards.table]),
+        groups=lambda wildcards: groups_of(rows_runs(config["tables"][wildcards.table])),
+        metrics=lambda wildcards: metrics_of(rows_runs(config["tables"][wildcards.table])),
+        stats=lambda wildcards: stats_of(rows_runs(config["tables"][wildcards.table])),
         plan=lambda wildcards: learned_plan_of(wildcards.table),
     output:
         **rehearsal_clock("table/{table}"),
@@ -102,6 +103,8 @@ rule table:
     params:
         **rehearsal_params("table"),
         labels=lambda wildcards: table_labels(config["tables"][wildcards.table]),
+        run_counts=lambda wildcards: run_counts(config["tables"][wildcards.table]),
+        cost_runs=lambda wildcards: [variant_cost_runs(v) for v in config["tables"][wildcards.table]],
         trained=lambda wildcards: [METHODS[VARIANTS[v]["method"]].trains for v in config["tables"][wildcards.table]],
         methods=lambda wildcards: [VARIANTS[v]["method"] for v in config["tables"][wildcards.table]],
         title=lambda wildcards: TABLE_TITLES[wildcards.table],
@@ -146,7 +149,7 @@ rule score_table:
 
 rule summary:
     input:
-        stats=lambda wildcards: stats_of([config["summary"][role] for role in SUMMARY_ROLES]),
+        stats=lambda wildcards: stats_of(rows_runs([config["summary"][role] for role in SUMMARY_ROLES])),
         weights=result_path("weight_learning/weights.tsv"),
         plan=result_path("weight_learning/plan.json"),
         table9=result_path("tables/table9.tsv"),
@@ -158,6 +161,8 @@ rule summary:
     params:
         **rehearsal_params("summary"),
         labels={role: VARIANTS[v]["label"] for role, v in (config.get("summary") or {}).items()},
+        run_counts=run_counts([(config.get("summary") or {}).get(role) for role in SUMMARY_ROLES]),
+        cost_runs={role: variant_cost_runs(v) for role, v in (config.get("summary") or {}).items()},
         code=CODE["summary"],
     log:
         log_path("summary.log"),

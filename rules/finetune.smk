@@ -1,5 +1,6 @@
-# Stage 5, finetune (§5, §6.3): one job per variant, one rule per method, because each method writes different
-# files and every file a later job reads is a declared output (a deleted adapter file reruns its finetune):
+# Stage 5, finetune (§5, §6.3): one job per run (a variant once per seed of `seeds`; rules/common.smk), one rule
+# per method, because each method writes different files and every file a later job reads is a declared output (a
+# deleted adapter file reruns its finetune):
 #   finetune           LSLo: adapters.safetensors (the base model stays where it is)
 #   finetune_full      Ft-all: the whole fine-tuned HF model directory, model/
 #   finetune_pretrain  the untrained base model: variant.json and the epoch-0 dev scores only; no GPU, no training
@@ -18,12 +19,12 @@ rule finetune:
         metrics=result_path("finetune/{variant}/metrics.tsv"),
     params:
         **rehearsal_params("finetune", timed=True),
-        method=variant_param("method"),
+        method=run_param("method"),
         model_identity=MODEL_IDENTITY,
         table=path_of(get_language_table),
         languages=table_rows("train"),
-        index=variant_param("index"),
-        modules=variant_param("modules"),
+        index=run_param("index"),
+        modules=run_param("modules"),
         options=lambda wildcards: finetune_options(wildcards.variant),  # pretrain: its dev options only
         out_dir=result_path("finetune/{variant}"),
         checkpoint_dir=result_path("checkpoints/finetune/{variant}"),

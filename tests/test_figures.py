@@ -84,6 +84,30 @@ def test_figure3(tmp_path):
     assert_png(tmp_path / "fig3ci.png")
 
 
+def test_figure3_with_several_seeds_draws_the_mean_and_the_range(tmp_path):
+    runs = []
+    for seed, offset in enumerate((0.0, 1.5, -0.7)):
+        rows = [(epoch, epoch * 10, 3.0, 30 + 0.2 * epoch + offset * epoch, 1 + 0.5 * epoch - offset)
+                for epoch in range(1, 5)]
+        path = tmp_path / f"seed{seed}.tsv"
+        pd.DataFrame(rows, columns=["epoch", "step", "loss", "dev_H2H", "dev_V2V"]).to_csv(path, sep="\t",
+                                                                                            index=False)
+        runs.append(path)
+    per_run = np.array([[30 + 0.2 * e + o * e for e in range(1, 5)] for o in (0.0, 1.5, -0.7)])
+    curve = figures.seed_curve(runs, "dev_H2H")
+    assert list(curve.index) == [1, 2, 3, 4]
+    np.testing.assert_allclose(curve["mean"], per_run.mean(axis=0))
+    np.testing.assert_allclose(curve["min"], per_run.min(axis=0))
+    np.testing.assert_allclose(curve["max"], per_run.max(axis=0))
+    figures.figure3_dev_curves({"8;8;8+WL": runs, "one run": [runs[0]], "path": runs[1]}, tmp_path / "fig3.png",
+                               baselines={"Pretrain": [runs[2]]})
+    assert_png(tmp_path / "fig3.png")
+    pd.read_csv(runs[2], sep="\t").iloc[:3].to_csv(tmp_path / "short.tsv", sep="\t", index=False)
+    with pytest.raises(LsloError, match=r"short\.tsv: dev dev_H2H logged at epochs \[1, 2, 3\]"):
+        figures.figure3_dev_curves({"x": [runs[0], tmp_path / "short.tsv"]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_correlation_table_matches_numpy(tmp_path):
     scores = write_scores(tmp_path / "scores.tsv", seed=3)
     result = tables.correlation_table(tmp_path / "scores.tsv", language_table(), "enc", tmp_path / "t9.tsv",

@@ -178,7 +178,9 @@ def test_train_writes_metrics_and_checkpoints(world, tmp_path):
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert list(metrics.columns) == ["epoch", "step", "loss", "pruning_ratio", "trainable_params",
                                      "effective_params", "dev_H2H", "dev_V2V", "dev_H2H_low", "dev_H2H_high",
-                                     "dev_V2V_low", "dev_V2V_high", "stopped"]
+                                     "dev_V2V_low", "dev_V2V_high", "stopped", "gpus", "peak_gpu_mib"]
+    # on CPU: no process trains on a GPU, and no GPU memory is measured (an empty field, not 0)
+    assert metrics["gpus"].tolist() == [0, 0] and metrics["peak_gpu_mib"].isna().all()
     assert (metrics["dev_V2V_low"] <= metrics["dev_V2V"]).all()
     assert (metrics["dev_V2V"] <= metrics["dev_V2V_high"]).all()
     assert metrics["epoch"].tolist() == [1, 2] and hooks == [1, 2]
