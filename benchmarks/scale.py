@@ -911,7 +911,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-rehearsal", action="store_true")
     p.add_argument("--skip-ft-all-save", action="store_true", help="compute the Ft-all checkpoint, do not save it")
-    p.add_argument("--rehearsal-timeout", type=float, default=1800)
+    p.add_argument("--rehearsal-timeout", type=float, default=4 * 3600,
+                   help="seconds the rehearsal may take (on 2 cores under load, the 615M one took over 30 min)")
     p.add_argument("--rehearsal-variants", default="pretrain,ft-all,lslo-2-2-8-wl-gps0.9",
                    help="lang12 variants rehearsed, one per method; the full lang12 and lang30 runs are projected "
                         "from them ('' rehearses every variant of lang12.yaml, hours on CPU)")
@@ -969,6 +970,7 @@ def run(argv=None) -> tuple[dict, str]:
     start = time.perf_counter()
     work, created = work_directory(args)
     r = {"argv": list(argv if argv is not None else sys.argv[1:]), "machine": machine_info()}
+    failed = None  # the rehearsal's error: the report is written, then the run fails
     common = ["--workdir", work, "--shape", args.shape, "--threads", args.threads]
     try:
         log(f"work directory {work}")
@@ -1018,10 +1020,15 @@ def run(argv=None) -> tuple[dict, str]:
             settings = dict(item.split("=") for item in args.rehearse.split(",") if item)
             variants = [v for v in args.rehearsal_variants.split(",") if v]
             config = rehearsal_config(work, variants, args.rehearsal_batch) if variants else configs["lang12"]
-            r["rehearsal"] = run_rehearsal(config, work, args.rehearsal_timeout,
-                                           {k: int(v) for k, v in settings.items()})
+            try:
+                r["rehearsal"] = run_rehearsal(config, work, args.rehearsal_timeout,
+                                               {k: int(v) for k, v in settings.items()})
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # what was measured before it is kept
+                failed = f"{type(err).__name__}: {err}"
+                r["rehearsal"] = {"note": f"**failed** ({failed.splitlines()[0]}); its jobs so far: "
+                                          f"{work / 'workflow-run' / 'results' / 'rehearsal'}"}
             r["rehearsal"].update(variants=variants, batch=args.rehearsal_batch)
-            if variants:
+            if variants and not failed:
                 methods = {load_yaml_file(config)["variants"][v]["method"]: v for v in variants}
                 missing = sorted({"pretrain", "full", "lslo"} - set(methods))
                 if missing:
@@ -1042,6 +1049,9 @@ def run(argv=None) -> tuple[dict, str]:
     with atomic_write(args.out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     print(text)
+    if failed:
+        raise SystemExit(f"scale.py: the rehearsal failed ({failed.splitlines()[0]}); the report says what was "
+                         f"measured: {args.out}")
     return r, text
 
 
