@@ -6,6 +6,8 @@ Vocabulary: ids 0..63 are ordinary tokens (bos 0, pad 1, eos 2, unk 3), ids 64..
 LANGUAGES in order (lang_token_id(code)). Dropout is 0 so train and eval forwards agree.
 """
 
+import shutil
+
 import pytest
 import torch
 from transformers import M2M100Config, M2M100ForConditionalGeneration
@@ -88,11 +90,69 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The test files that run the workflow for real, slowest first (minutes each on 2 cores; the rest of the suite takes
+# seconds a file). `make test` gives each worker whole files: started first, they run while the other worker works
+# through the short files, instead of one of them running alone at the end. test_workflow.py builds the shared
+# runs (below) that test_workflow_runs.py and test_reruns.py start from, so those two come after another long file.
+SLOWEST_FIRST = ["test_workflow.py", "test_rehearsal.py", "test_workflow_runs.py", "test_stale_inputs.py",
+                 "test_reruns.py", "test_gpu_check.py", "test_nllb_workflow.py"]
+
+
+def pytest_configure(config):
+    # pytest-xdist orders the files by their number of tests (--loadscope-reorder, its default); the files that
+    # run the workflow have few tests each and would come last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` skip without a GPU (benchmarks/gpu_check.sh runs them on one)."""
+    """The slow workflow files first (SLOWEST_FIRST, the rest in collection order); tests marked ``cuda`` skip
+    without a GPU (benchmarks/gpu_check.sh runs them on one)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (benchmarks/gpu_check.sh runs it on a GPU)")
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------- shared runs
+# Built once per test run (shared_runs.build_once); a test copies one (shared_runs.copy_run) before changing it.
+
+# The smoke config's demo world and data: every job that the smoke run and the runs derived from the smoke config
+# (same demo and data settings, other variants or training options) have in common.
+SMOKE_WORLD = ["results/demo/model", "results/demo/spm.model", "results/demo/languages.tsv", "results/data/train.tsv",
+               "results/data/test.tsv", "results/data/dev/2.tsv"]
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory):
+    """A workflow copy with config/smoke.yaml (tests/data/smoke.yaml) and its SMOKE_WORLD built: the demo
+    benchmark, the tiny pretrained base (one thread, as every real run of the tests), the train and test tables and
+    the 2-sentence dev set."""
+    from shared_runs import build_once
+    from test_workflow import ROOT, copy_workflow, snakemake
+
+    def build(workdir):
+        copy_workflow(workdir)
+        shutil.copy(ROOT / "tests/data/smoke.yaml", workdir / "config/smoke.yaml")
+        snakemake(workdir, *SMOKE_WORLD, "--configfile", "config/smoke.yaml", "--cores", "2", "--set-threads",
+                  "demo_pretrain=1", "--show-failed-logs")
+
+    return build_once(tmp_path_factory, "smoke-world", build)
+
+
+@pytest.fixture(scope="session")
+def demo_materialised(tmp_path_factory):
+    """The demo workflow (config/config.yaml) with every output an empty file and every job's metadata recorded
+    (test_workflow.materialise): up to date with and without the local profile."""
+    from shared_runs import build_once
+    from test_workflow import copy_workflow, materialise, snakemake
+
+    def build(workdir):
+        materialise(copy_workflow(workdir))
+        assert "Nothing to be done" in snakemake(workdir, "-n", "--profile", "profiles/local").stdout
+
+    return build_once(tmp_path_factory, "demo-materialised", build)

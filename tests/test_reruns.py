@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from shared_runs import copy_run
 
 from test_workflow import GPU_RULES, ROOT, copy_workflow, snakemake
 
@@ -36,16 +37,12 @@ def targets(config: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """(root, base A, base B): the smoke demo's benchmark and base, and a base of the same shape, other weights."""
+def world(smoke_world, tmp_path_factory):
+    """(root, base A, base B): the smoke demo's benchmark and base, and a base of the same shape, other weights.
+    Any base will do (these tests compare runs on the same base): the smoke world's, copied (conftest.py)."""
     from transformers import M2M100ForConditionalGeneration
 
-    root = copy_workflow(tmp_path_factory.mktemp("world"))
-    smoke = yaml.safe_load((ROOT / "tests/data/smoke.yaml").read_text())
-    smoke["demo"]["pretrain_steps"] = 5  # any base will do; these tests compare runs on the same base
-    (root / "config/smoke.yaml").write_text(yaml.safe_dump(smoke))
-    snakemake(root, "results/demo/model", "results/demo/languages.tsv", "--configfile", "config/smoke.yaml",
-              "--cores", "2", *ONE_THREAD)
+    root = copy_run(smoke_world, tmp_path_factory.mktemp("world") / "smoke")
     base_a, base_b = root / "results/demo/model", root / "base_b"
     shutil.copytree(base_a, base_b)
     model = M2M100ForConditionalGeneration.from_pretrained(base_a)
@@ -83,14 +80,13 @@ def finished(world, tmp_path_factory):
     return workdir, config
 
 
-def copy_run(finished, to: Path) -> Path:
-    shutil.copytree(finished[0], to, symlinks=True)  # copy2: mtimes kept, so Snakemake sees the same state
-    return to
+def copy_finished(finished, to: Path) -> Path:
+    return copy_run(finished[0], to)  # mtimes kept, so Snakemake sees the same state
 
 
 def fresh_run(finished, to: Path, config: dict, remove: list[str]) -> Path:
     """The finished run without any checkpoint and without `remove`, run again with `config`."""
-    workdir = copy_run(finished, to)
+    workdir = copy_finished(finished, to)
     for path in ["results/checkpoints", *remove]:
         target = workdir / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -135,7 +131,7 @@ def test_changing_one_variant_retrains_it_as_a_fresh_run_and_leaves_the_others(f
         config["variants"][LSLO]["gps"]["ratio"] = 0.5
     else:
         config["variants"][LSLO]["train"] = {"lr": 1.0e-2}
-    rerun = copy_run(finished, tmp_path / "rerun")
+    rerun = copy_finished(finished, tmp_path / "rerun")
     other_before = snapshot(rerun, OTHER)
     run(rerun, config, *targets(config))
 
@@ -150,7 +146,7 @@ def test_changing_one_variant_retrains_it_as_a_fresh_run_and_leaves_the_others(f
 def test_another_base_model_retrains_as_a_fresh_run(world, finished, tmp_path):
     config = copy.deepcopy(finished[1])
     config["model"] = str(world[2])
-    rerun = copy_run(finished, tmp_path / "rerun")
+    rerun = copy_finished(finished, tmp_path / "rerun")
     run(rerun, config, *targets(config))
 
     for variant in (LSLO, OTHER):
@@ -164,7 +160,7 @@ def test_another_base_model_retrains_as_a_fresh_run(world, finished, tmp_path):
 
 
 def test_forcerun_finetune_retrains_a_finished_variant(finished, tmp_path):
-    rerun = copy_run(finished, tmp_path / "rerun")
+    rerun = copy_finished(finished, tmp_path / "rerun")
     other_before = snapshot(rerun, OTHER)
     run(rerun, finished[1], f"results/finetune/{LSLO}/variant.json", "--forcerun", "finetune")
 
@@ -178,7 +174,7 @@ def test_forcerun_finetune_retrains_a_finished_variant(finished, tmp_path):
 
 
 def test_forcerun_weight_learning_retrains(finished, tmp_path):
-    rerun = copy_run(finished, tmp_path / "rerun")
+    rerun = copy_finished(finished, tmp_path / "rerun")
     run(rerun, finished[1], "results/weight_learning/plan.json", "--forcerun", "weight_learning")
 
     assert (rerun / "results/checkpoints/weight_learning/wl.set-aside-1/complete").is_file()

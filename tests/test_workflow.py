@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shared_runs import copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -183,8 +184,9 @@ def test_slurm_profile_requests_gpus_for_training_and_decoding_only(workdir):
     assert set_gres_string(Job()).strip() == ""
 
 
-def test_changing_one_gps_ratio_or_scope_reruns_only_that_variant(workdir):
-    materialise(workdir)  # once: each change below is a dry run against the same finished results
+def test_changing_one_gps_ratio_or_scope_reruns_only_that_variant(demo_materialised, tmp_path):
+    # a copy of the materialised demo (conftest.py): each change below is a dry run against the same finished results
+    workdir = copy_run(demo_materialised, tmp_path / "wf")
     for key, value in [("ratio", 0.5), ("pool", "language"), ("matrices", ["B"])]:
         config = yaml.safe_load((workdir / "config/config.yaml").read_text())
         config["variants"]["lslo-2-2-8-wl-gps0.9"]["gps"][key] = value
@@ -206,8 +208,10 @@ LIBRARY_STAGES = ["demo", "data", "weight_learning", "subspace", "ranks", "finet
     reason="library stages missing: " + ", ".join(
         m for m in LIBRARY_STAGES if importlib.util.find_spec(f"lslo.{m}") is None),
 )
-def test_smoke_run(workdir):
-    shutil.copy(ROOT / "tests/data/smoke.yaml", workdir / "config/smoke.yaml")
+def test_smoke_run(smoke_world, tmp_path):
+    # from a copy of the smoke config's demo world and data tables (conftest.py), which other test files share
+    workdir = copy_run(smoke_world, tmp_path / "wf")
+    assert (workdir / "config/smoke.yaml").read_bytes() == (ROOT / "tests/data/smoke.yaml").read_bytes()
     one_thread = [f"{rule}=1" for rule in sorted(GPU_RULES)]  # tiny models: two 1-thread jobs at a time
     snakemake(workdir, "--configfile", "config/smoke.yaml", "--cores", "2", "--set-threads", *one_thread,
               "--show-failed-logs")

@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from shared_runs import copy_run
 
-from test_workflow import ROOT, SNAKEMAKE, copy_workflow, job_counts, materialise, snakemake
+from test_workflow import ROOT, SNAKEMAKE, copy_workflow, job_counts, snakemake
 
 VARIANT = "lslo-src"  # the LSLo variant of the run config
 # --set-threads takes several values: the options after it keep the targets apart
@@ -33,17 +34,10 @@ GROUPS = f"results/evaluate/{VARIANT}/groups.tsv"
 
 # ---------------------------------------------------------------------------------------------- dry runs
 
-@pytest.fixture(scope="module")
-def materialised_once(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("materialised") / "wf")
-    materialise(workdir, "--profile", "profiles/local")
-    return workdir
-
-
 @pytest.fixture
-def materialised(materialised_once, tmp_path):
-    """A fresh copy (mtimes kept) of the materialised demo workflow."""
-    return copy_run(materialised_once, tmp_path / "wf")
+def materialised(demo_materialised, tmp_path):
+    """A fresh copy (mtimes kept) of the materialised demo workflow (conftest.py, shared with test_workflow.py)."""
+    return copy_run(demo_materialised, tmp_path / "wf")
 
 
 @pytest.mark.parametrize("variant, artifact, rule", [
@@ -116,21 +110,15 @@ def even_epoch_size(workdir: Path, config: dict) -> int:
     raise AssertionError("no epoch size gives an even batch count")
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The demo world of the run config up to the finetune inputs (benchmark, tiny model, data, ranks)."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("runs") / "world")
+def world(smoke_world, tmp_path_factory):
+    """The demo world of the run config up to the finetune inputs (benchmark, tiny model, data, ranks): a copy of
+    the smoke config's world (conftest.py; the run config has its demo and data settings), and the ranks."""
+    workdir = copy_run(smoke_world, tmp_path_factory.mktemp("runs") / "world")
     config = run_config()
-    (workdir / "config/run.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir, *LOCAL, f"results/ranks/{VARIANT}.json", "results/data/test.tsv", "results/demo/spm.model")
     config["train"]["max_epoch_examples"] = even_epoch_size(workdir, config)
     (workdir / "config/run.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir, *LOCAL, f"results/ranks/{VARIANT}.json")  # ranks read the epochs: rerun if they changed
+    snakemake(workdir, *LOCAL, f"results/ranks/{VARIANT}.json", "results/data/test.tsv", "results/demo/spm.model")
     return workdir
 
 
