@@ -94,8 +94,8 @@ def one_thread():
 # seconds a file). `make test` gives each worker whole files: started first, they run while the other worker works
 # through the short files, instead of one of them running alone at the end. test_workflow.py builds the shared
 # runs (below) that test_workflow_runs.py and test_reruns.py start from, so those two come after another long file.
-SLOWEST_FIRST = ["test_workflow.py", "test_rehearsal.py", "test_workflow_runs.py", "test_stale_inputs.py",
-                 "test_reruns.py", "test_gpu_check.py", "test_nllb_workflow.py"]
+SLOWEST_FIRST = ["test_workflow.py", "test_seeds.py", "test_rehearsal.py", "test_workflow_runs.py",
+                 "test_stale_inputs.py", "test_reruns.py", "test_gpu_check.py", "test_nllb_workflow.py"]
 
 
 def pytest_configure(config):
