@@ -279,15 +279,15 @@ def project_full_runs(work: Path, clocks: Path, representatives: dict, batch_tok
     decoding from the rehearsed decoding of its method with lslo.rehearsal.project_decoding, scaled to all test
     sentences of that config's directions. representatives: {method: rehearsed variant}. Rows: config, job kind,
     jobs, work per job, hours per job, hours."""
-    cache = {}  # epoch plans shared by stages whose batches agree
     return [row for name in ("lang12", "lang30")
-            for row in project_config(work, name, clocks, representatives, batch_tokens, cache)]
+            for row in project_config(work, name, clocks, representatives, batch_tokens)]
 
 
-def project_config(work: Path, name: str, clocks: Path, representatives: dict, batch_tokens: int | None,
-                   cache: dict) -> list[dict]:
+def project_config(work: Path, name: str, clocks: Path, representatives: dict, batch_tokens: int | None
+                   ) -> list[dict]:
     from lslo.config import load_yaml
     from lslo.data import Corpus, prepare_data, read_parallel
+    from lslo.languages import groups as language_groups
     from lslo.languages import nllb_codes, read_language_table, select
     from lslo.rehearsal import planned_updates, project_decoding, project_training
     from lslo.tokenizer import load_tokenizer
@@ -300,6 +300,9 @@ def project_config(work: Path, name: str, clocks: Path, representatives: dict, b
     config = load_yaml(work / f"{name}.yaml")
     codes = select(table, config["data"]["languages"])
     directions = len(codes) * (len(codes) - 1)
+    group_of = language_groups(table, codes)
+    # dev scores decode the H2H and V2V directions only (lslo.train.dev_scores: Figure 3's)
+    dev_directions = sum(n * (n - 1) for n in (sum(g == group for g in group_of.values()) for group in "HV"))
     with tempfile.TemporaryDirectory() as tmp:
         train_tsv, test_tsv = Path(tmp) / "train.tsv", Path(tmp) / "devtest.tsv"
         prepare_data(flores_root=work / FLORES_DIR, layout="flores101", language_table_path=LANGUAGE_TABLE,
@@ -308,7 +311,7 @@ def project_config(work: Path, name: str, clocks: Path, representatives: dict, b
     corpus = Corpus.multiparallel(train, codes, load_tokenizer(work / MODEL_DIR, nllb_codes(table, codes)))
     batch = {"max_tokens": batch_tokens, "tokens_per_update": batch_tokens} if batch_tokens else {}
     base = {"dev_search": config["eval"]["search"], **config["train"]}  # as rules/common.smk's train_options
-    rows = []
+    rows, cache = [], {}  # cache: the epoch plans of this corpus, shared by stages whose batches agree
 
     def training(kind: str, job: str, options: dict, count: int, trains: bool = True) -> None:
         options = {**options, **batch}
@@ -317,7 +320,7 @@ def project_config(work: Path, name: str, clocks: Path, representatives: dict, b
         measured = clock(job)
         dev = options.get("dev_sentences", TrainOptions.dev_sentences)
         rehearsed_dev = statistics.mean(measured["dev_sentences"]) if measured["dev_sentences"] else 1
-        dev_scale = (test_rows if dev is None else min(dev, test_rows)) * directions / max(rehearsed_dev, 1)
+        dev_scale = (test_rows if dev is None else min(dev, test_rows)) * dev_directions / max(rehearsed_dev, 1)
         hours = project_training(measured, updates, epochs, dev_scale) / 3600
         rows.append({"config": name, "kind": kind, "jobs": count, "hours_each": hours, "hours": hours * count,
                      "work": f"{updates:,} updates, {epochs} epochs" if trains else "dev scores only"})

@@ -113,3 +113,62 @@ def test_the_rehearsal_runs_in_a_fresh_copy_of_the_workflow(scale, tmp_path, mon
     assert result["table"] == ["| job | wall |", "|---|---|", "| finetune | 1 s |"]
     with pytest.raises(RuntimeError, match="workflow-run exists"):
         scale.run_rehearsal(config, tmp_path, timeout=10)
+
+
+def test_the_full_runs_are_projected_from_the_rehearsed_jobs(scale, tmp_path):
+    """project_full_runs on made-up clocks: every job of lang12 and lang30 is counted once, from the clock of its
+    kind, and its hours are the clock's arithmetic written out here (the rehearsal's time outside updates, dev
+    scores and checkpoints, plus the config's updates x seconds per update, its dev scores x the dev sentences of
+    the H2H and V2V directions, its epoch checkpoints)."""
+    import json
+    import re
+
+    from lslo.config import load_yaml
+
+    work = tmp_path / "work"
+    shape = scale.SHAPES["tiny"]
+    scale.build_world(work, shape)
+    scale.build_checkpoint(work, shape)
+    scale.write_configs(work)
+    tmp_path = tmp_path / "clocks"
+    clock = {"wall_s": 100.0, "updates_s": [10.0, 2.0], "epochs": 1, "dev_s": [6.0], "dev_sentences": [24],
+             "checkpoint_s": [1.0], "decode_batches": []}
+    decode = {**clock, "updates_s": [], "dev_s": [], "dev_sentences": [], "checkpoint_s": [], "epochs": 0,
+              "wall_s": 50.0, "decode_batches": [{"s": 8.0, "sentences": 132, "max_new_tokens": 4,
+                                                  "longest_source": 20}]}
+    jobs = {"weight_learning": clock, "subspace/ise": clock, "subspace/lsp": clock}
+    representatives = {"pretrain": "pretrain", "full": "ft-all", "lslo": "lslo-2-2-8-wl-gps0.9"}
+    for variant in representatives.values():
+        jobs[f"finetune/{variant}"] = clock
+        jobs[f"decode/{variant}/0"] = decode
+    for job, content in jobs.items():
+        (tmp_path / job).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{job}.json").write_text(json.dumps(content), encoding="utf-8")
+    rows = scale.project_full_runs(work, tmp_path, representatives, 500)
+    updates_of = {}
+    dev_directions = {"lang12": 24, "lang30": 72}  # H*(H-1) + V*(V-1) of config/languages.tsv
+    for name in ("lang12", "lang30"):
+        config = load_yaml(work / f"{name}.yaml")
+        mine = [row for row in rows if row["config"] == name]
+        methods = [spec["method"] for spec in config["variants"].values()]
+        trained = [row for row in mine if row["kind"].startswith(("Ft-all", "LSLo", "Pretrain"))]
+        assert sum(row["jobs"] for row in trained) == len(methods)
+        decoded = {row["kind"]: row["jobs"] for row in mine if row["kind"].startswith("decode")}
+        assert decoded == {f"decode, {label}": methods.count(method)
+                           for method, label in scale.METHOD_NAMES.items()}
+        for row in mine:
+            if row["kind"].startswith("decode"):
+                n = int(row["work"].split()[0].replace(",", ""))
+                # 8 s for 132 sentences of at most 4 new tokens; the full run: n sentences of up to 20 tokens
+                assert row["hours_each"] == pytest.approx((50 - 8 + 8 * 20 / 4 * n / 132) / 3600)
+                continue
+            if row["work"] == "dev scores only":
+                continue
+            updates, epochs = (int(n.replace(",", "")) for n in
+                               re.fullmatch(r"([\d,]+) updates, (\d+) epochs", row["work"]).groups())
+            every = "every dev sentence" in row["kind"]
+            dev = (1012 if every else 50) * dev_directions[name]  # the world's devtest has FLORES' 1012 rows
+            expected = (100 - 12 - 6 - 1) + updates * 2.0 + epochs * 6.0 * dev / 24 + epochs * 1.0
+            assert row["hours_each"] == pytest.approx(expected / 3600), row
+            updates_of[name] = updates
+    assert updates_of["lang30"] > updates_of["lang12"]  # each config's own corpus: 30 languages give more batches
