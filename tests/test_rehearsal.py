@@ -102,7 +102,7 @@ def test_planned_updates_are_the_training_loops(monkeypatch, limit):
                                       "max_epoch_examples": 70, STOP_OPTION: limit})
     monkeypatch.setattr(lslo.train, "update_step", lambda trainer, source, group, step: (0.0, 1))
     trainer = SimpleNamespace(options=options, model=torch.nn.Linear(1, 1), rank=0, world_size=1,
-                              update_freq=options.update_freq)
+                              device=torch.device("cpu"), update_freq=options.update_freq)
     source = BatchSource(corpus, None, ["a", "b", "c"], lambda epoch: epoch_plan(corpus, options, epoch))
     epochs = list(training_epochs(trainer, source, range(1, options.epochs + 1)))
     assert planned_updates(corpus, options) == (epochs[-1].step, len(epochs))
