@@ -152,6 +152,20 @@ def paired_p_value(observed_x: float, observed_y: float, replicates_x: np.ndarra
     return float(_compute_p_value(sample_diffs - sample_diffs.mean(), abs(observed_x - observed_y)))
 
 
+def check_systems(runs: dict[str, list[SentenceStats]], baselines: dict[str, str]) -> SentenceStats:
+    """Every run of every system on the first one's directions and sentences, and every baseline a system; returns
+    that first run (its sentences set the resample size)."""
+    labels = list(runs)
+    first = runs[labels[0]][0]
+    for label in labels:
+        if not all(run.same_test_set(first) for run in runs[label]):
+            raise LsloError(f"bootstrap: '{label}' was scored on other directions or sentences than '{labels[0]}'")
+    for name, label in baselines.items():
+        if label not in runs:
+            raise LsloError(f"bootstrap: baseline '{label}' ({name}) is not among the systems {labels}")
+    return first
+
+
 def compare_systems(systems: dict[str, SentenceStats], baselines: dict[str, str], n_resamples: int = RESAMPLES,
                     seed: int = SEED):
     """Intervals and paired tests for every system and cell.
@@ -163,13 +177,7 @@ def compare_systems(systems: dict[str, SentenceStats], baselines: dict[str, str]
     if not systems:
         raise LsloError("bootstrap: no systems to compare")
     labels = list(systems)
-    first = systems[labels[0]]
-    for label in labels[1:]:
-        if not systems[label].same_test_set(first):
-            raise LsloError(f"bootstrap: '{label}' was scored on other directions or sentences than '{labels[0]}'")
-    for name, label in baselines.items():
-        if label not in systems:
-            raise LsloError(f"bootstrap: baseline '{label}' ({name}) is not among the systems {labels}")
+    first = check_systems({label: [stats] for label, stats in systems.items()}, baselines)
     counts = resample_counts(first.stats.shape[1], n_resamples, seed)
     results = {label: cell_replicates(systems[label], counts) for label in labels}
     rows = []

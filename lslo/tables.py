@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import pearsonr
 
-from lslo.bootstrap import (RESAMPLES, SEED, compare_systems, read_sentence_stats, resample_counts,
+from lslo.bootstrap import (RESAMPLES, SEED, check_systems, compare_systems, read_sentence_stats, resample_counts,
                             seed_aware_test, seed_cells, seed_interval)
 from lslo.cost import COST_FIELDS
 from lslo.errors import LsloError
@@ -83,14 +83,7 @@ def seed_compare_systems(systems: dict, baselines: dict, n_resamples: int = RESA
     if not systems:
         raise LsloError("bootstrap: no systems to compare")
     labels = list(systems)
-    first = systems[labels[0]][0]
-    for label in labels:
-        if not all(run.same_test_set(first) for run in systems[label]):
-            raise LsloError(f"bootstrap: a run of '{label}' was scored on other directions or sentences than "
-                            f"'{labels[0]}'")
-    for name, label in baselines.items():
-        if label not in systems:
-            raise LsloError(f"bootstrap: baseline '{label}' ({name}) is not among the systems {labels}")
+    first = check_systems(systems, baselines)
     counts = resample_counts(first.stats.shape[1], n_resamples, seed)
     cells = {label: seed_cells(systems[label], counts) for label in labels}
     rows = []
