@@ -238,7 +238,8 @@ def rehearsal_config(work: Path, variants: list[str], batch_tokens: int | None) 
     """lang12.yaml cut so that its rehearsal fits 2 CPU cores: only `variants` (one of each kind of training job:
     the others of the paper's lang12 differ in ranks, index plan, modules or GPS schedule, not in the work of an
     update), in Table 1 and Figure 3 only, decoded in one shard, and (batch_tokens) `batch_tokens` tokens per
-    update instead of the paper's 4000 x 4. Everything else is lang12.yaml's."""
+    update instead of the paper's 4000 x 4, and on a machine without CUDA, fp32 decoding. Everything else is
+    lang12.yaml's."""
     from lslo.config import load_yaml
 
     import yaml
@@ -251,6 +252,10 @@ def rehearsal_config(work: Path, variants: list[str], batch_tokens: int | None) 
     config["tables"] = {"table1": list(variants)}
     config["figure3"] = list(variants)
     config["eval"]["shards"] = 1
+    import torch
+
+    if not torch.cuda.is_available():  # eval.dtype fp16 (the authors' decoding) is refused off CUDA
+        config["eval"]["dtype"] = "fp32"
     if batch_tokens:
         config["train"].update(max_tokens=batch_tokens, tokens_per_update=batch_tokens)
     path = work / "lang12-rehearsal.yaml"
@@ -877,7 +882,7 @@ def report(r: dict, args) -> str:
             out += [f"lang12.yaml cut so that it fits these cores (`lang12-rehearsal.yaml`): the variants "
                     f"{', '.join(rh['variants'])} (one of each method), Table 1 and Figure 3 of them, one decoding "
                     "shard" + (f", {rh['batch']:,} tokens per update (the paper's: 4,000 x 4)" if rh["batch"]
-                               else "") + ".", ""]
+                               else "") + (", fp32 decoding (no CUDA here)" if rh.get("fp32") else "") + ".", ""]
         out += [f"`{rh['command']}` in {rh['s']:.0f} s:", ""] + rh["table"] + [""]
     else:
         out += [rh.get("note", "not run") if rh else "not run (--skip-rehearsal)", ""]
@@ -1030,7 +1035,8 @@ def run(argv=None) -> tuple[dict, str]:
                 failed = f"{type(err).__name__}: {err}"
                 r["rehearsal"] = {"note": f"**failed** ({failed.splitlines()[0]}); its jobs so far: "
                                           f"{work / 'workflow-run' / 'results' / 'rehearsal'}"}
-            r["rehearsal"].update(variants=variants, batch=args.rehearsal_batch)
+            r["rehearsal"].update(variants=variants, batch=args.rehearsal_batch,
+                                  fp32=bool(variants) and load_yaml_file(config)["eval"]["dtype"] == "fp32")
             if variants and not failed:
                 methods = {load_yaml_file(config)["variants"][v]["method"]: v for v in variants}
                 missing = sorted({"pretrain", "full", "lslo"} - set(methods))
