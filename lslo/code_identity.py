@@ -16,6 +16,7 @@ Standard library only: the rules import it while building the DAG.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -35,7 +36,14 @@ def _module_level(tree: ast.AST):
 
 def lslo_imports(path: Path) -> set[str]:
     """The lslo module names a Python file imports when it is loaded (module level; not inside functions)."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    return set(_imports_of(Path(path).read_text(encoding="utf-8"), str(path)))
+
+
+# A DAG build hashes every script, and the scripts share most modules: each text is parsed once per process. The
+# cache is keyed by the text itself, so an edited file is parsed again.
+@functools.lru_cache(maxsize=None)
+def _imports_of(text: str, filename: str) -> frozenset[str]:
+    tree = ast.parse(text, filename=filename)
     names = set()
     for node in _module_level(tree):
         if isinstance(node, ast.Import):
@@ -47,7 +55,7 @@ def lslo_imports(path: Path) -> set[str]:
             # `from lslo import figures` imports the submodule lslo.figures
             names.update(f"{node.module}.{alias.name}" for alias in node.names
                          if module_file(f"{node.module}.{alias.name}") is not None)
-    return names
+    return frozenset(names)
 
 
 def module_file(name: str) -> Path | None:
@@ -74,7 +82,12 @@ def imported_modules(script) -> dict[str, Path]:
 
 def code_of(path: Path) -> bytes:
     """A file's code: its syntax tree without docstrings and positions (comments and layout are not in it)."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    return _code_of_text(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_of_text(text: str, filename: str) -> bytes:
+    tree = ast.parse(text, filename=filename)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
