@@ -36,26 +36,25 @@ def _module_level(tree: ast.AST):
 
 def lslo_imports(path: Path) -> set[str]:
     """The lslo module names a Python file imports when it is loaded (module level; not inside functions)."""
-    return set(_imports_of(Path(path).read_text(encoding="utf-8"), str(path)))
+    modules, from_names = _imports_of(Path(path).read_text(encoding="utf-8"), str(path))
+    # `from lslo import figures` imports the submodule lslo.figures
+    return set(modules) | {name for name in from_names if module_file(name) is not None}
 
 
 # A DAG build hashes every script, and the scripts share most modules: each text is parsed once per process. The
 # cache is keyed by the text itself, so an edited file is parsed again.
 @functools.lru_cache(maxsize=None)
-def _imports_of(text: str, filename: str) -> frozenset[str]:
-    tree = ast.parse(text, filename=filename)
-    names = set()
-    for node in _module_level(tree):
+def _imports_of(text: str, filename: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(the lslo modules the text imports at module level, the `module.name` of each name it imports from one)."""
+    modules, from_names = set(), set()
+    for node in _module_level(ast.parse(text, filename=filename)):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "lslo")
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.split(".")[0] != "lslo":
-                continue
-            names.add(node.module)
-            # `from lslo import figures` imports the submodule lslo.figures
-            names.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if module_file(f"{node.module}.{alias.name}") is not None)
-    return frozenset(names)
+            modules.update(alias.name for alias in node.names if alias.name.split(".")[0] == "lslo")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "lslo":
+            modules.add(node.module)
+            from_names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return frozenset(modules), frozenset(from_names)
 
 
 def module_file(name: str) -> Path | None:
