@@ -23,6 +23,7 @@ naming the file and column.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,10 @@ def variant_cost(runs: list[dict]) -> dict:
     """{train_hours, gpu_hours, peak_rss_mb, peak_gpu_mb} of one variant over its runs (see the module docstring)."""
     if not runs:
         raise LsloError("cost: no runs given")
+    missing = sorted({str(path) for run in runs for path in [*run.get("benchmarks", []), *run.get("metrics", [])]
+                      if not Path(path).is_file()})
+    if missing:  # results copied without their benchmarks/, a deleted checkpoint folder: its fields read "-"
+        logging.getLogger(__name__).warning("training cost without %s: not found", ", ".join(missing))
     hours, gpu_hours, rss, gpu_peaks = [], [], [], []
     known = {field: True for field in COST_FIELDS}
     any_gpu = False

@@ -58,6 +58,20 @@ def stage_job(log_path, rank: int | None = None) -> Iterator[None]:
     # any other exception propagates with its traceback, which Python prints to sys.stderr: the rule log
 
 
+# ---------------------------------------------------------------------------------------------- rows of runs
+
+def runs_per_row(paths, counts) -> list:
+    """A rule's inputs listed every run of each row in turn (rules/common.smk run_counts), split back into rows: a
+    row of one run is its path, a row of several (seeds) the list of its runs' paths."""
+    paths, rows = list(paths), []
+    for count in counts:
+        rows.append(paths[0] if count == 1 else paths[:count])
+        paths = paths[count:]
+    if paths:
+        raise LsloError(f"{len(paths)} input(s) beyond the rows' run counts {list(counts)}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- N processes
 
 def run_processes(fn: Callable, n_processes: int, log_path=None, threads: int | None = None, **kwargs) -> None:

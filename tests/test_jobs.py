@@ -18,7 +18,8 @@ import lslo.code_identity
 from lslo.data import write_parallel
 from lslo.finetune import run_finetune
 from lslo.io import write_json
-from lslo.jobs import code_hash, imported_modules, run_processes
+from lslo.errors import LsloError
+from lslo.jobs import code_hash, imported_modules, run_processes, runs_per_row
 from lslo.data import Corpus
 from lslo.train import TrainOptions, epoch_plan
 from test_train import LANGUAGES, make_world
@@ -103,6 +104,14 @@ def test_the_hash_changes_with_the_library_code_a_stage_runs_only(tmp_path, monk
     assert after != before
     script.write_text(script.read_text() + "\nx = 1\n")
     assert code_hash(script) != after
+
+
+def test_a_rules_inputs_split_back_into_rows_of_runs():
+    # Table 1 with Pretrain (one run), Ft-all at three seeds, LSLo at two: the rule lists every run in turn
+    paths = ["pretrain", "full", "full.seed3", "full.seed4", "lslo", "lslo.seed3"]
+    assert runs_per_row(paths, [1, 3, 2]) == ["pretrain", ["full", "full.seed3", "full.seed4"], ["lslo", "lslo.seed3"]]
+    with pytest.raises(LsloError, match="2 input"):  # counts that do not cover the inputs
+        runs_per_row(paths, [1, 3])
 
 
 def test_a_module_a_function_imports_on_call_is_not_in_a_scripts_code():

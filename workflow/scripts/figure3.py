@@ -5,12 +5,9 @@ from lslo.jobs import stage_job
 
 with stage_job(snakemake.log[0]):
     from lslo.figures import figure3_dev_curves
+    from lslo.jobs import runs_per_row
 
     params = snakemake.params
-    metrics, paths = [], list(snakemake.input.metrics)
-    for count in params.run_counts:  # every run of each variant in turn: one path, or the list of its runs'
-        metrics.append(paths[0] if count == 1 else paths[:count])
-        paths = paths[count:]
-    rows = list(zip(params.labels, metrics, params.baselines))
+    rows = list(zip(params.labels, runs_per_row(snakemake.input.metrics, params.run_counts), params.baselines))
     figure3_dev_curves(metrics_tsvs={label: path for label, path, baseline in rows if not baseline},
                        baselines={label: path for label, path, baseline in rows if baseline}, out=snakemake.output.png)

@@ -5,13 +5,11 @@ from lslo.jobs import stage_job
 
 with stage_job(snakemake.log[0]):
     from lslo.cost import variant_cost
+    from lslo.jobs import runs_per_row
     from lslo.summary import ROLES, write_summary
 
     inp, params = snakemake.input, snakemake.params
-    stats, paths = {}, list(inp.stats)
-    for role, count in zip(ROLES, params.run_counts):  # every run of each role in turn: one path, or the list
-        stats[role] = paths[0] if count == 1 else paths[:count]
-        paths = paths[count:]
+    stats = dict(zip(ROLES, runs_per_row(inp.stats, params.run_counts)))
     labels = dict(params.labels)
     cost_runs = dict(params.cost_runs)  # None for a role that does not train (Pretrain): its row reads "-"
     cost = {labels[role]: None if cost_runs[role] is None else variant_cost(cost_runs[role]) for role in ROLES}
