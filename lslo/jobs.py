@@ -1,13 +1,8 @@
-"""What a workflow job needs around a stage function: one-line errors, a code identity, N training processes.
+"""What a workflow job needs around a stage function: one-line errors and N training processes.
 
 - `stage_job(log_path)`: the body of every workflow/scripts/*.py runs inside it. Log records and stray stderr go
   to the rule log; an LsloError ends the job with its one-line message in the log and on stderr (no traceback:
   the message already names the file, field or language at fault); any other exception keeps its traceback.
-- `code_hash(script)` (from lslo.code_identity): a hash of a wrapper script and of every `lslo` module it imports,
-  directly or through other lslo modules. Each rule carries it in `params`, so a change in the library code a
-  stage runs reruns the stage (Snakemake's params trigger), while a touched but unchanged script does not (the
-  profiles leave out the `code` rerun trigger, which compares the script's mtime only); the training checkpoints
-  hold the same hash in their identity, so such a rerun does not resume the old code's epochs.
 - `run_processes(fn, n_processes, ...)`: fn(**kwargs) in n_processes DDP processes started by torchrun
   (lslo.train.distributed_setup then uses NCCL on GPUs and gloo on CPU); one process runs fn in the job's own.
 """
@@ -24,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lslo.code_identity import code_hash, imported_modules  # noqa: F401 - rules/common.smk's CODE
 from lslo.errors import LsloError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -56,20 +50,6 @@ def stage_job(log_path, rank: int | None = None) -> Iterator[None]:
             print(line, file=original_stderr, flush=True)
         raise SystemExit(1) from None
     # any other exception propagates with its traceback, which Python prints to sys.stderr: the rule log
-
-
-# ---------------------------------------------------------------------------------------------- rows of runs
-
-def runs_per_row(paths, counts) -> list:
-    """A rule's inputs listed every run of each row in turn (rules/common.smk run_counts), split back into rows: a
-    row of one run is its path, a row of several (seeds) the list of its runs' paths."""
-    paths, rows = list(paths), []
-    for count in counts:
-        rows.append(paths[0] if count == 1 else paths[:count])
-        paths = paths[count:]
-    if paths:
-        raise LsloError(f"{len(paths)} input(s) beyond the rows' run counts {list(counts)}")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- N processes

@@ -3,6 +3,7 @@
     make_table(groups_tsvs, params, out_tsv, out_md, title, spm_note)      rows = variants, as Table 1
     interval_table(stats_npzs, methods)                                     its intervals and tests
     seed_compare_systems(systems, baselines)                                the same over several seeds
+    runs_per_row(paths, counts)                                             a rule's run inputs, back in rows
     correlation_table(scores_tsv, language_table, side, out_tsv, out_md)    Table 9 (enc) / Table 10 (dec)
 
 Each table is written twice: a TSV for machines (exact numbers) and a Markdown file for people (paper layout).
@@ -49,6 +50,18 @@ def by_label(labels: list, values: list, what: str) -> dict:
     if len(labels) != len(values):
         raise LsloError(f"{what}: {len(labels)} labels for {len(values)} inputs")
     return dict(zip(labels, values))
+
+
+def runs_per_row(paths, counts) -> list:
+    """A rule's inputs listed every run of each row in turn (rules/common.smk run_counts), split back into rows: a
+    row of one run is its path, a row of several (seeds) the list of its runs' paths."""
+    paths, rows = list(paths), []
+    for count in counts:
+        rows.append(paths[0] if count == 1 else paths[:count])
+        paths = paths[count:]
+    if paths:
+        raise LsloError(f"{len(paths)} input(s) beyond the rows' run counts {list(counts)}")
+    return rows
 
 
 def _write_text(text: str, path) -> None:

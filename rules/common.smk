@@ -7,7 +7,7 @@ from pathlib import Path
 from lslo.check_model import workflow_problems
 from lslo.checkpoint import files_identity, model_identity
 from lslo.errors import LsloError
-from lslo.jobs import code_hash
+from lslo.code_identity import code_hash
 from lslo.languages import file_code, language_rows, read_language_table, select
 from lslo.rehearsal import REHEARSAL_DIR, RehearsalOptions
 from lslo.train import TrainOptions
@@ -37,7 +37,7 @@ def log_path(path):
 
 
 # A params entry of every rule: the hash of its script and of every lslo module the script imports
-# (lslo.jobs.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
+# (lslo.code_identity.code_hash), computed once per DAG build. A change in the library code a stage runs reruns the stage
 # and its dependents; the profiles leave out the `code` rerun trigger (the script's mtime), so a touched or
 # checked-out but unchanged script reruns nothing.
 CODE = {path.stem: code_hash(path) for path in Path(workflow.basedir, "workflow/scripts").glob("*.py")}

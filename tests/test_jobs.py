@@ -19,7 +19,9 @@ from lslo.data import write_parallel
 from lslo.finetune import run_finetune
 from lslo.io import write_json
 from lslo.errors import LsloError
-from lslo.jobs import code_hash, imported_modules, run_processes, runs_per_row
+from lslo.code_identity import code_hash, imported_modules
+from lslo.jobs import run_processes
+from lslo.tables import runs_per_row
 from lslo.data import Corpus
 from lslo.train import TrainOptions, epoch_plan
 from test_train import LANGUAGES, make_world

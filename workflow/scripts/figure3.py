@@ -5,7 +5,7 @@ from lslo.jobs import stage_job
 
 with stage_job(snakemake.log[0]):
     from lslo.figures import figure3_dev_curves
-    from lslo.jobs import runs_per_row
+    from lslo.tables import runs_per_row
 
     params = snakemake.params
     rows = list(zip(params.labels, runs_per_row(snakemake.input.metrics, params.run_counts), params.baselines))

@@ -5,8 +5,8 @@ from lslo.jobs import stage_job
 
 with stage_job(snakemake.log[0]):
     from lslo.cost import variant_cost
-    from lslo.jobs import runs_per_row
     from lslo.summary import ROLES, write_summary
+    from lslo.tables import runs_per_row
 
     inp, params = snakemake.input, snakemake.params
     stats = dict(zip(ROLES, runs_per_row(inp.stats, params.run_counts)))

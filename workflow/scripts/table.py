@@ -7,8 +7,7 @@ with stage_job(snakemake.log[0]):
     import pandas as pd
 
     from lslo.cost import variant_cost
-    from lslo.jobs import runs_per_row
-    from lslo.tables import by_label, make_table
+    from lslo.tables import by_label, make_table, runs_per_row
 
     inp, out, params = snakemake.input, snakemake.output, snakemake.params
     labels, what = list(params.labels), params.title
