@@ -732,8 +732,8 @@ def run_rehearsal(config: Path, work: Path, timeout: float, settings: dict | Non
         raise RuntimeError(f"rehearsal failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     lines = report.read_text(encoding="utf-8").splitlines()
     table = [line for line in lines if line.startswith("|")]
-    return {"s": time.perf_counter() - start, "table": table, "command": " ".join(cmd[:5] + ["rehearse.yaml"]
-                                                                                    + cmd[5:])}
+    shown = [Path(cmd[0]).name, cmd[1], config.name, rehearse.name, *cmd[4:]]  # as run in workflow-run/
+    return {"s": time.perf_counter() - start, "table": table, "command": " ".join(shown)}
 
 
 def load_yaml_file(path: Path) -> dict:
