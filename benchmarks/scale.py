@@ -375,7 +375,7 @@ def step_options(target_tokens: int, loss: str, amp: str | None):
         block["amp_dtype"] = amp
     if loss != "plain" or has_loss_option():
         if not has_loss_option():
-            raise RuntimeError(f"train.loss '{loss}' asked, but lslo.train.TrainOptions has no `loss` option in "
+            raise RuntimeError(f"train.loss '{loss}' asked, but lslo.options.TrainOptions has no `loss` option in "
                                "this checkout")
         block["loss"] = loss
     return TrainOptions.from_dict(block, "scale.train")
@@ -1010,7 +1010,7 @@ def run(argv=None) -> tuple[dict, str]:
         r["steps"] = {}
         for loss in [name for name in args.losses.split(",") if name]:
             if loss != "plain" and not has_loss_option():
-                r["loss_note"] = (f"`{loss}` not measured: lslo.train.TrainOptions has no `loss` option in this "
+                r["loss_note"] = (f"`{loss}` not measured: lslo.options.TrainOptions has no `loss` option in this "
                                   "checkout.")
                 log(r["loss_note"])
                 continue

@@ -135,7 +135,7 @@ def train_on_bitext(model, corpus, tokenizer, languages: list[str], *, seed: int
 
 def pretrain_options(config, *, seed: int, max_tokens: int, lr: float, warmup: int, label_smoothing: float,
                      temperature: float, max_steps: int | None):
-    """lslo.train.TrainOptions of demo pretraining: dropout as the model's config has it, no AMP, no dev scores.
+    """lslo.options.TrainOptions of demo pretraining: dropout as the model's config has it, no AMP, no dev scores.
 
     torch's label smoothing ε over all V tokens equals fairseq's (lslo.train.label_smoothed_nll_loss, ε over the
     V - 1 tokens other than the gold one) at ε·(V - 1)/V: the same loss."""

@@ -39,9 +39,9 @@ from lslo.model import check_model_dir
 from lslo.search import m2m100_beam_search
 from lslo.tokenizer import load_tokenizer, require_languages
 from lslo.variant import decoded_model_dir, read_variant
+from lslo.options import SEARCHES  # the beam searches, by name
 
 DECODING_FILE = "decoding.json"  # next to variant.json: the decoding options the evaluate stage used
-SEARCHES = ("fairseq", "hf")  # fairseq-generate's beam search (lslo.search), HF generate's
 DTYPES = ("fp32", "fp16")  # fp16: the weights cast to half precision for decoding (fairseq-generate --fp16)
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from lslo.errors import LsloError
 from lslo.kernels import Grouping, Routing, add_delta, add_into_block, frozen_linear_and_input_block
+from lslo.options import LORA_INITS  # A's initialisations, by name
 
 INDEXES = ("src", "tgt")
 
@@ -77,7 +78,6 @@ class BufferDict(nn.Module):
 #              A ~ U(-1/√r, 1/√r) (std 1/√(3r): 0.408 at r = 2, 0.204 at r = 8);
 #   "peft":    PEFT's default, kaiming_uniform_(a=√5) on A as [r, in]: U(-1/√in, 1/√in);
 #   "gaussian": the paper's text ("Gaussian"), as PEFT's init_lora_weights="gaussian": N(0, (1/r)²).
-LORA_INITS = ("authors", "peft", "gaussian")
 
 
 class IndexWeights(nn.Module):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_ELEMENTS = 2**26  # logits elements of one block (train.loss_chunk_elements): 256 MiB in float32
+from lslo.options import DEFAULT_CHUNK_ELEMENTS  # logits elements of one block (train.loss_chunk_elements)
 
 
 def rows_per_block(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:

@@ -24,6 +24,7 @@ from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
 from lslo.kernels import MIXED_PATHS, Routing
 from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LSLoLinear, LoRABank
+from lslo.options import FC_LAYOUTS  # the fc1/fc2 LoRA layouts, by name
 
 SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
@@ -39,7 +40,6 @@ MODULE_SETS = {"all": list(MODULE_NAMES), "attn": ["q", "k", "v", "c-q", "c-k", 
 # "slice": the authors' release (--dim d_model --start-idx 0): a width × d LoRA adding to fc1's output units
 # [offset:offset + width] and a d × width LoRA reading fc2's input units [offset:offset + width], r (d + width)
 # entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
-FC_LAYOUTS = ("slice", "full")
 
 
 def paper_index_plan(encoder_layers: int, decoder_layers: int) -> dict:
@@ -86,7 +86,7 @@ class LSLoSpec:
     alpha: LoRA alpha, scaling = alpha / r_l (None: alpha = r_l, scaling 1.0).
     fc_lora: "slice" | "full" (FC_LAYOUTS); fc_lora_offset, fc_lora_width: the block of the ffn units that a
     "slice" LoRA covers (width None = d_model).
-    init: A's initialisation, one of layer.LORA_INITS ("authors" the authors' release; "peft" is PEFT's).
+    init: A's initialisation, one of lslo.options.LORA_INITS ("authors" the authors' release; "peft" is PEFT's).
 
     The defaults build the paper's model as the authors' release does: every module, the paper's index plan,
     the slice fc layout and the authors' init. A plain per-language PEFT LoRA is fc_lora="full", init="peft".

@@ -62,7 +62,7 @@ def resolve_modules(modules) -> list[str]:
 def site_shapes(model_config, modules="all", layers: dict | None = None, fc_lora: str = "slice",
                 fc_lora_offset: int = 0, fc_lora_width: int | None = None) -> dict[str, tuple[int, int]]:
     """{site key: (d_in, d_out) of its LoRA} for every linear layer that gets an LSLo (encoder has no c-*
-    modules); fc1/fc2 per the layout (lslo.model.FC_LAYOUTS)."""
+    modules); fc1/fc2 per the layout (lslo.options.FC_LAYOUTS)."""
     shape = load_config(model_config)
     d = shape["d_model"]
     modules = resolve_modules(modules)

@@ -23,7 +23,6 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -37,54 +36,8 @@ from lslo.data import Corpus, read_parallel
 from lslo.errors import LsloError
 from lslo.languages import nllb_codes, read_language_table
 from lslo.tokenizer import load_tokenizer
+from lslo.options import REHEARSAL_DIR, STOP_OPTION, RehearsalOptions  # noqa: F401 - the rehearsal's names
 from lslo.train import TrainOptions, epoch_plan, shard
-
-REHEARSAL_DIR = "results/rehearsal"  # every file of a rehearsal, its logs and report.md included
-STOP_OPTION = "max_updates"  # the training option that ends a stage after N updates (fairseq's --max-update)
-
-
-@dataclass(frozen=True)
-class RehearsalOptions:
-    """config `rehearse`: false (a real run), true (these defaults) or a mapping of some of the fields."""
-
-    updates: int = 2  # updates per training stage; the first warms up, the rest give the seconds per update
-    sentences: int = 2  # test sentences per direction decoded; dev sentences scored per epoch
-    max_new_tokens: int = 16  # new tokens per decoded test sentence at most
-
-    @classmethod
-    def from_config(cls, value) -> "RehearsalOptions | None":
-        """None for a real run (false, null, absent); the options otherwise. A wrong value raises LsloError."""
-        if value is None or value is False or value == "false":
-            return None
-        if value is True or value == "true":  # "true": --config rehearse=true (snakemake reads only True as a bool)
-            return cls()
-        if not isinstance(value, dict):
-            raise LsloError(f"config key 'rehearse' is {value!r}; expected true, false or a mapping of "
-                            f"{[f.name for f in fields(cls)]}")
-        known = {f.name for f in fields(cls)}
-        for key, number in value.items():
-            if key not in known:
-                raise LsloError(f"config key 'rehearse.{key}' is not known; known: {sorted(known)}")
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise LsloError(f"config key 'rehearse.{key}' is {number!r}; expected a whole number >= 1")
-        return cls(**value)
-
-    def train_options(self, options: dict) -> dict:
-        """A stage's training options, cut: at most `updates` updates and `sentences` dev sentences (0 stays 0)."""
-        cut = dict(options)
-        limit = cut.get(STOP_OPTION)
-        cut[STOP_OPTION] = self.updates if limit is None else min(limit, self.updates)
-        dev = cut.get("dev_sentences", TrainOptions.dev_sentences)
-        cut["dev_sentences"] = self.sentences if dev is None else min(dev, self.sentences)
-        return cut
-
-    def eval_options(self, options: dict) -> dict:
-        """The config's `eval` block, cut: the first `sentences` test sentences, `max_new_tokens` new tokens."""
-        limit = options.get("max_sentences")
-        return {**options, "max_sentences": self.sentences if limit is None else min(limit, self.sentences),
-                "max_len_a": 0.0, "max_len_b": min(options.get("max_len_b", self.max_new_tokens),
-                                                   self.max_new_tokens)}
-
 
 # ---------------------------------------------------------------------------------------------- one job, measured
 

@@ -28,8 +28,9 @@ from lslo.errors import LsloError
 from lslo.index_plans import describe_plan, paper_reference, plan_comparison, read_index_plan
 from lslo.io import atomic_write, markdown_cell, read_tsv
 from lslo.tables import COST_HEADERS, cost_cell, cost_note, runs_of, seed_compare_systems
+from lslo.variant import SUMMARY_ROLES
 
-ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
+ROLES = SUMMARY_ROLES
 PRETRAIN_H2H_MIN = 25.0  # a competent pretrained model on high-resource directions
 V2V_RATIO_MAX = 1 / 3  # ... and a weak one on very-low-resource directions (paper Table 1: H2H 31.76, V2V 0.52)
 V2V_GAIN_MIN = 5.0  # 8;8;8+WL over Pretrain on V2V (paper Table 1: +6.5)

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from lslo.errors import LsloError
 from lslo.io import portable_path, read_json, stage_path, write_json
 
+# The roles of the summary's findings (config `summary`: the variant that plays each; lslo.summary): named here so
+# that the rules read them without importing the summary's statistics.
+SUMMARY_ROLES = ("pretrain", "ft_all", "full_rank", "low_rank", "pruned")
+
 
 @dataclass(frozen=True)
 class Method:

@@ -9,8 +9,7 @@ from lslo.checkpoint import files_identity, model_identity
 from lslo.errors import LsloError
 from lslo.code_identity import code_hash
 from lslo.languages import file_code, language_rows, read_language_table, select
-from lslo.rehearsal import REHEARSAL_DIR, RehearsalOptions
-from lslo.train import TrainOptions
+from lslo.options import REHEARSAL_DIR, RehearsalOptions, TrainOptions
 from lslo.variant import METHODS
 
 # config `rehearse` (lslo.rehearsal): every stage of this config on its model and data, cut to a few updates and

@@ -1,7 +1,7 @@
 # Stage 7, figures: the paper's Figures 1-6 and Tables 1-4, 8, 9, 10 from the TSVs of the earlier stages,
 # each wrapped in report() for `snakemake --report`. All local: plotting and aggregation take seconds.
 
-from lslo.summary import ROLES as SUMMARY_ROLES
+from lslo.variant import SUMMARY_ROLES
 
 # figure -> (scores it plots, lslo.figures function)
 SCORE_FIGURES = {

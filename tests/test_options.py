@@ -1,4 +1,4 @@
-"""Each training option has one truth: lslo.train.TrainOptions (type, LIMITS, default).
+"""Each training option has one truth: lslo.options.TrainOptions (type, LIMITS, default).
 
 config/schema.yaml's `$defs.train` block repeats it for the workflow's config check, and lslo.model.LSLoSpec checks
 the LoRA-layout options again when the stages build their models. These tests compare the copies field by field,
@@ -8,11 +8,14 @@ structurally and by probing the boundaries, so that a bound or a default changed
 import dataclasses
 import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
+import lslo.options
 from lslo.config import load_yaml
 from lslo.demo import pretrain_demo_model
 from lslo.errors import LsloError
@@ -153,3 +156,29 @@ def test_demo_pretraining_library_defaults_are_the_schemas():
     signature = inspect.signature(pretrain_demo_model).parameters
     assert {key: signature[name].default for key, name in PRETRAIN_PARAMETERS.items()} == {
         key: defaults[key] for key in PRETRAIN_PARAMETERS}
+
+
+def test_the_workflow_builds_its_dag_without_torchs_model_stack():
+    # Every snakemake call (a dry run included) imports what the Snakefile and rules/ import at their top level;
+    # transformers alone costs seconds of CPU there, so the option checks live in lslo.options. The modules are read
+    # from the rule files themselves, so a new import of lslo.train (or anything that loads transformers) fails here.
+    imports = set()
+    for path in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]:
+        imports |= set(re.findall(r"^from (lslo[.\w]*) import", path.read_text(encoding="utf-8"), re.MULTILINE))
+    assert "lslo.options" in imports and "lslo.variant" in imports
+    code = "import sys\n" + "".join(f"import {name}\n" for name in sorted(imports)) + \
+        "print(sorted(m for m in ('transformers', 'lslo.train', 'lslo.model') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_implementations_build_every_option_name():
+    # lslo.options names what the modules implement; a name one cannot build would pass the config check and fail
+    # hours later, in the job
+    from lslo.layer import LoRABank
+    from lslo.train import AMP_TORCH_DTYPES
+
+    assert list(AMP_TORCH_DTYPES) == list(lslo.options.AMP_DTYPES)
+    for init in lslo.options.LORA_INITS:
+        bank = LoRABank(["en"], {"en": 4}, in_features=8, out_features=8, init=init)
+        assert bank.A["en"].abs().sum() > 0, init  # A initialised; B zero, so the model starts unchanged
