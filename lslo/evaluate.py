@@ -29,7 +29,8 @@ from lslo.errors import LsloError
 from lslo.inference import DecodingOptions, Translator, load_variant, one_line, translate_many
 from lslo.io import atomic_write, atomic_write_all, write_json, write_tsv
 from lslo.languages import read_language_table, select
-from lslo.metrics import aggregate, chrf, load_spm, sentence_stats, signatures, spbleu, spm_pieces
+from lslo.metrics import (aggregate, chrf, load_spm, sentence_stats, signature_path, signatures, spbleu,
+                          spm_pieces)
 from lslo.tokenizer import require_languages
 
 log = logging.getLogger(__name__)
@@ -172,12 +173,6 @@ def score_variant(hyp_tsvs, test_tsv, language_table, spm_model, out_directions,
     log.info("%s: spBLEU AVG %.2f, chrF++ AVG %.2f over %d directions", label or out_groups, avg.spbleu,
              avg.chrf, avg.n_directions)
     return groups
-
-
-def signature_path(groups_tsv) -> Path:
-    """Sidecar holding the sacrebleu signatures of a groups TSV (groups.tsv -> groups.signature.json)."""
-    groups_tsv = Path(groups_tsv)
-    return groups_tsv.with_name(f"{groups_tsv.stem}.signature.json")
 
 
 # ---------------------------------------------------------------------------------------------- decoding

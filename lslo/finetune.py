@@ -126,7 +126,7 @@ def emptied_matrices(pools: dict) -> list[tuple[str, str]]:
 
 def resolve_index_plan(index_plan: str, plan_json) -> dict:
     """The per-layer plan of a variant's ``index``: "learned" (this run's weight-learning plan, plan_json),
-    "src" / "tgt", "paper" (the plan the paper learned on lang12, lslo.model.PAPER_INDEX_PLAN) or the path of
+    "src" / "tgt", "paper" (the plan the paper learned on lang12, lslo.options.PAPER_INDEX_PLAN) or the path of
     another run's plan.json (given as plan_json too, so the workflow tracks it)."""
     if index_plan == "learned" or str(index_plan).endswith(".json"):
         if not plan_json:

@@ -7,7 +7,7 @@
 
 The paper learned its plan once, on lang12 with the 12 + 12-layer M2M-124: encoder layers 1-9 source-indexed,
 10-12 target-indexed, every decoder layer target-indexed. A model of another depth (the demo's 2 + 2 layers) is
-compared with that rule scaled to its depth (lslo.model.paper_index_plan: the top quarter of the encoder
+compared with that rule scaled to its depth (lslo.options.paper_index_plan: the top quarter of the encoder
 target-indexed), and the line says so. Table 3's notes (lslo.tables) and the summary (lslo.summary) print it.
 """
 
@@ -17,8 +17,7 @@ from itertools import groupby
 
 from lslo.errors import LsloError
 from lslo.io import read_json
-from lslo.layer import INDEXES
-from lslo.model import SIDES, paper_index_plan
+from lslo.options import INDEXES, SIDES, paper_index_plan
 
 PAPER_DEPTH = 12  # encoder and decoder layers of the model the paper learned its plan on (M2M-124 615M)
 SIDE_NAMES = {"enc": "encoder", "dec": "decoder"}

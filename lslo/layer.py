@@ -40,9 +40,8 @@ from torch import nn
 
 from lslo.errors import LsloError
 from lslo.kernels import Grouping, Routing, add_delta, add_into_block, frozen_linear_and_input_block
-from lslo.options import LORA_INITS  # A's initialisations, by name
+from lslo.options import INDEXES, LORA_INITS  # a LoRA's indexes and A's initialisations, by name
 
-INDEXES = ("src", "tgt")
 
 
 class BufferDict(nn.Module):

@@ -73,6 +73,12 @@ def spm_label(spm_model: str | os.PathLike) -> str:
     return f"spm[{path.name}@sha256:{digest}]"
 
 
+def signature_path(groups_tsv) -> Path:
+    """Sidecar holding the sacrebleu signatures of a groups TSV (groups.tsv -> groups.signature.json)."""
+    groups_tsv = Path(groups_tsv)
+    return groups_tsv.with_name(f"{groups_tsv.stem}.signature.json")
+
+
 def signatures(spm_model: str | os.PathLike) -> dict:
     """sacrebleu signatures; spBLEU's tok field names our spm file instead of sacrebleu's 'none'."""
     label = spm_label(spm_model)

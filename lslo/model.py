@@ -24,9 +24,9 @@ from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
 from lslo.kernels import MIXED_PATHS, Routing
 from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LSLoLinear, LoRABank
-from lslo.options import FC_LAYOUTS  # the fc1/fc2 LoRA layouts, by name
+# the fc1/fc2 LoRA layouts and the paper's index plan, by name (lslo.index_plans reads them without torch)
+from lslo.options import FC_LAYOUTS, PAPER_INDEX_PLAN, SIDES, paper_index_plan  # noqa: F401
 
-SIDES = ("enc", "dec")
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
 MODULE_PATHS = {
     "enc": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "fc1": "fc1", "fc2": "fc2"},
@@ -42,17 +42,6 @@ MODULE_SETS = {"all": list(MODULE_NAMES), "attn": ["q", "k", "v", "c-q", "c-k", 
 # entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
 
 
-def paper_index_plan(encoder_layers: int, decoder_layers: int) -> dict:
-    """The paper's index plan for a model of this depth: the top quarter of the encoder target-indexed, the rest
-    source-indexed; every decoder layer target-indexed. At 12 + 12 layers (M2M100 418M, M2M-124 615M) it is the
-    plan the paper learned on lang12 (§6.1, Figure 1) and the authors' lang30 command hard-codes: encoder layers
-    1-9 source-indexed, 10-12 target-indexed."""
-    target_indexed = encoder_layers // 4
-    return {"enc": ["src"] * (encoder_layers - target_indexed) + ["tgt"] * target_indexed,
-            "dec": ["tgt"] * decoder_layers}
-
-
-PAPER_INDEX_PLAN = paper_index_plan(12, 12)
 SUPPORTED = "M2M100ForConditionalGeneration (M2M100, NLLB-200, converted M2M-124)"
 
 

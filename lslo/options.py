@@ -1,10 +1,11 @@
 """The options of the training stages and of a rehearsal, as the config states them: TrainOptions (a `train`
-block) and RehearsalOptions (`rehearse`), with the names the modules that implement them accept.
+block) and RehearsalOptions (`rehearse`), with the names the modules that implement them accept, and the paper's
+index plan (a variant's `index: paper`).
 
-Standard library only, so that the workflow checks a config and builds its DAG without importing torch or
-transformers. lslo.train, lslo.layer, lslo.model, lslo.inference and lslo.lean_loss take their names from here.
+Standard library only, so that the workflow checks a config and builds its DAG, and the table and figure jobs read
+index plans, without importing torch or transformers. lslo.train, lslo.layer, lslo.model, lslo.inference,
+lslo.lean_loss and lslo.index_plans take their names from here.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,22 @@ SEARCHES = ("fairseq", "hf")  # eval.search, train.dev_search: fairseq-generate'
 AMP_DTYPES = ("fp16", "bf16")  # train.amp_dtype (lslo.train maps them to torch dtypes)
 LOSSES = ("chunked", "plain")  # train.loss
 DEFAULT_CHUNK_ELEMENTS = 2**26  # logits elements of one block (train.loss_chunk_elements): 256 MiB in float32
+
+SIDES = ("enc", "dec")  # the model's two stacks
+INDEXES = ("src", "tgt")  # a language-specific LoRA is chosen by the source or by the target language
+
+
+def paper_index_plan(encoder_layers: int, decoder_layers: int) -> dict:
+    """The paper's index plan for a model of this depth: the top quarter of the encoder target-indexed, the rest
+    source-indexed; every decoder layer target-indexed. At 12 + 12 layers (M2M100 418M, M2M-124 615M) it is the
+    plan the paper learned on lang12 (§6.1, Figure 1) and the authors' lang30 command hard-codes: encoder layers
+    1-9 source-indexed, 10-12 target-indexed."""
+    target_indexed = encoder_layers // 4
+    return {"enc": ["src"] * (encoder_layers - target_indexed) + ["tgt"] * target_indexed,
+            "dec": ["tgt"] * decoder_layers}
+
+
+PAPER_INDEX_PLAN = paper_index_plan(12, 12)
 
 REHEARSAL_DIR = "results/rehearsal"  # every file of a rehearsal, its logs and report.md included
 STOP_OPTION = "max_updates"  # the training option that ends a stage after N updates (fairseq's --max-update)

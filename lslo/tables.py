@@ -21,11 +21,10 @@ from lslo.bootstrap import (RESAMPLES, SEED, check_systems, compare_systems, rea
                             seed_aware_test, seed_cells, seed_interval)
 from lslo.cost import COST_FIELDS
 from lslo.errors import LsloError
-from lslo.evaluate import signature_path
 from lslo.index_plans import plan_comparison, read_index_plan
 from lslo.io import atomic_write, markdown_cell, read_tsv, write_tsv
 from lslo.languages import read_language_table
-from lslo.metrics import GROUP_COLUMNS, GROUP_ORDER, pair_order
+from lslo.metrics import GROUP_COLUMNS, GROUP_ORDER, pair_order, signature_path
 
 MODULES = {"enc": ["q", "k", "v", "fc1", "fc2"], "dec": ["q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2"]}
 

@@ -116,6 +116,14 @@ def test_a_rules_inputs_split_back_into_rows_of_runs():
         runs_per_row(paths, [1, 3])
 
 
+@pytest.mark.parametrize("script", ["table.py", "summary.py", "figure1.py", "figure3.py", "score_table.py",
+                                    "score_figure.py"])
+def test_the_table_and_figure_jobs_load_no_model_code(script):
+    # each job is a process of its own: torch and transformers cost it seconds of CPU it does not need (the index
+    # plans and option names it reads are in lslo.options)
+    assert not {"lslo.model", "lslo.inference", "lslo.train", "lslo.layer"} & set(imported_modules(SCRIPTS / script))
+
+
 def test_a_module_a_function_imports_on_call_is_not_in_a_scripts_code():
     """Every script imports lslo.jobs, whose dispatcher imports the training stages only when called: a decode job
     does not depend on the training code, nor the data stage on the decoder."""
