@@ -483,7 +483,8 @@ def measure_step(loss: str, updates: int, target_tokens: int, device: str = "cpu
 
     warm_s, first_loss = update(1)
     gc.collect()
-    before_mb, reset = status_mb("VmRSS"), reset_peak_rss() if dev.type == "cpu" else False
+    reset = reset_peak_rss() if dev.type == "cpu" else False
+    before_mb = status_mb("VmRSS")  # after the reset, so the peak of the steps cannot read below it
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         before_mb = torch.cuda.memory_allocated(dev) / 2**20
