@@ -230,8 +230,9 @@ def test_summary_with_two_seeds_uses_the_seed_aware_test(summary_inputs, tmp_pat
     gain = cells["full_rank"]["V2V"].mean - cells["pretrain"]["V2V"].mean
     assert difference == pytest.approx(gain, abs=1e-12)
     significance = "significant" if p < 0.05 else "not significant"
+    shown = "p < 0.001" if round(p, 3) == 0 else f"p = {p:.3f}"
     assert targets.loc["full-rank V2V gain over Pretrain", "measured"] == (
-        f"{gain:+.2f} (p = {p:.3f}, {significance}; seed-aware, 2 vs 1 seeds)")
+        f"{gain:+.2f} ({shown}, {significance}; seed-aware, 2 vs 1 seeds)")
     paired = bootstrap.compare_systems({r: runs[r][0] for r in ("full_rank", "pretrain")}, {"p": "pretrain"})
     assert f"p = {paired.set_index(['method', 'pair']).loc[('full_rank', 'V2V'), 'p_p']:.3f}" != f"p = {p:.3f}"
     _, _, p_low = bootstrap.seed_aware_test(cells["pruned"]["AVG"], cells["low_rank"]["AVG"])
@@ -253,3 +254,13 @@ def test_summary_with_one_run_per_role_is_unchanged(summary_inputs, tmp_path):
                               plan_json=root / "plan.json")
     assert (tmp_path / "path.md").read_bytes() == (tmp_path / "list.md").read_bytes()
     assert "seed-aware" not in (tmp_path / "list.md").read_text()
+
+
+@pytest.mark.parametrize("p, shown", [(0.0, "p < 0.001, significant"), (3e-7, "p < 0.001, significant"),
+                                      (0.0006, "p = 0.001, significant"), (0.0312, "p = 0.031, significant"),
+                                      (0.05, "p = 0.050, not significant"), (0.52, "p = 0.520, not significant")])
+def test_summary_never_prints_a_p_of_zero(p, shown):
+    """The seed-aware t test's p can be 1e-7; three decimals of it would read "p = 0.000"."""
+    from lslo.summary import _significance
+
+    assert _significance(p) == shown
