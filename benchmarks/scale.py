@@ -1052,10 +1052,11 @@ def run(argv=None) -> tuple[dict, str]:
                 failed = f"{type(err).__name__}: {err}"
                 r["rehearsal"] = {"note": f"**failed** ({failed.splitlines()[0]}); its jobs so far: "
                                           f"{work / 'workflow-run' / 'results' / 'rehearsal'}"}
+            rehearsed = load_yaml_file(config)
             r["rehearsal"].update(variants=variants, batch=args.rehearsal_batch,
-                                  fp32=bool(variants) and load_yaml_file(config)["eval"]["dtype"] == "fp32")
+                                  fp32=bool(variants) and rehearsed["eval"]["dtype"] == "fp32")
             if variants and not failed:
-                methods = {load_yaml_file(config)["variants"][v]["method"]: v for v in variants}
+                methods = {rehearsed["variants"][v]["method"]: v for v in variants}
                 missing = sorted({"pretrain", "full", "lslo"} - set(methods))
                 if missing:
                     raise SystemExit(f"--rehearsal-variants: no variant of method(s) {missing} to project from")

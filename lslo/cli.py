@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from lslo.errors import LsloError
-from lslo.model import FC_LAYOUTS
+from lslo.options import FC_LAYOUTS
 from lslo.params import INDEX_MODES, count_from_shape, load_config
 
 _M2M100 = {"d_model": 1024, "encoder_attention_heads": 16, "decoder_attention_heads": 16, "tie_word_embeddings": True}

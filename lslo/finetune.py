@@ -32,7 +32,8 @@ from lslo.adapters import save_adapters
 from lslo.checkpoint import model_identity
 from lslo.errors import LsloError
 from lslo.io import atomic_write, portable_path, read_json, write_tsv
-from lslo.model import PAPER_INDEX_PLAN, LSLoSpec, inject_lslo
+from lslo.model import LSLoSpec, inject_lslo
+from lslo.options import PAPER_INDEX_PLAN
 from lslo.pruning import gps_ratio, prune
 from lslo.ranks import GPS_POOLS, read_rank_plan
 from lslo.tokenizer import nllb_codes_of

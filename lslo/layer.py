@@ -43,7 +43,6 @@ from lslo.kernels import Grouping, Routing, add_delta, add_into_block, frozen_li
 from lslo.options import INDEXES, LORA_INITS  # a LoRA's indexes and A's initialisations, by name
 
 
-
 class BufferDict(nn.Module):
     """Keyed buffers (the pruning masks of one matrix per language); saved in the state dict."""
 
@@ -70,13 +69,6 @@ class BufferDict(nn.Module):
 
     def items(self):
         return self._buffers.items()
-
-
-# Initialisation of A (B is always zero, so the model is unchanged at step 0):
-#   "authors": the authors' release stores A as [in, r] and calls kaiming_uniform_(a=√5), whose fan_in is then r:
-#              A ~ U(-1/√r, 1/√r) (std 1/√(3r): 0.408 at r = 2, 0.204 at r = 8);
-#   "peft":    PEFT's default, kaiming_uniform_(a=√5) on A as [r, in]: U(-1/√in, 1/√in);
-#   "gaussian": the paper's text ("Gaussian"), as PEFT's init_lora_weights="gaussian": N(0, (1/r)²).
 
 
 class IndexWeights(nn.Module):

@@ -23,9 +23,8 @@ from transformers import M2M100ForConditionalGeneration
 from lslo.beam import with_beam_cache
 from lslo.errors import LsloError
 from lslo.kernels import MIXED_PATHS, Routing
-from lslo.layer import INDEXES, LORA_INITS, IndexWeights, LSLoLinear, LoRABank
-# the fc1/fc2 LoRA layouts and the paper's index plan, by name (lslo.index_plans reads them without torch)
-from lslo.options import FC_LAYOUTS, PAPER_INDEX_PLAN, SIDES, paper_index_plan  # noqa: F401
+from lslo.layer import IndexWeights, LSLoLinear, LoRABank
+from lslo.options import FC_LAYOUTS, INDEXES, LORA_INITS, SIDES, paper_index_plan
 
 # Paper module names -> attribute path inside an M2M100 encoder/decoder layer.
 MODULE_PATHS = {
@@ -36,12 +35,6 @@ MODULE_PATHS = {
 }
 MODULE_NAMES = ("q", "k", "v", "c-q", "c-k", "c-v", "fc1", "fc2")
 MODULE_SETS = {"all": list(MODULE_NAMES), "attn": ["q", "k", "v", "c-q", "c-k", "c-v"], "fc": ["fc1", "fc2"]}
-# fc1/fc2 LoRA layouts. "full": a LoRA on the whole d -> f (fc1) and f -> d (fc2) matrix, r (d + f) entries.
-# "slice": the authors' release (--dim d_model --start-idx 0): a width × d LoRA adding to fc1's output units
-# [offset:offset + width] and a d × width LoRA reading fc2's input units [offset:offset + width], r (d + width)
-# entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
-
-
 SUPPORTED = "M2M100ForConditionalGeneration (M2M100, NLLB-200, converted M2M-124)"
 
 

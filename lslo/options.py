@@ -12,8 +12,17 @@ from dataclasses import dataclass, field, fields
 
 from lslo.errors import LsloError
 
-LORA_INITS = ("authors", "peft", "gaussian")  # train.lora_init: A's initialisation (lslo.layer)
-FC_LAYOUTS = ("slice", "full")  # train.fc_lora: the fc1/fc2 LoRA layout (lslo.model)
+# train.lora_init: A's initialisation in lslo.layer (B is always zero, so the model is unchanged at step 0):
+#   "authors": the authors' release stores A as [in, r] and calls kaiming_uniform_(a=√5), whose fan_in is then r:
+#              A ~ U(-1/√r, 1/√r) (std 1/√(3r): 0.408 at r = 2, 0.204 at r = 8);
+#   "peft":    PEFT's default, kaiming_uniform_(a=√5) on A as [r, in]: U(-1/√in, 1/√in);
+#   "gaussian": the paper's text ("Gaussian"), as PEFT's init_lora_weights="gaussian": N(0, (1/r)²).
+LORA_INITS = ("authors", "peft", "gaussian")
+# train.fc_lora: the fc1/fc2 LoRA layout in lslo.model. "full": a LoRA on the whole d -> f (fc1) and f -> d (fc2)
+# matrix, r (d + f) entries. "slice": the authors' release (--dim d_model --start-idx 0): a width × d LoRA adding to
+# fc1's output units [offset:offset + width] and a d × width LoRA reading fc2's input units [offset:offset + width],
+# r (d + width) entries; width defaults to d_model, so every LoRA of the model is d_model × d_model.
+FC_LAYOUTS = ("slice", "full")
 SEARCHES = ("fairseq", "hf")  # eval.search, train.dev_search: fairseq-generate's beam search (lslo.search), HF's
 AMP_DTYPES = ("fp16", "bf16")  # train.amp_dtype (lslo.train maps them to torch dtypes)
 LOSSES = ("chunked", "plain")  # train.loss

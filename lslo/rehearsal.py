@@ -36,7 +36,7 @@ from lslo.data import Corpus, read_parallel
 from lslo.errors import LsloError
 from lslo.languages import nllb_codes, read_language_table
 from lslo.tokenizer import load_tokenizer
-from lslo.options import REHEARSAL_DIR, STOP_OPTION, RehearsalOptions  # noqa: F401 - the rehearsal's names
+from lslo.options import STOP_OPTION
 from lslo.train import TrainOptions, epoch_plan, shard
 
 # ---------------------------------------------------------------------------------------------- one job, measured

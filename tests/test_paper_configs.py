@@ -10,7 +10,7 @@ import yaml
 from lslo.finetune import resolve_index_plan
 from lslo.errors import LsloError
 from lslo.io import write_json
-from lslo.model import PAPER_INDEX_PLAN
+from lslo.options import PAPER_INDEX_PLAN
 from lslo.train import TrainOptions, get_lr
 
 ROOT = Path(__file__).resolve().parents[1]

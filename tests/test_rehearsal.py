@@ -20,8 +20,9 @@ import lslo.train
 from lslo.config import validate_config
 from lslo.data import Corpus
 from lslo.errors import LsloError
-from lslo.rehearsal import (REHEARSAL_DIR, STOP_OPTION, RehearsalOptions, planned_updates, project_decoding,
-                            project_disk, project_training, projected_row, seconds_per_update)
+from lslo.options import REHEARSAL_DIR, STOP_OPTION, RehearsalOptions
+from lslo.rehearsal import (planned_updates, project_decoding, project_disk, project_training, projected_row,
+                            seconds_per_update)
 from lslo.train import BatchSource, TrainOptions, epoch_plan, training_epochs
 from test_workflow import ROOT, copy_workflow, job_counts, paper_paths, snakemake
 
