@@ -54,12 +54,13 @@ def by_label(labels: list, values: list, what: str) -> dict:
 def runs_per_row(paths, counts) -> list:
     """A rule's inputs listed every run of each row in turn (rules/common.smk run_counts), split back into rows: a
     row of one run is its path, a row of several (seeds) the list of its runs' paths."""
-    paths, rows = list(paths), []
+    paths, counts = list(paths), list(counts)
+    if len(paths) != sum(counts):
+        raise LsloError(f"{len(paths)} input(s) for rows of {counts} runs ({sum(counts)} in all)")
+    rows = []
     for count in counts:
         rows.append(paths[0] if count == 1 else paths[:count])
         paths = paths[count:]
-    if paths:
-        raise LsloError(f"{len(paths)} input(s) beyond the rows' run counts {list(counts)}")
     return rows
 
 

@@ -112,8 +112,10 @@ def test_a_rules_inputs_split_back_into_rows_of_runs():
     # Table 1 with Pretrain (one run), Ft-all at three seeds, LSLo at two: the rule lists every run in turn
     paths = ["pretrain", "full", "full.seed3", "full.seed4", "lslo", "lslo.seed3"]
     assert runs_per_row(paths, [1, 3, 2]) == ["pretrain", ["full", "full.seed3", "full.seed4"], ["lslo", "lslo.seed3"]]
-    with pytest.raises(LsloError, match="2 input"):  # counts that do not cover the inputs
+    with pytest.raises(LsloError, match=r"6 input\(s\) for rows of \[1, 3\] runs \(4 in all\)"):  # too many
         runs_per_row(paths, [1, 3])
+    with pytest.raises(LsloError, match=r"6 input\(s\) for rows of \[1, 3, 3\] runs \(7 in all\)"):  # too few
+        runs_per_row(paths, [1, 3, 3])
 
 
 @pytest.mark.parametrize("script", ["table.py", "summary.py", "figure1.py", "figure3.py", "score_table.py",
